@@ -1,0 +1,64 @@
+"""Every change vllm_slora makes to vLLM internals, one module per patched
+vLLM module (installed as ``vllm_slora.patches``; README.md here lists them).
+
+Each patch module has a docstring (why, what, the vLLM version it targets,
+when it can go away), ``TARGET`` (the vLLM module it patches) and
+``apply()``, which calls ``guard`` before touching anything so that another
+vLLM version fails loudly instead of being patched blindly.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from vllm_slora.activation import VllmVersionError, check_vllm_version
+
+# Applied in every process, mode on or off: they only add the --plugin flag
+# and the checks that go with it.
+CLI_PATCHES = ["vllm_engine_arg_utils"]
+# Applied in every process when S-LoRA mode is on.
+MODE_PATCHES: list[str] = [
+    "vllm_v1_core_sched_scheduler",
+    "vllm_v1_worker_lora_model_runner_mixin",
+    "vllm_v1_worker_gpu_worker",
+]
+
+_applied: set[str] = set()
+
+
+class PatchTargetChanged(RuntimeError):
+    pass
+
+
+def guard(module: ModuleType, *attrs: str) -> None:
+    """Fail loudly unless vLLM is 0.26.x and ``module`` has every dotted attr."""
+    try:
+        check_vllm_version()
+    except VllmVersionError as e:
+        raise PatchTargetChanged(f"refusing to patch {module.__name__}: {e}") from e
+    for dotted in attrs:
+        obj = module
+        for part in dotted.split("."):
+            if not hasattr(obj, part):
+                raise PatchTargetChanged(
+                    f"vllm_slora cannot patch {module.__name__}: '{dotted}' is missing; "
+                    f"this patch targets vLLM 0.26.0"
+                )
+            obj = getattr(obj, part)
+
+
+def _apply(names: list[str]) -> None:
+    for name in names:
+        if name in _applied:
+            continue
+        importlib.import_module(f"{__name__}.{name}").apply()
+        _applied.add(name)
+
+
+def apply_cli_patches() -> None:
+    _apply(CLI_PATCHES)
+
+
+def apply_mode_patches() -> None:
+    _apply(MODE_PATCHES)

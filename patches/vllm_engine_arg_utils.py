@@ -1,0 +1,100 @@
+"""Patch of ``vllm.engine.arg_utils`` (vLLM 0.26.0): the ``--plugin`` switch.
+
+Why: vLLM 0.26 has no per-run switch for a general plugin; an installed
+plugin is loaded in every process. S-LoRA mode must be opt-in per run, so
+``vllm serve MODEL --enable-lora --plugin vllm_slora`` switches it on and a
+plain ``vllm serve`` stays stock.
+
+Hook: ``AsyncEngineArgs.add_cli_args`` calls ``load_general_plugins()`` before
+it calls ``EngineArgs.add_cli_args`` to build the engine flags, so a general
+plugin can wrap ``EngineArgs.add_cli_args`` and its flag appears in every
+command that takes engine flags (``serve``, ``bench``, ``run-batch``) and in
+``--help``. The alternative hook, ``Platform.pre_register_and_update``, belongs
+to platform plugins and would tie the flag to one platform.
+
+What:
+- ``EngineArgs.add_cli_args`` gains ``--plugin NAME``; its argparse action
+  rejects unknown names and, for ``vllm_slora``, calls ``vllm_slora.enable()``
+  at parse time, which sets ``VLLM_SLORA=1`` before vLLM starts its
+  engine-core and worker processes (they inherit it) and patches this one.
+- ``EngineArgs.create_engine_config`` refuses S-LoRA mode without
+  ``--enable-lora``, with the fix in the message (also for ``vllm.LLM``).
+
+Guard: ``guard`` checks vLLM 0.26.x and both attributes. Goes away if vLLM
+gains a per-run plugin switch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+from vllm_slora.patches import guard
+
+TARGET = "vllm.engine.arg_utils"
+KNOWN_PLUGINS = ("vllm_slora",)
+
+
+class PluginAction(argparse.Action):
+    """``--plugin NAME``: switch a plugin's mode on at parse time."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values not in KNOWN_PLUGINS:
+            parser.error(
+                f"unknown plugin '{values}' for --plugin; known: {', '.join(KNOWN_PLUGINS)}"
+            )
+        from vllm_slora.activation import enable
+
+        enable()
+        setattr(namespace, self.dest, values)
+
+
+def add_plugin_flag(parser: argparse.ArgumentParser) -> None:
+    if "--plugin" in parser._option_string_actions:
+        return
+    group = parser.add_argument_group("Plugins", "Per-run switches of installed vLLM plugins.")
+    group.add_argument(
+        "--plugin",
+        action=PluginAction,
+        default=None,
+        metavar="NAME",
+        help="Switch an installed plugin's mode on for this run. 'vllm_slora': "
+        "S-LoRA mode (adapter weights paged in the KV-cache pool, "
+        "heterogeneous-rank LoRA kernels); needs --enable-lora.",
+    )
+
+
+def check_lora_enabled(engine_args) -> None:
+    from vllm_slora.activation import is_enabled
+
+    if is_enabled() and not engine_args.enable_lora:
+        raise ValueError(
+            "vllm_slora: S-LoRA mode (--plugin vllm_slora / VLLM_SLORA=1) serves LoRA "
+            "adapters but LoRA is off; add --enable-lora to `vllm serve` "
+            "(enable_lora=True for vllm.LLM), or drop --plugin vllm_slora"
+        )
+
+
+def apply() -> None:
+    from vllm.engine import arg_utils
+
+    guard(arg_utils, "EngineArgs.add_cli_args", "EngineArgs.create_engine_config")
+    EngineArgs = arg_utils.EngineArgs
+
+    stock_add_cli_args = EngineArgs.add_cli_args
+
+    @functools.wraps(stock_add_cli_args)
+    def add_cli_args(parser, *args, **kwargs):
+        parser = stock_add_cli_args(parser, *args, **kwargs)
+        add_plugin_flag(parser)
+        return parser
+
+    stock_create = EngineArgs.create_engine_config
+
+    @functools.wraps(stock_create)
+    def create_engine_config(self, *args, **kwargs):
+        check_lora_enabled(self)
+        return stock_create(self, *args, **kwargs)
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.create_engine_config = create_engine_config

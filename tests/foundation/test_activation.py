@@ -1,0 +1,101 @@
+"""Switching S-LoRA mode on and off, and the errors users can hit.
+
+Each case runs in a child process: switching the mode sets an environment
+variable and patches vLLM, which must not leak into the test process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from vllm_slora.activation import VllmVersionError, check_vllm_version
+
+
+def run_py(code: str, env: dict | None = None, timeout: float = 300):
+    full_env = {k: v for k, v in os.environ.items() if k != "VLLM_SLORA"}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_vllm(*args: str, timeout: float = 300):
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_SLORA"}
+    return subprocess.run([sys.executable, "-m", "vllm.entrypoints.cli.main", *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("version", ["0.25.1", "0.27.0", "1.0.0"])
+def test_other_vllm_versions_are_refused(version):
+    with pytest.raises(VllmVersionError, match=rf"supports vLLM 0\.26\.x only, found vLLM {version}"):
+        check_vllm_version(version)
+    assert check_vllm_version("0.26.0") == "0.26.0"
+    assert check_vllm_version("0.26.3+cpu") == "0.26.3+cpu"
+
+
+def test_mode_on_with_another_vllm_is_one_clear_error():
+    proc = run_py("""
+        import vllm
+        vllm.__version__ = "0.25.0"
+        import vllm_slora
+        vllm_slora.enable()
+    """)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "VllmVersionError" in last and "found vLLM 0.25.0" in last and "0.26" in last
+
+
+def test_mode_off_with_another_vllm_leaves_vllm_alone():
+    proc = run_py("""
+        import vllm
+        vllm.__version__ = "0.25.0"
+        from vllm.engine.arg_utils import EngineArgs
+        stock = EngineArgs.add_cli_args
+        from vllm.plugins import load_general_plugins
+        load_general_plugins()
+        assert EngineArgs.add_cli_args is stock, "patched a vLLM it does not support"
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "supports vLLM 0.26.x only" in proc.stderr
+
+
+def test_mode_on_without_enable_lora_says_the_fix(tiny_model):
+    proc = run_py(f"""
+        import vllm_slora
+        vllm_slora.enable()
+        from vllm.engine.arg_utils import EngineArgs
+        EngineArgs(model="{tiny_model}", skip_tokenizer_init=True).create_engine_config()
+    """)
+    assert proc.returncode != 0
+    assert "add --enable-lora" in proc.stderr and "enable_lora=True" in proc.stderr
+
+
+def test_mode_off_does_not_require_lora(tiny_model):
+    proc = run_py(f"""
+        from vllm.engine.arg_utils import EngineArgs
+        cfg = EngineArgs(model="{tiny_model}", skip_tokenizer_init=True).create_engine_config()
+        assert cfg.lora_config is None
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_serve_help_lists_the_plugin_flag():
+    proc = run_vllm("serve", "--help=plugin")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--plugin NAME" in proc.stdout and "vllm_slora" in proc.stdout
+
+
+def test_unknown_plugin_name_is_an_error(tiny_model):
+    proc = run_vllm("serve", str(tiny_model), "--enable-lora", "--plugin", "no_such_plugin")
+    assert proc.returncode == 2
+    assert "unknown plugin 'no_such_plugin' for --plugin; known: vllm_slora" in proc.stderr
+
+
+def test_serve_plugin_without_enable_lora_is_an_error(tiny_model):
+    proc = run_vllm("serve", str(tiny_model), "--skip-tokenizer-init", "--plugin", "vllm_slora")
+    assert proc.returncode != 0
+    assert "add --enable-lora to `vllm serve`" in proc.stderr

@@ -1,0 +1,48 @@
+"""The package as pip installs it: entry point, package list, patches."""
+
+from __future__ import annotations
+
+import tomllib
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_entry_point_is_registered():
+    eps = {ep.name: ep for ep in entry_points(group="vllm.general_plugins")}
+    assert "vllm_slora" in eps
+    assert eps["vllm_slora"].load().__module__ == "vllm_slora.activation"
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"vllm_slora." + ".".join(p.parent.relative_to(ROOT / "vllm_slora").parts)
+             for p in (ROOT / "vllm_slora").rglob("__init__.py")}
+    found = {f.rstrip(".") for f in found} | {"vllm_slora.patches"}
+    assert found <= listed, f"add to pyproject.toml packages: {sorted(found - listed)}"
+
+
+def test_patches_install_as_vllm_slora_patches():
+    import vllm_slora.patches as patches
+
+    assert Path(patches.__file__).resolve().parent == ROOT / "patches"
+    for name in patches.CLI_PATCHES + patches.MODE_PATCHES:
+        mod = __import__(f"vllm_slora.patches.{name}", fromlist=["apply"])
+        assert mod.__doc__ and "Why" in mod.__doc__, f"{name}: docstring must say why"
+        assert mod.TARGET.startswith("vllm."), name
+        assert callable(mod.apply)
+        assert f"`{name}.py`" in (ROOT / "patches" / "README.md").read_text(), \
+            f"patches/README.md has no row for {name}.py"
+
+
+def test_guard_refuses_a_changed_target():
+    import vllm.engine.arg_utils as arg_utils
+
+    from vllm_slora.patches import PatchTargetChanged, guard
+
+    guard(arg_utils, "EngineArgs.add_cli_args")
+    with pytest.raises(PatchTargetChanged, match="EngineArgs.no_such_method"):
+        guard(arg_utils, "EngineArgs.no_such_method")

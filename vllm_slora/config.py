@@ -1,0 +1,55 @@
+"""The plugin's settings: one frozen dataclass, read from the environment once.
+
+Settings are environment variables because vLLM starts engine-core and
+worker processes that inherit the environment but not Python state.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+from vllm_slora.activation import is_enabled
+
+KERNEL_CHOICES = ("auto", "triton", "torch", "bmm")
+
+
+def _flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class SLoraConfig:
+    enabled: bool
+    # "auto": Triton MBGMV/MBGMM on CUDA, the PyTorch reference elsewhere;
+    # "bmm": padded gather + bmm (S-LoRA's ablation).
+    kernels: str
+    # Off: adapters in a separate, statically reserved region instead of the
+    # KV pool (S-LoRA's "no unified memory" ablation).
+    unify_mem: bool
+    # Worker host cache of packed adapters (pinned on CUDA), in bytes
+    # (VLLM_SLORA_HOST_CACHE_GB, default 4).
+    host_cache_bytes: int = 4 << 30
+
+    @classmethod
+    def from_env(cls) -> "SLoraConfig":
+        kernels = os.environ.get("VLLM_SLORA_KERNELS", "auto").strip().lower()
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(
+                f"VLLM_SLORA_KERNELS={kernels!r} is not one of {', '.join(KERNEL_CHOICES)}"
+            )
+        return cls(
+            enabled=is_enabled(),
+            kernels=kernels,
+            unify_mem=_flag("VLLM_SLORA_UNIFY_MEM", True),
+            host_cache_bytes=int(float(os.environ.get("VLLM_SLORA_HOST_CACHE_GB", "4")) * (1 << 30)),
+        )
+
+
+@functools.cache
+def slora_config() -> SLoraConfig:
+    return SLoraConfig.from_env()

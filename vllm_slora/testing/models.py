@@ -1,0 +1,110 @@
+"""Llama model folders that need no download.
+
+``make_tiny_llama`` writes a config.json and seeded random weights
+(safetensors), small enough for CPU tests and exact comparisons with a plain
+PyTorch forward. ``make_llama_config`` writes the config.json of a real
+architecture for ``load_format="dummy"`` benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REAL_SHAPES = {
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                        num_attention_heads=40, num_key_value_heads=40, vocab_size=32000),
+}
+
+
+def llama_config(*, hidden_size: int, intermediate_size: int, num_hidden_layers: int,
+                 num_attention_heads: int, num_key_value_heads: int, vocab_size: int,
+                 dtype: str = "float16", max_position_embeddings: int = 4096) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "head_dim": hidden_size // num_attention_heads,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": max_position_embeddings,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "torch_dtype": dtype,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+
+
+def make_llama_config(path: str | Path, arch: str = "llama-2-7b", dtype: str = "float16") -> Path:
+    """A folder with the config.json of a real architecture (no weights)."""
+    if arch not in REAL_SHAPES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(REAL_SHAPES)}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(llama_config(**REAL_SHAPES[arch], dtype=dtype), indent=2))
+    return path
+
+
+def tiny_weights(config: dict, seed: int) -> dict:
+    """Seeded random Llama weights under Hugging Face names."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    h, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = config["head_dim"]
+    q_out = config["num_attention_heads"] * head_dim
+    kv_out = config["num_key_value_heads"] * head_dim
+
+    def linear(out_f: int, in_f: int):
+        return torch.randn(out_f, in_f, generator=g) / in_f**0.5
+
+    weights = {
+        "model.embed_tokens.weight": torch.randn(config["vocab_size"], h, generator=g),
+        "model.norm.weight": torch.ones(h),
+        "lm_head.weight": linear(config["vocab_size"], h),
+    }
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        weights |= {
+            p + "self_attn.q_proj.weight": linear(q_out, h),
+            p + "self_attn.k_proj.weight": linear(kv_out, h),
+            p + "self_attn.v_proj.weight": linear(kv_out, h),
+            p + "self_attn.o_proj.weight": linear(h, q_out),
+            p + "mlp.gate_proj.weight": linear(inter, h),
+            p + "mlp.up_proj.weight": linear(inter, h),
+            p + "mlp.down_proj.weight": linear(h, inter),
+            p + "input_layernorm.weight": torch.ones(h),
+            p + "post_attention_layernorm.weight": torch.ones(h),
+        }
+    return weights
+
+
+def make_tiny_llama(path: str | Path, *, hidden: int = 128, layers: int = 2, heads: int = 4,
+                    kv_heads: int = 2, intermediate: int = 256, vocab: int = 512,
+                    seed: int = 0, dtype: str = "float32") -> Path:
+    """A tiny GQA Llama with seeded weights, loadable by vLLM and transformers."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = llama_config(hidden_size=hidden, intermediate_size=intermediate,
+                          num_hidden_layers=layers, num_attention_heads=heads,
+                          num_key_value_heads=kv_heads, vocab_size=vocab, dtype=dtype,
+                          max_position_embeddings=2048)
+    weights = tiny_weights(config, seed)
+    torch_dtype = getattr(torch, dtype)
+    save_file({k: v.to(torch_dtype).contiguous() for k, v in weights.items()},
+              str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
