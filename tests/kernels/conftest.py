@@ -1,0 +1,12 @@
+"""Kernel tests run Triton under its interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before ``triton.jit`` decorates our kernels,
+i.e. before ``vllm_slora.kernels.mbgmv`` / ``mbgmm`` are first imported.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

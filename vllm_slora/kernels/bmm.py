@@ -1,0 +1,60 @@
+"""Baseline: gather adapters into padded tensors, then torch.bmm.
+
+Vocabulary and layout: see ``vllm_slora/kernels/__init__.py``.
+
+This is the ablation of the S-LoRA paper (section 5): copy every adapter out
+of its pages into a contiguous [L, R_MAX, W] tensor padded with zeros to the
+largest rank, index it per token, and multiply with ``torch.bmm``. It does
+max-rank work for every token and copies weights every call, which is what
+MBGMV/MBGMM avoid. No host sync (R_MAX comes from the buffer shapes), so it
+can also run under CUDA graphs.
+"""
+
+import torch
+
+from vllm_slora.kernels.reference import Tables, as_tables, gather_rows
+
+
+def _padded(pool, table, lora_start, lora_rank, r_max):
+    """All adapters' vectors, zero-padded: [L, r_max, W] (pool dtype)."""
+    j = torch.arange(r_max, device=pool.device)
+    valid = j[None, :] < lora_rank[:, None]
+    vec = torch.where(valid, lora_start[:, None] + j[None, :], 0)
+    w = gather_rows(pool, table.index_select(0, vec.reshape(-1)))
+    w = w.view(*vec.shape, -1)
+    return torch.where(valid[..., None], w, torch.zeros((), dtype=w.dtype, device=w.device))
+
+
+def paged_lora_shrink(x, pool, a_rows: Tables, lora_start, lora_rank, token_lora, out, segments=None):
+    """Same contract as ``reference.paged_lora_shrink`` (writes out[..., :R_MAX])."""
+    tables, fused = as_tables(a_rows)
+    outs = out if fused else out.unsqueeze(0)
+    has = (token_lora >= 0)[:, None]
+    idx = token_lora.clamp(min=0).long()
+    for table, o in zip(tables, outs):
+        a = _padded(pool, table, lora_start, lora_rank, o.shape[-1])[idx]  # [T, R, K]
+        v = torch.bmm(a, x.unsqueeze(2)).squeeze(2).float()
+        o.copy_(torch.where(has, v, o))
+
+
+def paged_lora_expand(
+    v, pool, b_rows: Tables, lora_start, lora_rank, lora_scale, token_lora, y, segments=None
+):
+    """Same contract as ``reference.paged_lora_expand``."""
+    tables, fused = as_tables(b_rows)
+    vs = v if fused else v.unsqueeze(0)
+    r_max = vs.shape[-1]
+    has = token_lora >= 0
+    idx = token_lora.clamp(min=0).long()
+    # v past a token's rank may be stale or NaN: zero it, since 0 * NaN = NaN.
+    live = has[:, None] & (torch.arange(r_max, device=v.device)[None, :] < lora_rank[idx][:, None])
+    scale = lora_scale[idx][:, None]
+    col = 0
+    for table, vv in zip(tables, vs):
+        b = _padded(pool, table, lora_start, lora_rank, r_max)[idx]  # [T, R, N]
+        vv = torch.where(live, vv, 0.0).to(y.dtype)
+        delta = torch.bmm(vv.unsqueeze(1), b).squeeze(1).float() * scale
+        width = b.shape[2]
+        cols = y[:, col : col + width]
+        cols.copy_(torch.where(has[:, None], (cols.float() + delta).to(y.dtype), cols))
+        col += width

@@ -1,0 +1,264 @@
+"""MBGMV: per-token heterogeneous-rank LoRA (decode), reading scattered pages.
+
+Vocabulary and layout: see ``vllm_slora/kernels/__init__.py``.
+
+One program serves one token, so each token does exactly its own adapter's
+rank of work: loops over rank run to ``lora_rank[l]`` in blocks of BLOCK_R
+with masking, never to the batch's maximum rank. The grid depends only on
+tensor shapes (T, R_MAX, widths), never on their contents, so a launch needs
+no host sync and can be captured in a CUDA graph; programs with nothing to do
+(token without LoRA, rank block past the rank, ...) return at once.
+
+Fused slices (q,k,v or gate,up) run in one launch: the slice is a grid axis
+and each program picks its slice's vector table from up to MAX_SLICES
+pointer arguments.
+
+A tile along K (shrink) or N (expand) never crosses a page, because the tile
+width divides the page width D; so each tile needs one table lookup per
+rank-vector and reads D-aligned, contiguous elements.
+
+Tested against ``reference.py`` in ``tests/kernels/test_kernels.py``.
+"""
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_SLICES = 3
+
+
+@triton.jit
+def pick(s, p0, p1, p2):
+    """Slice s's value among three pointer arguments (runtime select)."""
+    if s == 0:
+        p = p0
+    elif s == 1:
+        p = p1
+    else:
+        p = p2
+    return p
+
+
+@triton.jit
+def _mbgmv_shrink_kernel(
+    x_ptr,  # [T, K]
+    pool_ptr,  # [num_rows, D]
+    out_ptr,  # fp32 [S, T, R_MAX]
+    rows0_ptr,  # int32 [V, K // D], one table per slice
+    rows1_ptr,
+    rows2_ptr,
+    lora_start_ptr,  # int32 [L]
+    lora_rank_ptr,  # int32 [L]
+    token_lora_ptr,  # int32 [T]
+    K,
+    R_MAX,
+    x_stride,
+    pool_stride,
+    rows_stride,
+    out_stride_s,
+    out_stride_t,
+    D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    r0 = tl.program_id(1) * BLOCK_R
+    s = tl.program_id(2)
+    lora = tl.load(token_lora_ptr + tok)
+    if lora < 0:
+        return
+    rank = tl.minimum(tl.load(lora_rank_ptr + lora), R_MAX)
+    if r0 >= rank:
+        return
+    start = tl.load(lora_start_ptr + lora)
+    rows_ptr = pick(s, rows0_ptr, rows1_ptr, rows2_ptr)
+
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < rank
+    vec_ptr = rows_ptr + (start + offs_r).to(tl.int64) * rows_stride
+    offs_k = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + tok.to(tl.int64) * x_stride
+    # Reduce once after the loop: an elementwise accumulator keeps the K loop
+    # free of cross-lane shuffles.
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        page = tl.load(vec_ptr + k0 // D, mask=mask_r, other=0).to(tl.int64)
+        a = tl.load(
+            pool_ptr + page[:, None] * pool_stride + (k0 % D + offs_k)[None, :],
+            mask=mask_r[:, None],
+            other=0.0,
+        )
+        xv = tl.load(x_row + k0 + offs_k)
+        acc += a.to(tl.float32) * xv.to(tl.float32)[None, :]
+    v = tl.sum(acc, axis=1)
+    out = out_ptr + s * out_stride_s + tok.to(tl.int64) * out_stride_t
+    tl.store(out + offs_r, v, mask=mask_r)
+
+
+@triton.jit
+def _mbgmv_expand_kernel(
+    v_ptr,  # fp32 [S, T, R_MAX]
+    pool_ptr,  # [num_rows, D]
+    y_ptr,  # [T, sum N_s]
+    rows0_ptr,  # int32 [V, N_s // D], one table per slice
+    rows1_ptr,
+    rows2_ptr,
+    lora_start_ptr,  # int32 [L]
+    lora_rank_ptr,  # int32 [L]
+    lora_scale_ptr,  # fp32 [L]
+    token_lora_ptr,  # int32 [T]
+    n0,  # width of slice 0, 1, 2
+    n1,
+    n2,
+    R_MAX,
+    v_stride_s,
+    v_stride_t,
+    pool_stride,
+    y_stride,
+    D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    col = tl.program_id(1) * BLOCK_N
+    s = tl.program_id(2)
+    width = tl.where(s == 0, n0, tl.where(s == 1, n1, n2))
+    if col >= width:
+        return
+    lora = tl.load(token_lora_ptr + tok)
+    if lora < 0:
+        return
+    rank = tl.minimum(tl.load(lora_rank_ptr + lora), R_MAX)
+    start = tl.load(lora_start_ptr + lora)
+    scale = tl.load(lora_scale_ptr + lora)
+    rows_ptr = pick(s, rows0_ptr, rows1_ptr, rows2_ptr)
+    # Slice s starts after slices 0..s-1 in y; table s has width // D columns.
+    y_col = tl.where(s == 0, 0, tl.where(s == 1, n0, n0 + n1))
+    rows_stride = width // D
+
+    offs_n = tl.arange(0, BLOCK_N)
+    in_page = col % D + offs_n
+    v_row = v_ptr + s * v_stride_s + tok.to(tl.int64) * v_stride_t
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    for j0 in range(0, rank, BLOCK_R):
+        offs_r = j0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < rank
+        page = tl.load(
+            rows_ptr + (start + offs_r).to(tl.int64) * rows_stride + col // D,
+            mask=mask_r,
+            other=0,
+        ).to(tl.int64)
+        b = tl.load(
+            pool_ptr + page[:, None] * pool_stride + in_page[None, :],
+            mask=mask_r[:, None],
+            other=0.0,
+        )
+        # Masked: v past the rank is never read (it may be stale or NaN).
+        vv = tl.load(v_row + offs_r, mask=mask_r, other=0.0)
+        acc += b.to(tl.float32) * vv[:, None]
+    delta = tl.sum(acc, axis=0) * scale
+    y = y_ptr + tok.to(tl.int64) * y_stride + y_col + col + offs_n
+    tl.store(y, (tl.load(y).to(tl.float32) + delta).to(y_ptr.dtype.element_ty))
+
+
+def slice_tables(tables: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Check 1..MAX_SLICES contiguous int32 tables; pad the list to MAX_SLICES."""
+    if not 1 <= len(tables) <= MAX_SLICES:
+        raise ValueError(
+            f"{len(tables)} fused slices; the Triton kernels take 1..{MAX_SLICES}"
+            " (raise MAX_SLICES in vllm_slora/kernels/mbgmv.py)"
+        )
+    for t in tables:
+        if t.dtype != torch.int32 or not t.is_contiguous():
+            raise ValueError("vector tables must be contiguous int32 tensors")
+    return list(tables) + [tables[0]] * (MAX_SLICES - len(tables))
+
+
+def check_pool(x: torch.Tensor, pool: torch.Tensor) -> int:
+    """Return the page width D after checking pool against the activations."""
+    if pool.dtype != x.dtype:
+        raise ValueError(f"pool dtype {pool.dtype} != activation dtype {x.dtype}")
+    if pool.stride(1) != 1:
+        raise ValueError("pool rows (pages) must be contiguous")
+    d = pool.shape[1]
+    if d & (d - 1):
+        raise ValueError(f"page width D={d} must be a power of two")
+    return d
+
+
+def mbgmv_shrink(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    a_tables: Sequence[torch.Tensor],
+    lora_start: torch.Tensor,
+    lora_rank: torch.Tensor,
+    token_lora: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """out[s, i, :rank] = x[i] @ A_{l,s}^T, one program per (token, rank block, slice).
+
+    Args:
+        x: [T, K] fp16/bf16/fp32, contiguous rows.
+        pool: [num_rows, D], x's dtype.
+        a_tables: S int32 tables [V_s, K // D].
+        lora_start, lora_rank: int32 [L].
+        token_lora: int32 [T], -1 = no LoRA.
+        out: fp32 [S, T, R_MAX]; only [s, i, :rank] of LoRA tokens is written.
+    """
+    d = check_pool(x, pool)
+    t, k = x.shape
+    s, r_max = len(a_tables), out.shape[-1]
+    tables = slice_tables(a_tables)
+    if t == 0:
+        return
+    assert x.stride(1) == 1 and out.stride(2) == 1 and k % d == 0
+    # Small batches get narrow rank blocks so that more programs share the
+    # memory traffic; big batches have programs enough.
+    block_r = 16 if t * s >= 128 else 4
+    grid = (t, triton.cdiv(r_max, block_r), s)
+    _mbgmv_shrink_kernel[grid](
+        x, pool, out, *tables, lora_start, lora_rank, token_lora,
+        k, r_max, x.stride(0), pool.stride(0), tables[0].stride(0),
+        out.stride(0), out.stride(1),
+        D=d, BLOCK_R=block_r, BLOCK_K=min(d, 256),
+    )  # fmt: skip
+
+
+def mbgmv_expand(
+    v: torch.Tensor,
+    pool: torch.Tensor,
+    b_tables: Sequence[torch.Tensor],
+    lora_start: torch.Tensor,
+    lora_rank: torch.Tensor,
+    lora_scale: torch.Tensor,
+    token_lora: torch.Tensor,
+    y: torch.Tensor,
+) -> None:
+    """y[i, slice s] += scale * v[s, i, :rank] @ B_{l,s}^T, per (token, N tile, slice).
+
+    Args:
+        v: fp32 [S, T, R_MAX]; only [s, i, :rank] is read.
+        pool: [num_rows, D], y's dtype.
+        b_tables: S int32 tables [V_s, N_s // D].
+        lora_start, lora_rank: int32 [L]; lora_scale: fp32 [L].
+        token_lora: int32 [T], -1 = no LoRA (row left untouched).
+        y: [T, sum N_s], contiguous rows; slice s at column sum_{s'<s} N_s'.
+    """
+    d = check_pool(y, pool)
+    t = y.shape[0]
+    s, r_max = len(b_tables), v.shape[-1]
+    tables = slice_tables(b_tables)
+    widths = [tb.shape[1] * d for tb in b_tables] + [0] * (MAX_SLICES - s)
+    assert sum(widths) == y.shape[1], "y width != sum of slice widths"
+    if t == 0:
+        return
+    assert y.stride(1) == 1 and v.stride(2) == 1
+    block_n = min(d, 128)
+    grid = (t, triton.cdiv(max(widths), block_n), s)
+    _mbgmv_expand_kernel[grid](
+        v, pool, y, *tables, lora_start, lora_rank, lora_scale, token_lora,
+        *widths, r_max, v.stride(0), v.stride(1), pool.stride(0), y.stride(0),
+        D=d, BLOCK_R=16, BLOCK_N=block_n,
+    )  # fmt: skip
