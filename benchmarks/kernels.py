@@ -129,7 +129,7 @@ def stock_layout(ad, r_max):
 class Stock:
     """vLLM 0.26's lora_shrink / lora_expand on the stock stacked layout."""
 
-    def __init__(self, torch, ad, r_max, token_lora, num_slices):
+    def __init__(self, torch, ad, r_max, token_lora, num_slices, x):
         from vllm.lora.ops.triton_ops import LoRAKernelMeta, lora_expand, lora_shrink
         from vllm.lora.ops.triton_ops import utils as stock_utils
 
@@ -144,9 +144,10 @@ class Stock:
         self.meta.prepare_tensors(token_lora)
         self.args = self.meta.meta_args(t, False)
         self.buf = torch.empty(num_slices, t, r_max, dtype=torch.float32, device=token_lora.device)
+        self.x = x
 
-    def __call__(self, x, y):
-        self.shrink(x, self.a, self.buf, *self.args, 1.0)
+    def __call__(self, y):
+        self.shrink(self.x, self.a, self.buf, *self.args, 1.0)
         self.expand(self.buf, self.b, y, *self.args, offset_start=0, add_inputs=True)
 
 
@@ -246,7 +247,7 @@ def run(args) -> list[dict]:
                     if bmm_bytes <= BMM_MAX_BYTES:
                         impls["bmm"] = padded_bmm
                     if stock_ok:
-                        impls["stock"] = Stock(torch, ad, r_max, token_lora, len(ns))
+                        impls["stock"] = Stock(torch, ad, r_max, token_lora, len(ns), x)
                     row = dict(
                         model=model, module=mod, K=k, N=ns, ranks=rset_name, mode=mode,
                         batch=size, tokens=t, adapters=n, d=sweep.d,
