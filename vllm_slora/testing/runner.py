@@ -111,7 +111,7 @@ def _child(spec_path: str, out_path: str) -> None:
         outputs.append({"token_ids": list(c.token_ids), "logprobs": lps})
     stats = {}
     if w.plugin == "on":
-        from vllm_slora import stats as slora_stats
+        from vllm_slora.memory import stats as slora_stats
 
         stats = slora_stats.collect(llm)
     Path(out_path).write_text(json.dumps({

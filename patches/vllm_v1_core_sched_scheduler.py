@@ -1,0 +1,114 @@
+"""Patch of ``vllm.v1.core.sched.scheduler`` (vLLM 0.26.0): adapters in the KV pool.
+
+Why: unified paging needs the scheduler's ``BlockPool`` to hold adapter pages
+next to KV blocks, admission to count both, cached adapters to be evicted
+before a running request is preempted, and the workers to learn which blocks
+hold which adapter. vLLM 0.26 has no hook for any of this; the scheduler code
+itself stays unchanged (design: docs/unified-paging.md).
+
+What:
+- the module's ``KVCacheManager`` name -> ``PagedKVCacheManager`` (a subclass:
+  ``allocate_slots`` with adapter admission and eviction, ``free`` releasing
+  the request's adapter reference);
+- ``Scheduler.__init__``: attaches the ``AdapterPool`` and gives the scheduler
+  its own copy of ``lora_config`` with ``max_loras = max_num_seqs``, so the
+  user's ``max_loras`` no longer bounds a batch (free pages do); workers keep
+  the user's value, where it only sizes warm-up and CUDA-graph cases;
+- ``Scheduler.schedule``: pages in the adapters of the next waiting requests
+  early while a quarter of the blocks stays free or evictable and the step
+  did not have to evict or preempt (prefetch; the workers copy
+  them during the step) and attaches this step's ``PagingPlan`` to the
+  ``SchedulerOutput`` as ``.slora``.
+
+Guard: vLLM 0.26.x; ``KVCacheManager``, ``Scheduler.__init__``,
+``Scheduler.schedule`` and the ``allocate_slots`` parameters used. Goes away
+if vLLM gains a pluggable KV-cache manager and a scheduler-output extension.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import itertools
+
+from vllm_slora.patches import PatchTargetChanged, guard
+
+TARGET = "vllm.v1.core.sched.scheduler"
+# Prefetch: adapters of the next LOAD_AHEAD waiting requests are paged in
+# early while KEEP_FREE of the blocks stay free; those of the next
+# HINT_AHEAD are read into the workers' host cache in the background.
+LOAD_AHEAD, HINT_AHEAD, KEEP_FREE = 4, 16, 0.25
+SCAN_LIMIT = 256  # waiting requests looked at per step
+
+
+def _upcoming(scheduler, pool, depth: int) -> list[tuple[int, str]]:
+    """(lora id, path) of non-resident adapters of the next waiting requests."""
+    out: list[tuple[int, str]] = []
+    waiting = itertools.chain(scheduler.waiting, scheduler.skipped_waiting)
+    for request in itertools.islice(waiting, SCAN_LIMIT):
+        lora = request.lora_request
+        if lora and lora.lora_int_id > 0 and lora.lora_int_id not in pool.resident:
+            if (lora.lora_int_id, lora.lora_path) not in out:
+                out.append((lora.lora_int_id, lora.lora_path))
+        if len(out) >= depth:
+            break
+    return out
+
+
+def _distinct_adapters(scheduler, output) -> int:
+    ids = set()
+    for req_id in output.num_scheduled_tokens:
+        lora = scheduler.requests[req_id].lora_request
+        if lora is not None and lora.lora_int_id > 0:
+            ids.add(lora.lora_int_id)
+    return len(ids)
+
+
+def apply() -> None:
+    from vllm.v1.core import kv_cache_manager
+    from vllm.v1.core.sched import scheduler as sched
+
+    guard(sched, "KVCacheManager", "Scheduler.__init__", "Scheduler.schedule")
+    params = list(inspect.signature(kv_cache_manager.KVCacheManager.allocate_slots).parameters)
+    if params[:2] != ["self", "request"] or "reserved_blocks" not in params:
+        raise PatchTargetChanged(
+            f"vllm_slora cannot patch KVCacheManager.allocate_slots: parameters {params} "
+            f"lack 'request'/'reserved_blocks'; this patch targets vLLM 0.26.0")
+
+    from vllm_slora.memory.manager import PagedKVCacheManager
+    from vllm_slora.memory.plan import ATTR
+
+    sched.KVCacheManager = PagedKVCacheManager
+    Scheduler = sched.Scheduler
+    stock_init, stock_schedule = Scheduler.__init__, Scheduler.schedule
+
+    @functools.wraps(stock_init)
+    def __init__(self, vllm_config, *args, **kwargs):
+        stock_init(self, vllm_config, *args, **kwargs)
+        if self.lora_config is None:
+            return
+        self.kv_cache_manager.enable_adapters(vllm_config.model_config.hf_text_config,
+                                              self.lora_config.lora_dtype)
+        self.lora_config = copy.copy(self.lora_config)
+        self.lora_config.max_loras = max(self.scheduler_config.max_num_seqs,
+                                         self.lora_config.max_loras)
+
+    @functools.wraps(stock_schedule)
+    def schedule(self, *args, **kwargs):
+        pool = self.kv_cache_manager.adapters
+        evictions = pool.counters["evictions"] if pool is not None else 0
+        output = stock_schedule(self, *args, **kwargs)
+        if pool is not None:
+            upcoming = _upcoming(self, pool, HINT_AHEAD)
+            # Under pressure (this step had to evict or preempt) early loads
+            # would only compete with admission: skip them.
+            if pool.counters["evictions"] == evictions and not output.preempted_req_ids:
+                pool.load_ahead(upcoming[:LOAD_AHEAD],
+                                int(KEEP_FREE * pool.block_pool.num_gpu_blocks))
+            hints = [path for lora_id, path in upcoming if lora_id not in pool.resident]
+            setattr(output, ATTR, pool.take_plan(hints, _distinct_adapters(self, output)))
+        return output
+
+    Scheduler.__init__ = __init__
+    Scheduler.schedule = schedule

@@ -1,0 +1,135 @@
+"""Worker side of unified paging without an engine: pools are views of the KV
+buffers, the pager writes adapters into the blocks it is told, and the paged
+LoRA layers compute what the dense LoRA formula gives."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+NUM_BLOCKS, BLOCK = 32, 16
+
+
+def tiny_config(model_dir):
+    return SimpleNamespace(**json.loads((model_dir / "config.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_model):
+    from vllm_slora.testing.adapters import make_adapters
+
+    paths = make_adapters(tmp_path_factory.mktemp("pager"), tiny_model, [4, 8, 16], seed=5)
+    extra = tmp_path_factory.mktemp("pager-qv") / "qv"
+    from vllm_slora.testing.adapters import make_peft_adapter
+
+    make_peft_adapter(extra, tiny_model, 8, target_modules=("q_proj", "v_proj", "down_proj"),
+                      seed=9, alpha=16)
+    return [str(p) for p in paths] + [str(extra)]
+
+
+def cpu_attn_kv(layers: int):
+    # CPU_ATTN layout: (num_blocks, kv_heads, block_size, 2 * head_size)
+    return {i: torch.zeros(NUM_BLOCKS, 2, BLOCK, 64) for i in range(layers)}
+
+
+def make_pager(tiny_model, kv):
+    from vllm_slora.memory.pager import Pager
+
+    pager = Pager(tiny_config(tiny_model), torch.float32, torch.device("cpu"), 1 << 30)
+    pager.bind(kv, NUM_BLOCKS)
+    return pager
+
+
+def plan(pager, *events):
+    from vllm_slora.memory.plan import PagingPlan
+
+    stats = {"page_width": pager.geo.page_width, "rows_per_block": pager.geo.rows_per_block}
+    return PagingPlan(events=list(events), stats=stats)
+
+
+def test_block_chunks_of_two_layouts():
+    from vllm_slora.memory.pager import block_chunks
+
+    kv = torch.zeros(NUM_BLOCKS, 2, BLOCK, 64)  # one dense range per block
+    assert block_chunks(kv, NUM_BLOCKS) == ((0,), 8192, 8192)
+    kv = torch.zeros(2, NUM_BLOCKS, BLOCK, 2, 32)  # K then V of all blocks: two ranges
+    assert block_chunks(kv, NUM_BLOCKS) == ((0, NUM_BLOCKS * 4096), 4096, 4096)
+    kv = torch.zeros(4 * NUM_BLOCKS, 2, BLOCK // 4, 64)  # kernel blocks of a quarter block
+    assert block_chunks(kv, NUM_BLOCKS) == ((0,), 8192, 8192)
+
+
+def test_pools_are_views_and_loads_land_in_the_blocks(tiny_model, adapters):
+    from safetensors.torch import load_file
+
+    from vllm_slora.memory.layout import pack_adapter, read_adapter_meta
+    from vllm_slora.memory.plan import Evict, Load
+
+    kv = cpu_attn_kv(2)
+    pager = make_pager(tiny_model, kv)
+    for i, pool in enumerate(pager.pools):
+        assert pool.untyped_storage().data_ptr() == kv[i].untyped_storage().data_ptr()
+    blocks = [5, 9, 2, 7]  # rank 4: 4 * 32 pages = 4 blocks of 32 pages
+    pager.apply(plan(pager, Load(1, adapters[0], blocks)))
+    meta = read_adapter_meta(adapters[0])
+    packed = pack_adapter(meta, pager.geo, load_file(f"{adapters[0]}/adapter_model.safetensors"))
+    for layer in range(2):
+        pages = torch.cat([kv[layer][b].reshape(-1, 64) for b in blocks])
+        assert torch.equal(pages, packed[layer])
+        others = [b for b in range(NUM_BLOCKS) if b not in blocks]
+        assert kv[layer][others].abs().sum() == 0  # nothing outside its blocks
+    pager.apply(plan(pager, Evict(1)))
+    assert pager.resident == {} and pager.vectors.free == [(0, pager.vectors.capacity)]
+
+
+def dense_lora(x, path, layer, kinds, scale, widths):
+    from safetensors.torch import load_file
+
+    t = load_file(f"{path}/adapter_model.safetensors")
+    outs = []
+    for kind in kinds:
+        part = "self_attn" if kind in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        key = f"base_model.model.model.layers.{layer}.{part}.{kind}"
+        a, b = t.get(f"{key}.lora_A.weight"), t.get(f"{key}.lora_B.weight")
+        if a is None:  # a slice the adapter lacks adds nothing
+            outs.append(torch.zeros(x.shape[0], widths[kind][1]))
+        else:
+            outs.append(scale * (x @ a.t()) @ b.t())
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("group,kinds,width", [
+    ("qkv_proj", ("q_proj", "k_proj", "v_proj"), 128),
+    ("down_proj", ("down_proj",), 256),
+    ("gate_up_proj", ("gate_proj", "up_proj"), 128),
+])
+def test_paged_layer_equals_dense_lora(tiny_model, adapters, group, kinds, width):
+    from vllm_slora.layers import PagedLoRALinear, register_op
+    from vllm_slora.memory.layout import module_widths, read_adapter_meta
+    from vllm_slora.memory.plan import Evict, Load
+
+    register_op()
+    pager = make_pager(tiny_model, cpu_attn_kv(2))
+    # adapter 1 is evicted and adapter 3 reuses some of its blocks: 2 must not notice.
+    pager.apply(plan(pager, Load(1, adapters[0], [1, 2, 3, 4]),
+                     Load(2, adapters[1], list(range(5, 13)))))
+    pager.apply(plan(pager, Evict(1), Load(3, adapters[3], [4, 2, 1] + list(range(13, 28)))))
+    ids = np.array([0, 2, 2, 3, 0, 3, 2, 2, 2], dtype=np.int64)
+    pager.set_batch(ids, ignore=set())
+    widths = module_widths(tiny_config(tiny_model))
+    out_width = sum(widths[k][1] for k in kinds)
+    base = torch.nn.Linear(width, out_width, bias=False)
+    layer = PagedLoRALinear(base, f"model.layers.1.x.{group}", group, pager)
+    x = torch.randn(len(ids), width)
+    got = layer(x)
+    want = base(x).detach().clone()
+    for i, lora_id in enumerate(ids):
+        if lora_id:
+            path = adapters[1] if lora_id == 2 else adapters[3]
+            meta = read_adapter_meta(path)
+            want[i] += dense_lora(x[i:i + 1], path, 1, kinds, meta.scale, widths)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[0], base(x)[0]) and torch.equal(got[4], base(x)[4])

@@ -1,0 +1,200 @@
+"""Scheduler side of unified paging, on vLLM's real BlockPool and KV-cache
+manager (no engine): adapter pages come out of the KV block pool and go back
+to it, admission needs KV blocks and adapter pages, and cached adapters are
+evicted (LRU) before the manager would report "no room" (which makes the
+scheduler preempt)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+BLOCK = 16  # tokens per block; fp32 block = 16 * 2 * 2 * 32 * 4 B = 8 KiB = 32 pages of D=64
+
+
+def hf_config(model_dir):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    return SimpleNamespace(**cfg)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_model):
+    from vllm_slora.testing.adapters import make_adapters
+
+    return [str(p) for p in make_adapters(tmp_path_factory.mktemp("pool"), tiny_model,
+                                          [4, 8, 4, 2], seed=3)]
+
+
+def make_manager(num_blocks: int, model_dir):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+
+    from vllm_slora.memory.manager import PagedKVCacheManager
+
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=32, dtype=torch.float32)
+    config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
+                           kv_cache_groups=[KVCacheGroupSpec(["model.layers.0.self_attn.attn"], spec)])
+    manager = PagedKVCacheManager(config, max_model_len=1024, scheduler_block_size=BLOCK,
+                                  hash_block_size=BLOCK, enable_caching=False)
+    manager.enable_adapters(hf_config(model_dir), torch.float32)
+    return manager
+
+
+def make_request(rid: str, adapter: str | None, lora_id: int, tokens: int = 20):
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.request import Request
+
+    lora = LoRARequest(f"a{lora_id}", lora_id, adapter) if adapter else None
+    return Request(rid, list(range(3, 3 + tokens)), SamplingParams(max_tokens=8), None,
+                   lora_request=lora)
+
+
+def test_geometry_of_tiny_model(tiny_model):
+    manager = make_manager(64, tiny_model)
+    geo = manager.adapters.geo
+    assert (geo.page_width, geo.rows_per_block) == (64, 32)
+    all_seven = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # sum of (K + N) over the seven projections = 2048 = 32 pages of 64 per rank
+    assert [geo.blocks_for(r, all_seven) for r in (4, 8, 16, 32)] == [4, 8, 16, 32]
+
+
+def test_pages_come_from_the_kv_pool_and_go_back(tiny_model, adapters):
+    manager = make_manager(64, tiny_model)
+    pool, blocks = manager.adapters, manager.block_pool
+    free0 = blocks.get_num_free_blocks()
+    req = make_request("r0", adapters[1], 1)  # rank 8 -> 8 blocks
+    assert manager.allocate_slots(req, 20) is not None  # 20 tokens -> 2 KV blocks
+    assert blocks.get_num_free_blocks() == free0 - 2 - 8
+    assert pool.stats()["resident_blocks"] == 8
+    manager.free(req)  # KV blocks back; the adapter stays cached
+    assert blocks.get_num_free_blocks() == free0 - 8
+    assert pool.stats()["cached_unreferenced"] == 1
+    # A second request of the same adapter takes no new pages.
+    req2 = make_request("r1", adapters[1], 1)
+    assert manager.allocate_slots(req2, 20) is not None
+    assert blocks.get_num_free_blocks() == free0 - 2 - 8
+    assert pool.counters["loads"] == 1
+    manager.free(req2)
+    assert pool.evict_one()
+    assert blocks.get_num_free_blocks() == free0
+    plan = pool.take_plan([], 1)
+    assert [type(e).__name__ for e in plan.events] == ["Load", "Evict"]
+    assert len(plan.events[0].block_ids) == 8
+
+
+def test_admission_needs_kv_and_pages(tiny_model, adapters):
+    manager = make_manager(12, tiny_model)  # 11 usable blocks
+    running = make_request("big", None, 0, tokens=16 * 5)  # 5 KV blocks
+    assert manager.allocate_slots(running, 80) is not None
+    # 20 tokens (2 KV blocks) + rank-8 adapter (8 blocks) > 6 free: must wait.
+    waiting = make_request("w", adapters[1], 1)
+    assert manager.allocate_slots(waiting, 20) is None
+    assert manager.block_pool.get_num_free_blocks() == 6
+    assert manager.adapters.resident == {}
+    # A rank-4 adapter fits beside its KV blocks.
+    assert manager.allocate_slots(make_request("w2", adapters[0], 2), 20) is not None
+    assert manager.block_pool.get_num_free_blocks() == 0
+
+
+def test_cached_adapters_are_evicted_lru_before_no_room(tiny_model, adapters):
+    manager = make_manager(12, tiny_model)
+    pool = manager.adapters
+    for i, lora_id in ((0, 1), (3, 2)):  # rank 4 (4 blocks), rank 2 (2 blocks)
+        req = make_request(f"r{lora_id}", adapters[i], lora_id)
+        assert manager.allocate_slots(req, 10) is not None
+        manager.free(req)
+    assert manager.block_pool.get_num_free_blocks() == 11 - 6
+    # A running request grows by 8 blocks: stock would say no room (preempt);
+    # the manager evicts cached adapters, least recently used first.
+    running = make_request("run", None, 0, tokens=16)
+    assert manager.allocate_slots(running, 16) is not None  # 1 block
+    running.num_computed_tokens = 16
+    assert manager.allocate_slots(running, 16 * 5) is not None  # 5 more blocks: 6 > 4 free
+    assert pool.counters["evictions"] == 1 and 1 not in pool.resident and 2 in pool.resident
+    # Reloading an evicted adapter counts as a reload.
+    manager.free(running)
+    again = make_request("again", adapters[0], 1)
+    assert manager.allocate_slots(again, 10) is not None
+    assert pool.counters["reloads"] == 1
+
+
+def test_referenced_adapters_are_never_evicted(tiny_model, adapters):
+    manager = make_manager(12, tiny_model)
+    user = make_request("user", adapters[0], 1)  # 1 KV block + 4 adapter blocks
+    assert manager.allocate_slots(user, 10) is not None
+    hog = make_request("hog", None, 0, tokens=16 * 7)
+    assert manager.allocate_slots(hog, 16 * 7) is None  # 7 > 6 free, nothing evictable
+    assert 1 in manager.adapters.resident
+
+
+def test_load_ahead_pages_in_early_and_keeps_blocks_free(tiny_model, adapters):
+    manager = make_manager(24, tiny_model)  # 23 usable blocks
+    pool, blocks = manager.adapters, manager.block_pool
+    upcoming = [(1, adapters[0]), (2, adapters[1]), (3, adapters[2])]  # 4, 8, 4 blocks
+    pool.load_ahead(upcoming, keep_free=10)
+    # 23 - 4 = 19 >= 10, 19 - 8 = 11 >= 10, 11 - 4 = 7 < 10: stops before the third.
+    assert set(pool.resident) == {1, 2} and blocks.get_num_free_blocks() == 11
+    assert pool.counters["loaded_ahead"] == 2 and len(pool.unreferenced) == 2
+    req = make_request("r", adapters[1], 2)
+    assert manager.allocate_slots(req, 20) is not None  # only its 2 KV blocks now
+    assert blocks.get_num_free_blocks() == 9 and pool.counters["loads"] == 2
+    manager.free(req)
+
+
+def test_load_ahead_evicts_cached_adapters_nobody_waits_for(tiny_model, adapters):
+    manager = make_manager(12, tiny_model)  # 11 usable blocks
+    pool, blocks = manager.adapters, manager.block_pool
+    for lora_id, idx in ((1, 0), (2, 2), (3, 3)):  # 4 + 4 + 2 blocks, then cached
+        req = make_request(f"r{lora_id}", adapters[idx], lora_id)
+        assert manager.allocate_slots(req, 10) is not None
+        manager.free(req)
+    assert blocks.get_num_free_blocks() == 1
+    # Adapter 4 (4 blocks) is next in line, adapter 1 (cached, least recently
+    # used) is not: 1 makes room; 2 waits too, so it is kept although older than 3.
+    pool.load_ahead([(2, adapters[2]), (4, adapters[0])], keep_free=1)
+    assert set(pool.resident) == {2, 3, 4} and pool.counters["loaded_ahead"] == 1
+    assert pool.counters["evictions"] == 1 and blocks.get_num_free_blocks() == 1
+    assert list(pool.unreferenced) == [3, 2, 4]  # 2 became most recently used
+    # Not when fewer than keep_free blocks would stay free or evictable:
+    # 1 free + 10 evictable (3, 2, 4) - 2 needed = 9 < 10.
+    pool.load_ahead([(5, adapters[3])], keep_free=10)
+    assert 5 not in pool.resident
+
+
+def test_pages_per_adapter_for_llama_7b():
+    """The figures of docs/unified-paging.md: fp16, 16-token blocks."""
+    from vllm_slora.memory.layout import KINDS, PageGeometry
+
+    cfg = SimpleNamespace(hidden_size=4096, num_attention_heads=32, head_dim=128,
+                          num_key_value_heads=32, intermediate_size=11008, num_hidden_layers=32)
+    geo = PageGeometry.create(cfg, torch.float16, 16 * 2 * 32 * 128 * 2)
+    assert (geo.page_width, geo.rows_per_block) == (256, 512)
+    assert geo.rows_per_rank(KINDS) == 305 and geo.rows_per_rank(KINDS[:4]) == 128
+    assert [geo.blocks_for(r, KINDS) for r in (8, 16, 32, 64)] == [5, 10, 20, 39]
+    assert [geo.blocks_for(r, KINDS[:4]) for r in (8, 16, 32, 64)] == [2, 4, 8, 16]
+
+
+def test_separate_region_when_unify_mem_is_off(tiny_model, adapters, monkeypatch):
+    from vllm_slora import config
+
+    monkeypatch.setenv("VLLM_SLORA_UNIFY_MEM", "0")
+    monkeypatch.setenv("VLLM_SLORA_SEPARATE_FRACTION", "0.5")
+    config.slora_config.cache_clear()
+    try:
+        manager = make_manager(32, tiny_model)  # 16 blocks set aside for adapters
+    finally:
+        config.slora_config.cache_clear()
+    pool, blocks = manager.adapters, manager.block_pool
+    assert not pool.unified and blocks.get_num_free_blocks() == 31 - 16
+    # Adapters take region blocks only; the KV blocks left are untouched.
+    for i, (idx, lora_id) in enumerate([(1, 1), (0, 2), (2, 3)]):  # 8 + 4 + 4 blocks
+        req = make_request(f"r{i}", adapters[idx], lora_id)
+        assert manager.allocate_slots(req, 10) is not None
+        manager.free(req)
+    assert blocks.get_num_free_blocks() == 15 and pool.block_pool.get_num_free_blocks() == 0
+    # The region is full: the next adapter evicts within it (LRU), never KV.
+    assert manager.allocate_slots(make_request("r9", adapters[3], 4), 10) is not None
+    assert 1 not in pool.resident and pool.counters["evictions"] == 1

@@ -1,0 +1,99 @@
+"""Worker-side host cache of packed adapters, with a byte budget.
+
+Adapters wait here (pinned memory on CUDA, so copies to the device can be
+asynchronous) until the scheduler pages them in. An entry is a packed adapter
+(``layout.pack_adapter``) read from a PEFT folder with ``safetensors``. Least
+recently used entries are dropped when the budget is exceeded; a dropped
+adapter is simply read from disk again. ``prefetch`` reads folders on a
+background thread so a cold adapter's disk read overlaps the current step.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from vllm_slora.memory.layout import ADAPTER_FILE, AdapterMeta, PageGeometry, pack_adapter, read_adapter_meta
+
+
+class HostCache:
+    def __init__(self, geometry: PageGeometry, budget_bytes: int, pin: bool):
+        self.geo = geometry
+        self.budget = budget_bytes
+        self.pin = pin
+        self.entries: OrderedDict[str, tuple[AdapterMeta, torch.Tensor]] = OrderedDict()
+        self.bytes = 0
+        self.lock = threading.Lock()
+        self.pending: dict[str, Future] = {}
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slora-prefetch")
+        self.counters = dict(disk_reads=0, hits=0, prefetched=0, dropped=0)
+
+    def get(self, path: str) -> tuple[AdapterMeta, torch.Tensor]:
+        """The packed adapter of ``path``, read from disk if not cached."""
+        with self.lock:
+            entry = self.entries.get(path)
+            if entry is not None:
+                self.entries.move_to_end(path)
+                self.counters["hits"] += 1
+                return entry
+            future = self.pending.get(path)
+        if future is not None:
+            future.result()
+            return self.get(path)
+        return self._load(path)
+
+    def prefetch(self, paths: list[str]) -> None:
+        with self.lock:
+            todo = [p for p in paths if p not in self.entries and p not in self.pending]
+            for path in todo:
+                self.pending[path] = self.executor.submit(self._prefetch_one, path)
+
+    def drop(self, path: str) -> None:
+        with self.lock:
+            entry = self.entries.pop(path, None)
+            if entry is not None:
+                self.bytes -= entry[1].nbytes
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.entries
+
+    def _prefetch_one(self, path: str) -> None:
+        try:
+            self._load(path)
+            self.counters["prefetched"] += 1
+        finally:
+            with self.lock:
+                self.pending.pop(path, None)
+
+    def _load(self, path: str) -> tuple[AdapterMeta, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        meta = read_adapter_meta(path)
+        tensors = load_file(str(Path(path) / ADAPTER_FILE))
+        packed = pack_adapter(meta, self.geo, tensors)
+        if self.pin:
+            packed = packed.pin_memory()
+        entry = (meta, packed)
+        with self.lock:
+            self.counters["disk_reads"] += 1
+            if path not in self.entries:
+                self.entries[path] = entry
+                self.bytes += packed.nbytes
+            self._shrink(keep=path)
+        return entry
+
+    def _shrink(self, keep: str) -> None:
+        while self.bytes > self.budget and len(self.entries) > 1:
+            path = next(iter(self.entries))
+            if path == keep:
+                self.entries.move_to_end(path)
+                path = next(iter(self.entries))
+            self.bytes -= self.entries.pop(path)[1].nbytes
+            self.counters["dropped"] += 1
+
+    def stats(self) -> dict:
+        return dict(self.counters, host_adapters=len(self.entries), host_bytes=self.bytes)

@@ -1,0 +1,100 @@
+"""``PagedKVCacheManager``: vLLM's KV-cache manager that also pages adapters.
+
+Admission: a request whose adapter it does not hold yet is given KV blocks
+only if its adapter's missing blocks fit beside them (stock ``allocate_slots``
+with ``reserved_blocks`` raised by that many), and then takes the adapter's
+blocks. Pressure: whenever stock ``allocate_slots`` says no (admission or a
+running request's growth) the least recently used unreferenced adapter is
+evicted and the call retried; only when none is left does ``None`` reach the
+scheduler, which then preempts or waits exactly as stock.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from vllm.v1.core.kv_cache_manager import KVCacheManager
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from vllm_slora.config import slora_config
+from vllm_slora.memory.layout import PageGeometry
+from vllm_slora.memory.pool import AdapterPool, SeparateRegion
+
+_ALLOCATE = inspect.signature(KVCacheManager.allocate_slots)
+
+
+class PagedKVCacheManager(KVCacheManager):
+    adapters: AdapterPool | None = None
+
+    def enable_adapters(self, hf_config, lora_dtype) -> AdapterPool:
+        groups = self.kv_cache_config.kv_cache_groups
+        if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, AttentionSpec):
+            raise ValueError(
+                f"vllm_slora pages adapters in a single attention KV-cache group; this model "
+                f"has {len(groups)} group(s) ({[type(g.kv_cache_spec).__name__ for g in groups]}); "
+                f"run it without --plugin vllm_slora")
+        geo = PageGeometry.create(hf_config, lora_dtype, groups[0].kv_cache_spec.page_size_bytes)
+        config = slora_config()
+        source = self.block_pool
+        if not config.unify_mem:
+            source = SeparateRegion(self.block_pool,
+                                    int(config.separate_fraction * self.block_pool.num_gpu_blocks))
+        self.adapters = AdapterPool(source, geo)
+        return self.adapters
+
+    def allocate_slots(self, request, *args, **kwargs):
+        call = _ALLOCATE.bind(self, request, *args, **kwargs)
+        call.apply_defaults()
+        pool, lora = self.adapters, request.lora_request
+        if pool is None:
+            return super().allocate_slots(*call.args[1:], **call.kwargs)
+        if lora is None or lora.lora_int_id <= 0 or pool.holds(request.request_id):
+            return self._allocate_evicting(call, lambda: 0)
+        lora_id, path = lora.lora_int_id, lora.lora_path
+        pool.pin(lora_id)  # a resident adapter must survive its own request's admission
+        try:
+            if pool.unified:
+                blocks = self._allocate_evicting(call, lambda: pool.blocks_missing(lora_id, path))
+            elif self._room_in_region(lora_id, path):
+                blocks = self._allocate_evicting(call, lambda: 0)
+            else:
+                blocks = None
+            if blocks is not None:
+                pool.acquire(request.request_id, lora_id, path)
+            return blocks
+        finally:
+            pool.unpin(lora_id)
+
+    def _allocate_evicting(self, call, adapter_blocks):
+        """Stock ``allocate_slots`` leaving ``adapter_blocks()`` free for the
+        adapter; while it says no, evict the LRU cached adapter and retry."""
+        reserved = call.arguments["reserved_blocks"]
+        while True:
+            call.arguments["reserved_blocks"] = reserved + adapter_blocks()
+            blocks = super().allocate_slots(*call.args[1:], **call.kwargs)
+            if blocks is not None or not self.adapters.unified or not self.adapters.evict_one():
+                return blocks
+
+    def _room_in_region(self, lora_id: int, path: str) -> bool:
+        pool = self.adapters
+        while pool.blocks_missing(lora_id, path) > pool.block_pool.get_num_free_blocks():
+            if not pool.evict_one():
+                return False
+        return True
+
+    def free(self, request) -> None:
+        super().free(request)
+        if self.adapters is not None:
+            self.adapters.release(request.request_id)
+
+    def pop_blocks_for_free(self, request):
+        blocks = super().pop_blocks_for_free(request)
+        if self.adapters is not None:
+            self.adapters.release(request.request_id)
+        return blocks
+
+    def reset_prefix_cache(self) -> bool:
+        # Stock refuses while any block is in use; cached adapters would block it.
+        if self.adapters is not None:
+            self.adapters.evict_unreferenced()
+        return super().reset_prefix_cache()

@@ -1,0 +1,260 @@
+"""Worker side of unified paging: adapter pages in the KV buffers.
+
+The ``Pager`` views each layer's KV buffer as a pool ``[num_rows, D]`` (same
+storage, no copy), applies the scheduler's plan (copies a packed adapter into
+the pool rows of the blocks the scheduler chose; drops evicted ones), keeps
+the vector tables, and builds each step's batch metadata for the layers.
+Vocabulary: ``vllm_slora/memory/layout.py``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vllm_slora.memory.host_cache import HostCache
+from vllm_slora.memory.layout import GROUPS, PageGeometry
+from vllm_slora.memory.plan import Evict, Load, PagingPlan
+from vllm_slora.memory.vectors import VectorSpace
+
+
+@dataclass
+class Resident:
+    path: str
+    start: int  # first vector
+    rank: int
+    kinds: tuple[str, ...]
+    scale: float
+    rows: torch.Tensor  # int64, the pool rows it fills (same in every layer)
+    block_ids: list[int]
+    copied: object = None  # CUDA event of its copy on the copy stream, until waited for
+
+
+@dataclass
+class Batch:
+    """Per-step metadata the layers pass to ``vllm_slora.kernels.paged_lora``."""
+
+    token_lora: torch.Tensor  # int32 [T], -1 = no LoRA
+    lora_start: torch.Tensor  # int32 [L]
+    lora_scale: torch.Tensor  # fp32 [L]
+    rank: dict[str, torch.Tensor]  # per layer group: int32 [L], 0 = adapter lacks it
+    max_rank: dict[str, int]
+    segments: tuple[torch.Tensor, torch.Tensor] | None
+    lora_ids: list[int]
+    meta: torch.Tensor | None = None  # kernels.group_by_adapter, once per batch (CUDA)
+
+
+def block_chunks(kv: torch.Tensor, num_blocks: int) -> tuple[tuple[int, ...], int, int]:
+    """Where a KV block lives in ``kv``'s storage, in bytes.
+
+    Returns (offset of each chunk of block 0, block stride, chunk size). CPU_ATTN
+    and FlashAttention keep a block in one chunk; a ``(2, num_blocks, ...)``
+    layout gives two (K and V). A backend that splits the scheduler's block
+    into k kernel blocks has a dimension of ``k * num_blocks``; block b is then
+    kernel blocks ``b*k .. b*k+k-1``, adjacent in that dimension.
+    """
+    dims = [d for d in range(kv.dim()) if kv.shape[d] % num_blocks == 0]
+    if not dims:
+        raise ValueError(f"KV cache of shape {tuple(kv.shape)} has no dimension of "
+                         f"{num_blocks} blocks; vllm_slora cannot page adapters into it")
+    bd = max(dims, key=lambda d: kv.stride(d))
+    per_block = kv.shape[bd] // num_blocks
+    es = kv.element_size()
+    outer = [d for d in range(kv.dim()) if d != bd and kv.stride(d) > kv.stride(bd)]
+    inner = [d for d in range(kv.dim()) if d != bd and d not in outer]
+    if int(np.prod([kv.shape[d] for d in inner])) != kv.stride(bd):
+        raise ValueError(f"KV cache of shape {tuple(kv.shape)}, strides {kv.stride()} does not "
+                         f"keep a block's bytes dense; vllm_slora cannot page adapters into it")
+    offsets = tuple(
+        (kv.storage_offset() + sum(i * kv.stride(d) for i, d in zip(idx, outer))) * es
+        for idx in itertools.product(*[range(kv.shape[d]) for d in outer]))
+    size = kv.stride(bd) * per_block * es
+    return offsets, size, size
+
+
+class Pager:
+    """Created with the model; ``bind`` (first plan, KV cache allocated) makes it usable."""
+
+    def __init__(self, hf_config, dtype: torch.dtype, device: torch.device,
+                 host_budget_bytes: int):
+        self.hf_config = hf_config
+        self.dtype = dtype
+        self.device = device
+        self.host_budget_bytes = host_budget_bytes
+        self.geo: PageGeometry | None = None
+        self.host: HostCache | None = None
+        self.vectors: VectorSpace | None = None
+        self.pools: list[torch.Tensor] = []
+        self.kv_tensors: list[torch.Tensor] = []
+        self.resident: dict[int, Resident] = {}
+        self.batch: Batch | None = None
+        self.scheduler_stats: dict = {}
+        self.counters = dict(loads=0, evictions=0, pages_written=0)
+        self._chunk_rows: torch.Tensor | None = None  # int64 [rows_per_block], block 0
+        self._block_stride_rows = 0
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    # -- binding to the KV buffers ------------------------------------------
+    @property
+    def bound(self) -> bool:
+        return bool(self.pools)
+
+    def bind(self, kv_by_layer: dict[int, torch.Tensor], num_blocks: int) -> None:
+        """View every layer's KV buffer as a pool; fix the page geometry."""
+        num_layers = self.hf_config.num_hidden_layers
+        if sorted(kv_by_layer) != list(range(num_layers)):
+            raise ValueError(f"vllm_slora found KV caches for layers {sorted(kv_by_layer)}, "
+                             f"the model has {num_layers} layers")
+        layouts = {block_chunks(kv, num_blocks) for kv in kv_by_layer.values()}
+        if len(layouts) != 1:
+            raise ValueError("vllm_slora needs the same KV block layout in every layer")
+        offsets, stride, chunk = layouts.pop()
+        self.geo = PageGeometry.create(self.hf_config, self.dtype, chunk * len(offsets))
+        d = self.geo.page_width
+        row_bytes = d * torch.empty((), dtype=self.dtype).element_size()
+        if chunk % row_bytes or stride % row_bytes or any(o % row_bytes for o in offsets):
+            raise ValueError(f"KV block chunks of {chunk} bytes do not split into pages "
+                             f"of {row_bytes} bytes (D={d})")
+        for i in range(num_layers):
+            kv = kv_by_layer[i]
+            storage = kv.untyped_storage()
+            pool = torch.empty(0, dtype=self.dtype, device=kv.device)
+            pool.set_(storage, 0, (storage.nbytes() // row_bytes, d))
+            self.pools.append(pool)
+            self.kv_tensors.append(kv)
+        rows = [o // row_bytes + j for o in offsets for j in range(chunk // row_bytes)]
+        assert len(rows) == self.geo.rows_per_block
+        self._chunk_rows = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        self._block_stride_rows = stride // row_bytes
+        self.vectors = VectorSpace(self.geo, self.device)
+        self.host = HostCache(self.geo, self.host_budget_bytes, pin=self.device.type == "cuda")
+
+    def check_scheduler_geometry(self, stats: dict) -> None:
+        mine = (self.geo.page_width, self.geo.rows_per_block)
+        theirs = (stats.get("page_width"), stats.get("rows_per_block"))
+        if mine != theirs:
+            raise RuntimeError(f"page geometry differs: worker (D, pages per block) = {mine}, "
+                               f"scheduler = {theirs}; this KV cache layout is not supported")
+
+    def block_rows(self, block_ids: list[int]) -> torch.Tensor:
+        """Pool rows (int64) of ``block_ids``, in block order."""
+        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        return (ids[:, None] * self._block_stride_rows + self._chunk_rows[None, :]).reshape(-1)
+
+    # -- the scheduler's plan -----------------------------------------------
+    def apply(self, plan: PagingPlan) -> None:
+        self.check_scheduler_geometry(plan.stats)
+        self.scheduler_stats = plan.stats
+        for event in plan.events:
+            if isinstance(event, Evict):
+                self._evict(event.lora_id)
+            else:
+                self._load(event)
+        if plan.prefetch:
+            self.host.prefetch(plan.prefetch)
+
+    def _load(self, event: Load) -> None:
+        if event.lora_id in self.resident:
+            raise RuntimeError(f"scheduler paged in adapter {event.lora_id} twice")
+        meta, packed = self.host.get(event.path)
+        rows = self.block_rows(event.block_ids)
+        n = packed.shape[1]
+        if n > rows.numel():
+            raise RuntimeError(f"adapter '{event.path}' needs {n} pages, the scheduler gave "
+                               f"{len(event.block_ids)} blocks = {rows.numel()} pages")
+        rows = rows[:n]
+        copied = self._copy_in(packed, rows)
+        start = self.vectors.add(meta, rows)
+        self.resident[event.lora_id] = Resident(event.path, start, meta.rank, meta.kinds,
+                                                meta.scale, rows, list(event.block_ids), copied)
+        self.counters["loads"] += 1
+        self.counters["pages_written"] += n * len(self.pools)
+
+    def _copy_in(self, packed: torch.Tensor, rows: torch.Tensor):
+        """Write a packed adapter into its pool rows of every layer.
+
+        On CUDA the copy runs on a side stream, after the work already queued
+        (which may still use these blocks as KV), overlapped with this step's
+        forward; the main stream waits for it only where the adapter is first
+        used (``set_batch``) or its blocks are given back (``_evict``). This is
+        what makes the scheduler's early loads (prefetch) cost no step time.
+        """
+        if self.copy_stream is None:
+            for i, pool in enumerate(self.pools):
+                pool.index_copy_(0, rows, packed[i])
+            return None
+        main = torch.cuda.current_stream(self.device)
+        self.copy_stream.wait_stream(main)
+        with torch.cuda.stream(self.copy_stream):
+            src = packed.to(self.device, non_blocking=True)
+            for i, pool in enumerate(self.pools):
+                pool.index_copy_(0, rows, src[i])
+        rows.record_stream(self.copy_stream)
+        event = torch.cuda.Event()
+        event.record(self.copy_stream)
+        return event
+
+    def _wait_copied(self, res: Resident) -> None:
+        if res.copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(res.copied)
+            res.copied = None
+
+    def _evict(self, lora_id: int) -> None:
+        res = self.resident.pop(lora_id)
+        self._wait_copied(res)
+        self.vectors.remove(res.start, res.rank)
+        self.counters["evictions"] += 1
+
+    # -- per step -----------------------------------------------------------
+    def set_batch(self, token_ids: np.ndarray, ignore: set[int]) -> None:
+        """Batch metadata from the per-token LoRA ids the runner gives (0 = none)."""
+        uniq, inverse = np.unique(token_ids, return_inverse=True)
+        lora_ids = [int(i) for i in uniq if i > 0 and int(i) not in ignore]
+        if not lora_ids:
+            self.batch = None
+            return
+        missing = [i for i in lora_ids if i not in self.resident]
+        if missing:
+            raise RuntimeError(f"adapters {missing} are used by this batch but not paged in; "
+                               f"the scheduler's paging plan did not reach this worker")
+        index = {lid: l for l, lid in enumerate(lora_ids)}
+        lut = np.array([index.get(int(i), -1) for i in uniq], dtype=np.int32)
+        token_lora = lut[inverse.reshape(-1)]
+        res = [self.resident[i] for i in lora_ids]
+        for r in res:
+            self._wait_copied(r)
+        ranks = {g: [r.rank if kinds[0] in r.kinds else 0 for r in res]
+                 for g, kinds in GROUPS.items()}
+        dev = self.device
+        self.batch = Batch(
+            token_lora=torch.from_numpy(token_lora).to(dev),
+            lora_start=torch.tensor([r.start for r in res], dtype=torch.int32, device=dev),
+            lora_scale=torch.tensor([r.scale for r in res], dtype=torch.float32, device=dev),
+            rank={g: torch.tensor(v, dtype=torch.int32, device=dev) for g, v in ranks.items()},
+            max_rank={g: max(v) for g, v in ranks.items()},
+            segments=_segments(token_lora, dev),
+            lora_ids=lora_ids)
+        if dev.type == "cuda":
+            from vllm_slora.kernels import group_by_adapter
+
+            self.batch.meta = group_by_adapter(self.batch.token_lora, len(lora_ids))
+
+    def stats(self) -> dict:
+        out = dict(self.counters, worker_resident_adapters=len(self.resident))
+        if self.bound:
+            out.update(vector_capacity=self.vectors.capacity, **self.host.stats())
+        return out
+
+
+def _segments(token_lora: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Runs of tokens sharing an adapter, for MBGMM; None when every run is one token."""
+    change = np.flatnonzero(np.diff(token_lora)) + 1
+    if len(change) + 1 == len(token_lora):
+        return None
+    starts = np.concatenate([[0], change, [len(token_lora)]]).astype(np.int32)
+    return (torch.from_numpy(starts).to(device),
+            torch.from_numpy(token_lora[starts[:-1]].copy()).to(device))
+

@@ -1,0 +1,35 @@
+"""The scheduler -> worker message of unified paging, one per scheduler step.
+
+It rides on ``SchedulerOutput`` as the extra attribute ``slora`` (a plain
+dataclass attribute survives the pickling of vLLM's multiproc executor; see
+docs/unified-paging.md). Workers apply ``events`` in order before the step's
+forward pass, so an eviction followed by a load into the same blocks is safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ATTR = "slora"
+
+
+@dataclass
+class Load:
+    lora_id: int
+    path: str
+    block_ids: list[int]
+
+
+@dataclass
+class Evict:
+    lora_id: int
+
+
+@dataclass
+class PagingPlan:
+    events: list[Load | Evict] = field(default_factory=list)
+    # Adapters of the next waiting requests (paths): the worker may bring
+    # them into its host cache (and device staging) ahead of their load.
+    prefetch: list[str] = field(default_factory=list)
+    # The scheduler-side counters after this step (AdapterPool.stats()).
+    stats: dict = field(default_factory=dict)

@@ -1,0 +1,197 @@
+"""Scheduler side of unified paging: which adapters hold which KV blocks.
+
+``AdapterPool`` takes blocks for adapters from vLLM's own ``BlockPool`` (the
+one the KV cache uses) with ``get_new_blocks`` and gives them back with
+``free_blocks``. A resident adapter is referenced by the running requests
+that use it; when the last one finishes it stays resident (cached, like a
+prefix-cached KV block) in an LRU, and is evicted only when the pool needs
+its blocks. Every change is recorded as a plan event for the workers.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from vllm_slora.memory.layout import PageGeometry, read_adapter_meta
+from vllm_slora.memory.plan import Evict, Load, PagingPlan
+
+
+@dataclass
+class Resident:
+    path: str
+    blocks: list  # KVCacheBlock
+    requests: set[str] = field(default_factory=set)
+
+
+class SeparateRegion:
+    """``VLLM_SLORA_UNIFY_MEM=0`` (S-LoRA's ablation): a fixed share of the
+    blocks, taken from the ``BlockPool`` once at start and used for adapters
+    only; KV blocks never come from it and adapters never leave it."""
+
+    def __init__(self, block_pool, num_blocks: int):
+        if not 0 < num_blocks < block_pool.get_num_free_blocks():
+            raise ValueError(f"VLLM_SLORA_SEPARATE_FRACTION gives {num_blocks} adapter blocks "
+                             f"of {block_pool.num_gpu_blocks}; choose a fraction in (0, 1)")
+        self.held = block_pool.get_new_blocks(num_blocks)
+        self.free = list(self.held)
+        self.num_gpu_blocks = num_blocks + 1  # as BlockPool: capacity + null block
+
+    def get_new_blocks(self, n: int) -> list:
+        if n > len(self.free):
+            raise ValueError(f"Cannot get {n} free blocks from the adapter region")
+        out, self.free = self.free[:n], self.free[n:]
+        return out
+
+    def free_blocks(self, blocks) -> None:
+        self.free.extend(blocks)
+
+    def get_num_free_blocks(self) -> int:
+        return len(self.free)
+
+
+class AdapterPool:
+    """``block_pool``: vLLM's ``BlockPool`` (unified paging) or a ``SeparateRegion``."""
+
+    def __init__(self, block_pool, geometry: PageGeometry):
+        self.block_pool = block_pool
+        self.unified = not isinstance(block_pool, SeparateRegion)
+        self.geo = geometry
+        self.resident: dict[int, Resident] = {}
+        self.unreferenced: OrderedDict[int, None] = OrderedDict()  # LRU, oldest first
+        self.request_lora: dict[str, int] = {}
+        self.pinned: set[int] = set()
+        self.ever_evicted: set[int] = set()
+        self.seen: set[int] = set()
+        self.events: list[Load | Evict] = []
+        self.counters = dict(loads=0, loaded_ahead=0, evictions=0, reloads=0, peak_adapters=0,
+                             peak_blocks=0, max_distinct_in_step=0)
+
+    # -- queries ---------------------------------------------------------
+    def blocks_for(self, path: str) -> int:
+        meta = read_adapter_meta(path)
+        blocks = self.geo.blocks_for(meta.rank, meta.kinds)
+        usable = self.block_pool.num_gpu_blocks - 1  # block 0 is vLLM's null block
+        if blocks > usable:
+            raise ValueError(f"adapter '{path}' (rank {meta.rank}) needs {blocks} KV blocks, "
+                             f"the KV cache has {usable}; give vLLM more KV cache memory "
+                             f"or use a smaller rank")
+        return blocks
+
+    def holds(self, request_id: str) -> bool:
+        return request_id in self.request_lora
+
+    def blocks_missing(self, lora_id: int, path: str) -> int:
+        """Blocks still to take before ``lora_id`` is resident."""
+        return 0 if lora_id in self.resident else self.blocks_for(path)
+
+    @property
+    def resident_blocks(self) -> int:
+        return sum(len(r.blocks) for r in self.resident.values())
+
+    # -- references --------------------------------------------------------
+    def acquire(self, request_id: str, lora_id: int, path: str) -> None:
+        """Reference ``lora_id`` for a request, paging it in if needed.
+
+        The caller has checked that the missing blocks are free.
+        """
+        res = self.resident.get(lora_id) or self._page_in(lora_id, path)
+        self.unreferenced.pop(lora_id, None)
+        res.requests.add(request_id)
+        self.request_lora[request_id] = lora_id
+        self.counters["peak_adapters"] = max(self.counters["peak_adapters"], len(self.resident))
+        self.counters["peak_blocks"] = max(self.counters["peak_blocks"], self.resident_blocks)
+
+    def load_ahead(self, upcoming: list[tuple[int, str]], keep_free: int) -> None:
+        """Page in adapters of the next waiting requests early (S-LoRA's prefetch).
+
+        Cached adapters no upcoming request needs are evicted (LRU) to make
+        room, as long as ``keep_free`` blocks stay free or evictable for KV.
+        The early adapters wait cached (unreferenced, most recently used) and
+        the worker copies them during the current step, off its critical path.
+        """
+        wanted = {lora_id for lora_id, _ in upcoming}
+        for lora_id in wanted & self.unreferenced.keys():
+            self.unreferenced.move_to_end(lora_id)
+        self.pinned |= wanted
+        try:
+            room = self.block_pool.get_num_free_blocks() + sum(
+                len(self.resident[i].blocks) for i in self.unreferenced if i not in self.pinned)
+            for lora_id, path in upcoming:
+                need = self.blocks_for(path)
+                if lora_id in self.resident or room - need < keep_free:
+                    continue
+                while self.block_pool.get_num_free_blocks() < need:
+                    self.evict_one()
+                self._page_in(lora_id, path)
+                self.unreferenced[lora_id] = None
+                self.counters["loaded_ahead"] += 1
+                room -= need
+        finally:
+            self.pinned -= wanted
+
+    def _page_in(self, lora_id: int, path: str) -> Resident:
+        blocks = self.block_pool.get_new_blocks(self.blocks_for(path))
+        res = self.resident[lora_id] = Resident(path, blocks)
+        self.events.append(Load(lora_id, path, [b.block_id for b in blocks]))
+        self.counters["loads"] += 1
+        self.counters["reloads"] += lora_id in self.ever_evicted
+        self.seen.add(lora_id)
+        return res
+
+    def release(self, request_id: str) -> None:
+        """Drop a finished or preempted request's reference; the adapter stays cached."""
+        lora_id = self.request_lora.pop(request_id, None)
+        if lora_id is None:
+            return
+        res = self.resident[lora_id]
+        res.requests.discard(request_id)
+        if not res.requests:
+            self.unreferenced[lora_id] = None
+
+    def pin(self, lora_id: int) -> None:
+        self.pinned.add(lora_id)
+
+    def unpin(self, lora_id: int) -> None:
+        self.pinned.discard(lora_id)
+
+    # -- eviction ------------------------------------------------------------
+    def evict_one(self) -> bool:
+        """Evict the least recently used unreferenced, unpinned adapter."""
+        for lora_id in self.unreferenced:
+            if lora_id not in self.pinned:
+                break
+        else:
+            return False
+        del self.unreferenced[lora_id]
+        res = self.resident.pop(lora_id)
+        self.block_pool.free_blocks(res.blocks)
+        self.events.append(Evict(lora_id))
+        self.ever_evicted.add(lora_id)
+        self.counters["evictions"] += 1
+        return True
+
+    def evict_unreferenced(self) -> int:
+        n = 0
+        while self.evict_one():
+            n += 1
+        return n
+
+    # -- per step ------------------------------------------------------------
+    def take_plan(self, prefetch: list[str], distinct_in_step: int) -> PagingPlan:
+        self.counters["max_distinct_in_step"] = max(
+            self.counters["max_distinct_in_step"], distinct_in_step)
+        events, self.events = self.events, []
+        return PagingPlan(events=events, prefetch=prefetch, stats=self.stats())
+
+    def stats(self) -> dict:
+        return dict(self.counters,
+                    resident_adapters=len(self.resident),
+                    resident_blocks=self.resident_blocks,
+                    resident_pages=self.resident_blocks * self.geo.rows_per_block,
+                    cached_unreferenced=len(self.unreferenced),
+                    distinct_adapters_seen=len(self.seen),
+                    free_blocks=self.block_pool.get_num_free_blocks(),
+                    num_gpu_blocks=self.block_pool.num_gpu_blocks,
+                    page_width=self.geo.page_width,
+                    rows_per_block=self.geo.rows_per_block)
