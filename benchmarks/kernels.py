@@ -10,16 +10,30 @@ timing, writes nothing unless --out is given):
 
     python -m benchmarks.kernels --dry-run
 
-Each case is one LoRA'd module (shrink + expand, fused slices in one call):
-decode batches of T tokens use MBGMV, prefill batches of NSEG segments
-(64-256 tokens each) use MBGMM. A batch uses min(T or NSEG, 64) distinct
-adapters. Stock vLLM gets the same adapters laid out its way (stacked
+Each case is one LoRA'd module (shrink + expand, fused slices in one call),
+run as the model runs it: ``vllm_slora.kernels.paged_lora`` with max_rank
+(decode batches of T tokens without segments, prefill batches of NSEG
+segments of 64-256 tokens with them). Our time includes everything the op
+does per call (the per-adapter grouping launch of decode batches above
+``grouped.PER_TOKEN_MAX_T`` tokens, split-K reductions); stock's
+LoRAKernelMeta is prepared outside the timed region, as vLLM does once per
+step. A batch uses min(T or NSEG, 64) distinct adapters. The "plan" column
+is the grouped kernels' choice: T/S/A = per token / per segment / per adapter,
+then BM, then k<split>f|r when the shrink splits K (partials summed in the
+expand, or by a reduce launch). "v1 us" is the first MBGMV (one program per
+token, mbgmv.py), kept as a baseline for small decode batches. Stock vLLM gets the same adapters laid out its way (stacked
 [max_loras, 1, max_rank, K] / [max_loras, 1, N, max_rank], padded to the
 largest rank, the scale folded into B as vLLM does) and is called as
 ``PunicaWrapperGPU.add_lora_linear`` calls it (lora_shrink then lora_expand
 with LoRAKernelMeta.meta_args). Times are triton.testing.do_bench medians
 with L2 flushed before every call. Every implementation's output is first
 checked against the PyTorch reference (relative-norm error in the JSON).
+HBM% = bytes the op must move (x, the pages of the adapters in use, y read
+and written) / our time / 3.35 TB/s; the target applies to decode. The JSON
+also has, for the bandwidth-bound cases, our time split into grouping,
+shrink (+ reduce) and expand launches. The run ends with a summary: per
+(model, module, ranks, mode) the geometric mean of ours/stock over batch
+sizes, and the largest decode HBM%.
 """
 
 import argparse
@@ -29,7 +43,6 @@ import platform
 import sys
 import time
 from dataclasses import dataclass
-
 H100_PEAK_BYTES_PER_S = 3.35e12
 MAX_ADAPTERS = 64
 MODELS = {"7b": (4096, 11008), "13b": (5120, 13824)}
@@ -65,7 +78,14 @@ QUICK = Sweep(
     {"7b": ["qkv", "down"]}, ["r16", "mix8-64"], [1, 32, 512], [8, 64], 256, (64, 256),
     MAX_ADAPTERS,
 )  # fmt: skip
-DRY = Sweep({"tiny": ["qkv", "down"]}, ["mix8-64"], [1, 8], [2, 3], 32, (8, 40), 4)
+# Decode 40 > PER_TOKEN_MAX_T exercises the per-adapter grouping.
+DRY = Sweep({"tiny": ["qkv", "down"]}, ["mix8-64"], [1, 40], [3], 32, (8, 40), 4)
+TARGET_MIXED = 1 / 1.5  # ours/stock, issue 5
+TARGET_UNIFORM = 1.0
+TARGET_HBM_PCT = 70.0
+# Per-kernel breakdown (JSON) for cases with at least this many tokens.
+BREAKDOWN_MIN_TOKENS = 128
+V1_MAX_TOKENS = 32
 
 
 def build_adapters(torch, k, ns, ranks, d, dtype, device, gen):
@@ -161,20 +181,81 @@ def stock_emulated(torch, stock_a, stock_b, x, y, token_lora):
         y[i] = (y[i].float() + delta).to(y.dtype)
 
 
+@dataclass
+class Case:
+    """One benchmark case: a module's adapters, a batch, and our call."""
+
+    row: dict
+    ad: object
+    x: object
+    y0: object
+    ns: list[int]
+    token_lora: object
+    segments: object
+    r_max: int
+    a_rows: object
+    b_rows: object
+
+    def ours(self, y, meta=None):
+        import vllm_slora.kernels as kernels
+
+        ad = self.ad
+        kernels.paged_lora(
+            self.x, y, ad.pool, self.a_rows, self.b_rows, ad.lora_start, ad.lora_rank,
+            ad.lora_scale, self.token_lora, segments=self.segments, max_rank=self.r_max,
+            meta=meta,
+        )  # fmt: skip
+
+
+def make_case(torch, model, mod, rset_name, mode, size, sweep, device, gen, ad_all=None):
+    """Adapters (or the first n of ad_all), batch and inputs of one case."""
+    from vllm_slora.kernels.synthetic import make_segments
+
+    geometry = modules(model) if model in MODELS else {"qkv": (64, [64, 32, 32]), "down": (128, [64])}
+    k, ns = geometry[mod]
+    rset = RANK_SETS[rset_name]
+    if ad_all is None:
+        ranks = [rset[i % len(rset)] for i in range(sweep.max_adapters)]
+        ad_all = build_adapters(torch, k, ns, ranks, sweep.d, torch.float16, device, gen)
+    n = min(size, sweep.max_adapters)
+    ad = first_adapters(ad_all, n)
+    r_max = max(rset)
+    if mode == "decode":
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(size))
+        token_lora = (order % n).to(torch.int32).to(device)
+        segments = None
+    else:
+        lens = torch.randint(
+            sweep.seg_len[0], sweep.seg_len[1] + 1, (size,),
+            generator=torch.Generator().manual_seed(size),
+        ).tolist()  # fmt: skip
+        token_lora, segments = make_segments(lens, [g % n for g in range(size)], device)
+    t = token_lora.shape[0]
+    fused = len(ns) > 1
+    x = torch.randn(t, k, device=device, generator=gen).to(torch.float16)
+    y0 = torch.randn(t, sum(ns), device=device, generator=gen).to(torch.float16)
+    row = dict(
+        model=model, module=mod, K=k, N=ns, ranks=rset_name, mode=mode, batch=size, tokens=t,
+        adapters=n, d=sweep.d,
+    )  # fmt: skip
+    row["plan"] = plan_tag(ad, x, ns, token_lora, segments, r_max, sweep.d)
+    return Case(row, ad, x, y0, ns, token_lora, segments, r_max,
+                ad.a_rows if fused else ad.a_rows[0], ad.b_rows if fused else ad.b_rows[0])  # fmt: skip
+
+
 def run(args) -> list[dict]:
     import torch
 
     import vllm_slora.kernels as kernels
-    from vllm_slora.kernels import bmm, reference
-    from vllm_slora.kernels.synthetic import make_segments
+    from vllm_slora.kernels import bmm, mbgmv, reference
 
     dry = args.dry_run
     sweep = DRY if dry else (QUICK if args.quick else FULL)
     device = "cpu" if dry else "cuda"
-    dtype = torch.float16
     # Triton path even on CPU (interpreter) for the dry run.
     kernels._FORCED = "triton"
     stock_ok = False
+    do_bench = None
     if not dry:
         from triton.testing import do_bench
 
@@ -197,77 +278,59 @@ def run(args) -> list[dict]:
             for rset_name in sweep.rank_sets:
                 rset = RANK_SETS[rset_name]
                 ranks = [rset[i % len(rset)] for i in range(sweep.max_adapters)]
-                ad_all = build_adapters(torch, k, ns, ranks, sweep.d, dtype, device, gen)
+                ad_all = build_adapters(torch, k, ns, ranks, sweep.d, torch.float16, device, gen)
                 batches = [("decode", t) for t in sweep.decode_t]
                 batches += [("prefill", s) for s in sweep.prefill_segs]
                 for mode, size in batches:
-                    n = min(size, sweep.max_adapters)
-                    ad = first_adapters(ad_all, n)
-                    r_max = max(rset)
-                    if mode == "decode":
-                        order = torch.randperm(size, generator=torch.Generator().manual_seed(size))
-                        token_lora = (order % n).to(torch.int32).to(device)
-                        segments = None
-                    else:
-                        lens = torch.randint(
-                            sweep.seg_len[0], sweep.seg_len[1] + 1, (size,),
-                            generator=torch.Generator().manual_seed(size),
-                        ).tolist()  # fmt: skip
-                        token_lora, segments = make_segments(lens, [g % n for g in range(size)], device)
-                    t = token_lora.shape[0]
-                    fused = len(ns) > 1
-                    a_rows = ad.a_rows if fused else ad.a_rows[0]
-                    b_rows = ad.b_rows if fused else ad.b_rows[0]
+                    c = make_case(torch, model, mod, rset_name, mode, size, sweep, device, gen, ad_all)
+                    ad, x, t, r_max = c.ad, c.x, c.token_lora.shape[0], c.r_max
                     meta = (ad.lora_start, ad.lora_rank)
-                    x = (torch.randn(t, k, device=device, generator=gen)).to(dtype)
-                    y0 = (torch.randn(t, sum(ns), device=device, generator=gen)).to(dtype)
                     v = torch.empty(len(ns), t, r_max, dtype=torch.float32, device=device)
-                    v = v if fused else v[0]
 
-                    def ours(y, v=v, a_rows=a_rows, b_rows=b_rows, segments=segments,
-                             ad=ad, meta=meta, x=x, token_lora=token_lora):  # fmt: skip
-                        kernels.paged_lora_shrink(x, ad.pool, a_rows, *meta, token_lora, v, segments)
-                        kernels.paged_lora_expand(
-                            v, ad.pool, b_rows, *meta, ad.lora_scale, token_lora, y, segments
+                    def v1(y, v=v, ad=ad, meta=meta, x=x, token_lora=c.token_lora):
+                        mbgmv.mbgmv_shrink(x, ad.pool, ad.a_rows, *meta, token_lora, v)
+                        mbgmv.mbgmv_expand(
+                            v, ad.pool, ad.b_rows, *meta, ad.lora_scale, token_lora, y
                         )
 
-                    def padded_bmm(y, v=v, a_rows=a_rows, b_rows=b_rows,
-                                   ad=ad, meta=meta, x=x, token_lora=token_lora):  # fmt: skip
-                        bmm.paged_lora_shrink(x, ad.pool, a_rows, *meta, token_lora, v)
+                    def padded_bmm(y, v=v if len(ns) > 1 else v[0], c=c, meta=meta):
+                        bmm.paged_lora_shrink(c.x, c.ad.pool, c.a_rows, *meta, c.token_lora, v)
                         bmm.paged_lora_expand(
-                            v, ad.pool, b_rows, *meta, ad.lora_scale, token_lora, y
+                            v, c.ad.pool, c.b_rows, *meta, c.ad.lora_scale, c.token_lora, y
                         )
 
-                    want = y0.clone()
+                    want = c.y0.clone()
                     reference.paged_lora(
-                        x, want, ad.pool, a_rows, b_rows, *meta, ad.lora_scale, token_lora
+                        x, want, ad.pool, c.a_rows, c.b_rows, *meta, ad.lora_scale, c.token_lora
                     )
-                    impls = {"ours": ours}
+                    impls = {"ours": c.ours}
+                    if mode == "decode" and t <= V1_MAX_TOKENS:
+                        impls["v1"] = v1
                     bmm_bytes = t * r_max * max(k, max(ns)) * 2
                     if bmm_bytes <= BMM_MAX_BYTES:
                         impls["bmm"] = padded_bmm
                     if stock_ok:
-                        impls["stock"] = Stock(torch, ad, r_max, token_lora, len(ns), x)
-                    row = dict(
-                        model=model, module=mod, K=k, N=ns, ranks=rset_name, mode=mode,
-                        batch=size, tokens=t, adapters=n, d=sweep.d,
-                    )  # fmt: skip
+                        impls["stock"] = Stock(torch, ad, r_max, c.token_lora, len(ns), x)
+                    row = c.row
                     for name, fn in impls.items():
-                        y = y0.clone()
+                        y = c.y0.clone()
                         fn(y)
                         row[f"err_{name}"] = rel_err(y, want)
                     if dry:
                         # Stock kernels need a GPU; check the layout we give them.
-                        y = y0.clone()
-                        stock_emulated(torch, *stock_layout(ad, r_max), x, y, token_lora)
+                        y = c.y0.clone()
+                        stock_emulated(torch, *stock_layout(ad, r_max), x, y, c.token_lora)
                         row["err_stock_layout_emulated"] = rel_err(y, want)
                     else:
                         for name, fn in impls.items():
-                            y = y0.clone()
+                            y = c.y0.clone()
                             row[f"us_{name}"] = 1e3 * do_bench(
-                                lambda fn=fn, y=y: fn(y), warmup=10, rep=40, return_mode="median"
+                                lambda fn=fn, y=y: fn(y), warmup=10, rep=30, return_mode="median"
                             )
-                        row.update(ratios_and_bandwidth(row, ad, k, ns, x, token_lora, mode))
+                        row.update(ratios_and_bandwidth(row, ad, k, ns, x, c.token_lora, mode))
+                        if t >= BREAKDOWN_MIN_TOKENS and not args.quick:
+                            row.update(breakdown(do_bench, ad, x, c.y0, ns, c.token_lora,
+                                                 c.segments, r_max))  # fmt: skip
                     rows.append(row)
                     print_row(row, dry)
                 del ad_all
@@ -276,25 +339,201 @@ def run(args) -> list[dict]:
     return rows
 
 
+# Knob variants of the grouped kernels (module globals of grouped.py) timed on
+# a few cases at the end of the full run, to tune the next version.
+VARIANT_CASES = [
+    ("7b", "qkv", "r16", "decode", 1),
+    ("7b", "qkv", "mix8-64", "decode", 128),
+    ("7b", "o", "r64", "decode", 512),
+    ("7b", "down", "r16", "decode", 512),
+    ("7b", "down", "r64", "decode", 512),
+    ("7b", "o", "r64", "prefill", 8),
+    ("7b", "down", "r16", "prefill", 8),
+]
+KNOBS = [
+    ("base", {}),
+    ("pps2", {"PROGRAMS_PER_SM": 2}),
+    ("pps8", {"PROGRAMS_PER_SM": 8}),
+    ("nosplit", {"MAX_SPLIT": 1}),
+    ("stages3", {"SHRINK_STAGES": 3}),
+    ("stages5", {"SHRINK_STAGES": 5}),
+    ("bn256", {"EXPAND_BN": 256}),
+    ("bn64", {"EXPAND_BN": 64}),
+    ("reduce", {"FUSED_PARTIALS_BYTES": 0}),
+    ("fuse64k", {"FUSED_PARTIALS_BYTES": 64 << 10}),
+    ("pertok", {"PER_TOKEN_MAX_T": 1 << 30}),
+    ("byadap", {"PER_TOKEN_MAX_T": 0}),
+    ("metagiven", None),  # decode: group_by_adapter outside the timed call, like stock
+]
+
+
+def run_variants(sweep, device="cuda", cases=None) -> list[dict]:
+    import torch
+    from triton.testing import do_bench
+
+    import vllm_slora.kernels as kernels
+    from vllm_slora.kernels import grouped
+
+    gen = torch.Generator(device=device).manual_seed(1)
+    out = []
+    print("knob variants: ours us per variant (base = the defaults above)")
+    print(f"{'case':32} " + " ".join(f"{name:>9}" for name, _ in KNOBS))
+    for model, mod, rset, mode, size in cases or VARIANT_CASES:
+        c = make_case(torch, model, mod, rset, mode, size, sweep, device, gen)
+        res = {}
+        for name, knobs in KNOBS:
+            saved = {}
+            try:
+                meta = None
+                if knobs is None:
+                    if mode != "decode" or c.token_lora.shape[0] <= grouped.PER_TOKEN_MAX_T:
+                        continue
+                    meta = kernels.group_by_adapter(c.token_lora, c.ad.lora_start.shape[0])
+                else:
+                    for key, value in knobs.items():
+                        saved[key] = getattr(grouped, key)
+                        setattr(grouped, key, value)
+                y = c.y0.clone()
+                c.ours(y, meta)
+                res[name] = 1e3 * do_bench(lambda y=y, meta=meta: c.ours(y, meta), warmup=5,
+                                           rep=20, return_mode="median")  # fmt: skip
+                res[name + "_plan"] = plan_tag(c.ad, c.x, c.ns, c.token_lora, c.segments,
+                                               c.r_max, sweep.d)  # fmt: skip
+            except Exception as e:  # a variant that fails to compile or run
+                res[name] = float("nan")
+                print(f"  {name}: {type(e).__name__}: {str(e)[:200]}")
+            finally:
+                for key, value in saved.items():
+                    setattr(grouped, key, value)
+        label = f"{model} {mod} {rset} {mode} {size}"
+        print(f"{label:32} " + " ".join(
+            f"{res[name]:9.1f}" if name in res else f"{'-':>9}" for name, _ in KNOBS), flush=True)
+        out.append(dict(case=label, **res))
+        del c
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
 def ratios_and_bandwidth(row, ad, k, ns, x, token_lora, mode):
     out = {}
-    for other in ("stock", "bmm"):
+    for other in ("stock", "bmm", "v1"):
         if f"us_{other}" in row:
             out[f"ours/{other}"] = row["us_ours"] / row[f"us_{other}"]
-    if mode == "decode":
-        # Bytes the op must move: x, the pages of the adapters in use, y in+out.
-        used = token_lora.unique()
-        ranks = int(ad.lora_rank[used.long()].sum())
-        elem = x.element_size()
-        nbytes = elem * (x.numel() + ranks * len(ns) * k + ranks * sum(ns) + 2 * x.shape[0] * sum(ns))
-        out["bytes"] = nbytes
-        out["hbm_pct_of_h100_peak"] = 100 * nbytes / (row["us_ours"] * 1e-6) / H100_PEAK_BYTES_PER_S
+    # Bytes the op must move: x, the pages of the adapters in use, y in+out.
+    used = token_lora.unique()
+    used = used[used >= 0]
+    ranks = int(ad.lora_rank[used.long()].sum())
+    elem = x.element_size()
+    nbytes = elem * (x.numel() + ranks * len(ns) * k + ranks * sum(ns) + 2 * x.shape[0] * sum(ns))
+    out["bytes"] = nbytes
+    out["hbm_pct_of_h100_peak"] = 100 * nbytes / (row["us_ours"] * 1e-6) / H100_PEAK_BYTES_PER_S
     return out
+
+
+def _grouped_setup(ad, x, ns, token_lora, segments, r_max, d, build_meta=True):
+    from vllm_slora.kernels import grouped
+
+    num_loras = ad.lora_start.shape[0]
+    groups = grouped.make_groups(token_lora, num_loras, segments, None, build_meta)
+    pl = grouped.plan(groups, x.shape[0], x.shape[1], max(ns), len(ns), r_max, d, x.device)
+    return grouped, groups, pl
+
+
+def plan_tag(ad, x, ns, token_lora, segments, r_max, d):
+    grouped, groups, pl = _grouped_setup(ad, x, ns, token_lora, segments, r_max, d, False)
+    return grouped.describe(groups, pl, r_max)
+
+
+def breakdown(do_bench, ad, x, y0, ns, token_lora, segments, r_max):
+    """Our time per launch: grouping (per-adapter batches), shrink (+ reduce
+    when the partials are not summed by the expand), expand."""
+    import torch
+
+    d = ad.pool.shape[1]
+    grouped, groups, pl = _grouped_setup(ad, x, ns, token_lora, segments, r_max, d)
+    s, t, num_loras = len(ns), x.shape[0], ad.lora_start.shape[0]
+    meta = (ad.lora_start, ad.lora_rank)
+    out = {}
+
+    def bench(fn):
+        return 1e3 * do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+    if groups.mode == grouped.ADAPTERS:
+        out["us_ours_grouping"] = bench(lambda: grouped.group_by_adapter(token_lora, num_loras))
+    fused = grouped.fuse_partials(groups, pl, r_max)
+    ws = torch.empty((pl.split, s, t, r_max), dtype=torch.float32, device=x.device)
+    v = ws[0] if pl.split == 1 else torch.empty((s, t, r_max), dtype=torch.float32, device=x.device)
+
+    def shrink():
+        grouped.launch_shrink(x, ad.pool, ad.a_rows, *meta, token_lora,
+                              v if pl.split == 1 else ws, groups, pl)  # fmt: skip
+        if pl.split > 1 and not fused:
+            grouped.launch_reduce(ws, v, token_lora, ad.lora_rank)
+
+    shrink()
+    out["us_ours_shrink"] = bench(shrink)
+    y = y0.clone()
+    vin, v_split = (ws, pl.split) if fused else (v, 1)
+    out["us_ours_expand"] = bench(
+        lambda: grouped.launch_expand(vin, ad.pool, ad.b_rows, *meta, ad.lora_scale, token_lora,
+                                      y, groups, pl, v_split)  # fmt: skip
+    )
+    return out
+
+
+def summarize(rows) -> list[str]:
+    """Per (model, module, ranks, mode): geometric mean of ours/stock over
+    batch sizes and the largest decode HBM%; then the cases off target."""
+    import math
+
+    lines = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["module"], r["ranks"], r["mode"]), []).append(r)
+    lines.append(
+        f"summary: geomean ours/stock over batch sizes (target mix <= {TARGET_MIXED:.2f}, "
+        f"uniform <= {TARGET_UNIFORM:.2f}); decode max HBM% (target >= {TARGET_HBM_PCT:.0f})"
+    )
+    lines.append(f"{'model':5} {'module':8} {'ranks':8} {'mode':8} {'geo o/s':>8} {'worst':>6} "
+                 f"{'maxHBM%':>8}  verdict")  # fmt: skip
+    misses = []
+    for key, rs in groups.items():
+        ratios = [r["ours/stock"] for r in rs if "ours/stock" in r]
+        if not ratios:
+            continue
+        geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+        target = TARGET_MIXED if key[2].startswith("mix") else TARGET_UNIFORM
+        hbm = max((r.get("hbm_pct_of_h100_peak", 0.0) for r in rs), default=0.0)
+        hbm_s = f"{hbm:8.1f}" if key[3] == "decode" else f"{'-':>8}"
+        verdict = "ok" if geo <= target else "MISS"
+        lines.append(f"{key[0]:5} {key[1]:8} {key[2]:8} {key[3]:8} {geo:8.2f} {max(ratios):6.2f} "
+                     f"{hbm_s}  {verdict}")  # fmt: skip
+        for r in rs:
+            if r.get("ours/stock", 0) > target:
+                misses.append(r)
+    decode = [r for r in rows if r["mode"] == "decode" and "hbm_pct_of_h100_peak" in r]
+    if decode:
+        best = max(decode, key=lambda r: r["hbm_pct_of_h100_peak"])
+        lines.append(
+            f"decode HBM%: max {best['hbm_pct_of_h100_peak']:.1f} ({best['model']} {best['module']} "
+            f"{best['ranks']} T={best['tokens']}); at T=512: "
+            + ", ".join(f"{r['module']}/{r['ranks']} {r['hbm_pct_of_h100_peak']:.0f}"
+                        for r in decode if r["tokens"] == 512 and r["model"] == "7b")  # fmt: skip
+        )
+    lines.append(f"cases off target (ours/stock): {len(misses)} of "
+                 f"{sum(1 for r in rows if 'ours/stock' in r)}")  # fmt: skip
+    for r in misses:
+        lines.append(f"  {r['model']} {r['module']} {r['ranks']} {r['mode']} {r['batch']}: "
+                     f"{r['ours/stock']:.2f} ({r['us_ours']:.1f} vs {r['us_stock']:.1f} us, "
+                     f"plan {r['plan']})")  # fmt: skip
+    return lines
 
 
 HEADER = (
     f"{'model':5} {'module':8} {'ranks':8} {'mode':8} {'batch':>5} {'tokens':>6} "
-    f"{'ours us':>9} {'stock us':>9} {'bmm us':>9} {'o/stock':>8} {'o/bmm':>7} {'HBM%':>6}"
+    f"{'ours us':>9} {'stock us':>9} {'bmm us':>9} {'o/stock':>8} {'o/bmm':>7} {'HBM%':>6} "
+    f"{'v1 us':>7} {'plan':>8}"
 )
 
 
@@ -302,7 +541,7 @@ def print_row(row, dry):
     if dry:
         errs = " ".join(f"{k}={v:.1e}" for k, v in row.items() if k.startswith("err_"))
         print(f"{row['model']:5} {row['module']:8} {row['ranks']:8} {row['mode']:8} "
-              f"{row['batch']:>5} {row['tokens']:>6}  {errs}", flush=True)  # fmt: skip
+              f"{row['batch']:>5} {row['tokens']:>6} {row['plan']:>8}  {errs}", flush=True)  # fmt: skip
         return
 
     def f(key, fmt):
@@ -312,7 +551,7 @@ def print_row(row, dry):
         f"{row['model']:5} {row['module']:8} {row['ranks']:8} {row['mode']:8} {row['batch']:>5} "
         f"{row['tokens']:>6} {f('us_ours', '9.1f')} {f('us_stock', '9.1f'):>9} "
         f"{f('us_bmm', '9.1f'):>9} {f('ours/stock', '8.2f'):>8} {f('ours/bmm', '7.2f'):>7} "
-        f"{f('hbm_pct_of_h100_peak', '6.1f'):>6}",
+        f"{f('hbm_pct_of_h100_peak', '6.1f'):>6} {f('us_v1', '7.1f'):>7} {row['plan']:>8}",
         flush=True,
     )
 
@@ -322,6 +561,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="smaller sweep")
     p.add_argument("--dry-run", action="store_true", help="CPU smoke test: tiny shapes, no timing")
     p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/kernels.json; none for --dry-run)")
+    p.add_argument("--no-variants", action="store_true",
+                   help="skip the knob variants timed after the full sweep")  # fmt: skip
     args = p.parse_args(argv)
     if args.dry_run:
         # Before the kernels are first imported (triton.jit reads it then).
@@ -333,30 +574,41 @@ def main(argv=None):
     wall = time.time() - t0
     worst = max(v for r in rows for key, v in r.items() if key.startswith("err_"))
     print(f"{len(rows)} cases in {wall:.0f} s; worst relative error vs reference {worst:.1e}")
+    if not args.dry_run:
+        print("\n".join(summarize(rows)))
     if args.dry_run and worst > 2e-2:
         raise SystemExit(f"dry run: relative error {worst:.1e} > 2e-2")
     if out:
-        import torch
-        import triton
+        write_json(out, args, rows, wall, variants=None)
+    if not (args.dry_run or args.quick or args.no_variants):
+        variants = run_variants(FULL)
+        if out:
+            write_json(out, args, rows, wall, variants)
+    print(f"total {time.time() - t0:.0f} s")
 
-        meta = dict(
-            command="python -m benchmarks.kernels" + (" --quick" if args.quick else "")
-            + (" --dry-run" if args.dry_run else ""),
-            device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
-            torch=torch.__version__, triton=triton.__version__, wall_s=wall,
-            dtype="float16", page_width=(DRY if args.dry_run else FULL).d,
-            timing="triton.testing.do_bench median, L2 flushed before each call",
-        )  # fmt: skip
-        try:
-            import vllm
 
-            meta["vllm"] = vllm.__version__
-        except ImportError:
-            pass
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        with open(out, "w") as fh:
-            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
-        print(f"wrote {out}")
+def write_json(out, args, rows, wall, variants):
+    import torch
+    import triton
+
+    meta = dict(
+        command="python -m benchmarks.kernels" + (" --quick" if args.quick else "")
+        + (" --dry-run" if args.dry_run else ""),
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+        torch=torch.__version__, triton=triton.__version__, wall_s=wall,
+        dtype="float16", page_width=(DRY if args.dry_run else FULL).d,
+        timing="triton.testing.do_bench median, L2 flushed before each call",
+    )  # fmt: skip
+    try:
+        import vllm
+
+        meta["vllm"] = vllm.__version__
+    except ImportError:
+        pass
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump({"meta": meta, "rows": rows, "variants": variants}, fh, indent=1)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,12 @@
-"""MBGMV: per-token heterogeneous-rank LoRA (decode), reading scattered pages.
+"""First MBGMV: one program per token (decode), reading scattered pages.
 
 Vocabulary and layout: see ``vllm_slora/kernels/__init__.py``.
+
+Superseded by the grouped kernels (``grouped.py``), which the public ops use;
+kept as the baseline of ``benchmarks/kernels.py`` ("v1 us") and for the
+helpers both share (``pick``, ``check_pool``, ``slice_tables``). Its K loop
+runs serially per program (a page lookup feeding each load), so it is
+latency-bound for small batches, and each token re-reads its adapter's pages.
 
 One program serves one token, so each token does exactly its own adapter's
 rank of work: loops over rank run to ``lora_rank[l]`` in blocks of BLOCK_R
@@ -25,6 +31,10 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+
+from vllm_slora.kernels import _interp
+
+_interp.patch()
 
 MAX_SLICES = 3
 

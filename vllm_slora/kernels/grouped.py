@@ -1,0 +1,766 @@
+"""Grouped heterogeneous-rank LoRA kernels (decode and prefill), reading pages.
+
+Vocabulary and layout: see ``vllm_slora/kernels/__init__.py``.
+
+One kernel family serves MBGMV (decode) and MBGMM (prefill). Tokens are
+cut into *groups* of tokens that share an adapter, and a group into *tiles*
+of up to BM tokens; every program owns one tile and one rank block (shrink)
+or one BN-column block (expand), so an adapter's pages are read once per
+tile, not once per token, and tensor cores (``tl.dot``) do the math. Three
+ways to form groups (``MODE``), picked on the host from shapes only:
+
+``PER_TOKEN`` (0)
+    every token is its own tile (small decode batches, T <= PER_TOKEN_MAX_T):
+    no metadata at all, one launch less.
+``SEGMENTS`` (1)
+    the caller's segments (seg_start, seg_lora): runs of consecutive tokens
+    (prefill). Rows are contiguous, nothing is gathered.
+``ADAPTERS`` (2)
+    one group per adapter: ``group_by_adapter`` (one small Triton launch)
+    lists each adapter's tokens, like vLLM's LoRAKernelMeta but without
+    sorting or host sync: ``meta`` int32 = [bounds (L+1) | token index (T) |
+    scratch (L + T)]; adapter l owns token_index[bounds[l]:bounds[l+1]].
+    Callers may build it once per batch and pass it to every layer.
+
+Tile map, no host sync: program p of the tile axis finds its group from the
+groups' sizes (a cumulative sum of ceil(size / BM) over the group bounds, in
+registers), so the grid depends only on T, the number of groups and the
+widths: ``min(T, ceil(T / BM) + groups)`` tiles bound the real count and the
+spare programs return at once. This is CUDA-graph safe.
+
+Work is rank-exact: shrink programs whose rank block starts past the
+group's rank return at once; expand loops over rank blocks only up to the
+group's rank. A rank-8 token does rank-8 work.
+
+Shrink split-K: with few tiles (small batches, few long segments) or a wide
+K (``down``, K = 11008) the K loop is cut into SPLIT page-aligned chunks, each
+a program, writing fp32 partial sums to a workspace [SPLIT, S, T, R_MAX].
+The partials are summed in a fixed order (deterministic, no atomics, no
+zeroing): by the expand kernel while it loads v (``paged_lora``, when the
+partials are small) or by ``_reduce_kernel`` (standalone shrink; large ones).
+
+Pages: a K tile (shrink) or N tile (expand) of width BK / BN <= D never
+crosses a page, so it costs one table lookup per rank-vector and reads
+contiguous, D-aligned rows of the pool.
+
+Fused slices (q,k,v or gate,up) share one launch: the slice is part of the
+program id, and each program picks its slice's vector table among
+MAX_SLICES pointer arguments.
+
+Tested against ``reference.py`` in ``tests/kernels/test_kernels.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_slora.kernels.mbgmv import MAX_SLICES, check_pool, pick, slice_tables
+
+PER_TOKEN, SEGMENTS, ADAPTERS = 0, 1, 2
+# Decode batches up to this many tokens skip the grouping launch (their
+# tokens rarely share adapters; a repeated adapter is re-read from L2).
+PER_TOKEN_MAX_T = 32
+# Shrink split-K aims at this many programs per SM (see plan()).
+PROGRAMS_PER_SM = 4
+MAX_SPLIT = 16
+# Sum split-K partials inside the expand when one tile's partials are small.
+FUSED_PARTIALS_BYTES = 8 << 10
+# Groups scanned per step by the tile map (any count works, in chunks).
+NGB = 128
+# Pipeline depth of the small-tile (BM = 16) shrink; expand column block.
+SHRINK_STAGES = 4
+EXPAND_BN = 128
+
+
+# ---------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile(p, token_lora_ptr, bounds_ptr, glora_ptr, NG,
+          MODE: tl.constexpr, BM: tl.constexpr, NGB: tl.constexpr):  # fmt: skip
+    """(adapter, first position, end position) of tile p; adapter -1: no work.
+
+    Positions index the tokens (PER_TOKEN, SEGMENTS) or the group-ordered
+    token list (ADAPTERS).
+    """
+    if MODE == 0:
+        lora = tl.load(token_lora_ptr + p)
+        lo = p
+        hi = p + 1
+    else:
+        # g = number of groups whose tiles all come before p; prev = how many
+        # tiles those are. Groups' tile counts are cumulated NGB at a time.
+        g = 0
+        prev = 0
+        base = 0
+        for c0 in range(0, NG, NGB):
+            offs = c0 + tl.arange(0, NGB)
+            m = offs < NG
+            size = tl.load(bounds_ptr + offs + 1, mask=m, other=0) - tl.load(
+                bounds_ptr + offs, mask=m, other=0
+            )
+            if MODE == 1:
+                gl = tl.load(glora_ptr + offs, mask=m, other=-1)
+                size = tl.where(gl >= 0, size, 0)
+            tiles = (size + BM - 1) // BM
+            cum = tl.cumsum(tiles, 0) + base
+            before = cum <= p
+            g += tl.sum(before.to(tl.int32), 0)
+            prev = tl.maximum(prev, tl.max(tl.where(before, cum, 0), 0))
+            base += tl.sum(tiles, 0)
+        ok = g < NG
+        lo = tl.load(bounds_ptr + g, mask=ok, other=0)
+        hi = tl.load(bounds_ptr + g + 1, mask=ok, other=0)
+        if MODE == 1:
+            lora = tl.load(glora_ptr + g, mask=ok, other=-1)
+        else:
+            lora = tl.where(ok, g, -1)
+        lo = lo + (p - prev) * BM
+    return lora, lo, hi
+
+
+@triton.jit
+def _tile_tokens(lo, hi, idx_ptr, MODE: tl.constexpr, BM: tl.constexpr):
+    """Token rows of a tile (int64) and their mask."""
+    pos = lo + tl.arange(0, BM)
+    mask = pos < hi
+    if MODE == 2:
+        tok = tl.load(idx_ptr + pos, mask=mask, other=0)
+    else:
+        tok = pos
+    return tok.to(tl.int64), mask
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_F32: tl.constexpr):
+    # DOT_F32: fp32 operands (fp32 pools, and the CPU interpreter, whose
+    # tl.dot is wrong for bf16); otherwise fp16/bf16 tensor cores.
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit(do_not_specialize=["NG", "K", "R_MAX", "K_SPLIT", "NUM_R", "SPLIT", "NUM_S"])
+def _shrink_kernel(
+    x_ptr,  # [T, K]
+    pool_ptr,  # [num_rows, D]
+    out_ptr,  # fp32 [S, T, R_MAX], or partials [SPLIT, S, T, R_MAX]
+    rows0_ptr,  # int32 [V, K // D], one table per slice
+    rows1_ptr,
+    rows2_ptr,
+    lora_start_ptr,  # int32 [L]
+    lora_rank_ptr,  # int32 [L]
+    token_lora_ptr,  # int32 [T]
+    bounds_ptr,  # group bounds [NG + 1] (SEGMENTS, ADAPTERS)
+    glora_ptr,  # adapter per group [NG] (SEGMENTS)
+    idx_ptr,  # group-ordered tokens [T] (ADAPTERS)
+    NG,
+    K,
+    R_MAX,
+    K_SPLIT,  # K elements per split: NPG pages or fewer
+    NUM_R,  # rank blocks: cdiv(R_MAX, BR)
+    SPLIT,
+    NUM_S,
+    x_stride,
+    pool_stride,
+    rows_stride,
+    out_stride_c,
+    out_stride_s,
+    out_stride_t,
+    MODE: tl.constexpr,
+    D: tl.constexpr,
+    BM: tl.constexpr,
+    BR: tl.constexpr,
+    BK: tl.constexpr,
+    NPG: tl.constexpr,  # power of two >= pages per split
+    NGB: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    # Rank blocks, then splits, then slices vary fastest: the programs that
+    # read one x tile run together and find it in L2.
+    pid = tl.program_id(0)
+    per_tile = NUM_R * SPLIT * NUM_S
+    p = pid // per_tile
+    q = pid % per_tile
+    rb = q % NUM_R
+    c = (q // NUM_R) % SPLIT
+    s = q // (NUM_R * SPLIT)
+    lora, lo, hi = _tile(p, token_lora_ptr, bounds_ptr, glora_ptr, NG, MODE, BM, NGB)
+    if lora < 0:
+        return
+    rank = tl.minimum(tl.load(lora_rank_ptr + lora), R_MAX)
+    r0 = rb * BR
+    if r0 >= rank:
+        return
+    start = tl.load(lora_start_ptr + lora)
+    rows_ptr = pick(s, rows0_ptr, rows1_ptr, rows2_ptr)
+    tok, mask_m = _tile_tokens(lo, hi, idx_ptr, MODE, BM)
+
+    offs_r = r0 + tl.arange(0, BR)
+    mask_r = offs_r < rank
+    offs_k = tl.arange(0, BK)
+    x_rows = x_ptr + tok[:, None] * x_stride + offs_k[None, :]
+    # This split covers pages pg0 .. pg0 + NPG - 1 of every A-vector. Their
+    # pool rows are loaded once, up front: a page lookup inside the K loop
+    # would be a load feeding a load, which Triton's pipeliner serialises
+    # (one buffer); from registers the A and x tiles get num_stages - 1.
+    k_lo = tl.multiple_of(c * K_SPLIT, D)
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    pg0 = k_lo // D
+    offs_pg = tl.arange(0, NPG)
+    vec_ptr = rows_ptr + (start + offs_r).to(tl.int64) * rows_stride + pg0
+    pages = tl.load(
+        vec_ptr[:, None] + offs_pg[None, :],
+        mask=mask_r[:, None] & (pg0 + offs_pg < K // D)[None, :],
+        other=0,
+    )
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        j = k0 // D - pg0
+        page = tl.sum(tl.where(offs_pg[None, :] == j, pages, 0), axis=1).to(tl.int64)
+        in_page = tl.max_contiguous(tl.multiple_of(k0 % D + offs_k, BK), BK)
+        a = tl.load(
+            pool_ptr + page[:, None] * pool_stride + in_page[None, :],
+            mask=mask_r[:, None],
+            other=0.0,
+        )
+        xt = tl.load(x_rows + k0, mask=mask_m[:, None], other=0.0)
+        acc = _mma(xt, tl.trans(a), acc, DOT_F32)
+    out = (
+        out_ptr + c * out_stride_c + s * out_stride_s + tok[:, None] * out_stride_t
+        + offs_r[None, :]
+    )  # fmt: skip
+    tl.store(out, acc, mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit(do_not_specialize=["T", "SPLIT"])
+def _reduce_kernel(
+    ws_ptr,  # fp32 partials [SPLIT, S, T, R_MAX]
+    out_ptr,  # fp32 [S, T, R_MAX]
+    token_lora_ptr,
+    lora_rank_ptr,
+    T,
+    R_MAX,
+    SPLIT,
+    ws_stride_c,
+    ws_stride_s,
+    ws_stride_t,
+    out_stride_s,
+    out_stride_t,
+    BT: tl.constexpr,
+    BRM: tl.constexpr,
+):
+    """out[s, i, :rank] = sum over splits of the partials, for LoRA tokens."""
+    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    s = tl.program_id(1)
+    mask_t = offs_t < T
+    lora = tl.load(token_lora_ptr + offs_t, mask=mask_t, other=-1)
+    has = mask_t & (lora >= 0)
+    rank = tl.load(lora_rank_ptr + tl.where(has, lora, 0), mask=has, other=0)
+    rank = tl.minimum(rank, R_MAX)
+    offs_r = tl.arange(0, BRM)
+    # Loads take whole rows (vectorised; entries past the rank are unwritten
+    # and summed but never stored); stores are exact.
+    load_mask = has[:, None] & (offs_r < R_MAX)[None, :]
+    mask = has[:, None] & (offs_r[None, :] < rank[:, None])
+    rows = offs_t.to(tl.int64)[:, None]
+    src = ws_ptr + s * ws_stride_s + rows * ws_stride_t + offs_r[None, :]
+    acc = tl.zeros((BT, BRM), dtype=tl.float32)
+    for c in range(SPLIT):
+        acc += tl.load(src + c * ws_stride_c, mask=load_mask, other=0.0)
+    tl.store(out_ptr + s * out_stride_s + rows * out_stride_t + offs_r[None, :], acc, mask=mask)
+
+
+@triton.jit(do_not_specialize=["NG", "n0", "n1", "n2", "NUM_N", "NUM_S"])
+def _expand_kernel(
+    v_ptr,  # fp32 [S, T, R_MAX], or partials [V_SPLIT, S, T, R_MAX]
+    pool_ptr,  # [num_rows, D]
+    y_ptr,  # [T, sum N_s]
+    rows0_ptr,  # int32 [V, N_s // D], one table per slice
+    rows1_ptr,
+    rows2_ptr,
+    lora_start_ptr,  # int32 [L]
+    lora_rank_ptr,  # int32 [L]
+    lora_scale_ptr,  # fp32 [L]
+    token_lora_ptr,  # int32 [T]
+    bounds_ptr,
+    glora_ptr,
+    idx_ptr,
+    NG,
+    n0,  # width of slice 0, 1, 2
+    n1,
+    n2,
+    R_MAX,
+    NUM_N,  # column blocks of the widest slice
+    NUM_S,
+    v_stride_c,
+    v_stride_s,
+    v_stride_t,
+    pool_stride,
+    y_stride,
+    MODE: tl.constexpr,
+    D: tl.constexpr,
+    BM: tl.constexpr,
+    BR: tl.constexpr,
+    BN: tl.constexpr,
+    NGB: tl.constexpr,
+    V_SPLIT: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    per_tile = NUM_N * NUM_S
+    p = pid // per_tile
+    q = pid % per_tile
+    nb = q % NUM_N
+    s = q // NUM_N
+    width = tl.where(s == 0, n0, tl.where(s == 1, n1, n2))
+    col = nb * BN
+    if col >= width:
+        return
+    lora, lo, hi = _tile(p, token_lora_ptr, bounds_ptr, glora_ptr, NG, MODE, BM, NGB)
+    if lora < 0:
+        return
+    rank = tl.minimum(tl.load(lora_rank_ptr + lora), R_MAX)
+    if rank <= 0:
+        return
+    start = tl.load(lora_start_ptr + lora)
+    scale = tl.load(lora_scale_ptr + lora)
+    rows_ptr = pick(s, rows0_ptr, rows1_ptr, rows2_ptr)
+    # Slice s starts after slices 0..s-1 in y; table s has width // D columns.
+    y_col = tl.multiple_of(tl.where(s == 0, 0, tl.where(s == 1, n0, n0 + n1)), D)
+    rows_stride = width // D
+    tok, mask_m = _tile_tokens(lo, hi, idx_ptr, MODE, BM)
+
+    offs_n = tl.arange(0, BN)
+    in_page = tl.max_contiguous(tl.multiple_of(col % D + offs_n, BN), BN)
+    y_tile = y_ptr + tok[:, None] * y_stride + y_col + col + offs_n[None, :]
+    # Issued before the rank loop so that its latency overlaps the B loads.
+    y = tl.load(y_tile, mask=mask_m[:, None], other=0.0)
+    v_rows = v_ptr + s * v_stride_s + tok[:, None] * v_stride_t
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for j0 in range(0, rank, BR):
+        offs_r = j0 + tl.arange(0, BR)
+        mask_r = offs_r < rank
+        page = tl.load(
+            rows_ptr + (start + offs_r).to(tl.int64) * rows_stride + col // D,
+            mask=mask_r,
+            other=0,
+        ).to(tl.int64)
+        b = tl.load(
+            pool_ptr + page[:, None] * pool_stride + in_page[None, :],
+            mask=mask_r[:, None],
+            other=0.0,
+        )
+        # v past the rank may be stale or NaN (0 * NaN = NaN): it is loaded
+        # (whole rows, vectorised) but zeroed. It is rounded to the weights'
+        # dtype for the tensor cores, as punica and vLLM do.
+        mask_v = mask_m[:, None] & (offs_r < R_MAX)[None, :]
+        vt = tl.load(v_rows + offs_r[None, :], mask=mask_v, other=0.0)
+        for c in tl.static_range(1, V_SPLIT):
+            vt += tl.load(v_rows + c * v_stride_c + offs_r[None, :], mask=mask_v, other=0.0)
+        vt = tl.where(mask_r[None, :], vt, 0.0)
+        acc = _mma(vt.to(b.dtype), b, acc, DOT_F32)
+    y = (y.to(tl.float32) + acc * scale).to(y_ptr.dtype.element_ty)
+    tl.store(y_tile, y, mask=mask_m[:, None])
+
+
+@triton.jit(do_not_specialize=["T", "L"])
+def _group_by_adapter_kernel(
+    token_lora_ptr,  # int32 [T]
+    meta_ptr,  # int32 [L + 1 + T + L + T]
+    T,
+    L,
+    LB: tl.constexpr,
+    CH: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,  # T <= CH: keep each token's slot in registers
+):
+    """One program: counting sort of the tokens by adapter. A token's slot
+    within its adapter comes from an atomic counter, so the order within an
+    adapter is arbitrary; every output row is computed independently of the
+    other rows of its tile, so results do not depend on it."""
+    bounds = meta_ptr
+    idx = meta_ptr + L + 1
+    cnt = idx + T  # scratch: tokens per adapter
+    rnk = cnt + L  # scratch: each token's slot within its adapter
+    offs_l = tl.arange(0, LB)
+    mask_l = offs_l < L
+    tl.store(cnt + offs_l, tl.zeros([LB], dtype=tl.int32), mask=mask_l)
+    tl.debug_barrier()
+    if ONE_CHUNK:
+        offs = tl.arange(0, CH)
+        lora = tl.load(token_lora_ptr + offs, mask=offs < T, other=-1)
+        ok = (lora >= 0) & (lora < L)
+        one = tl.full([CH], 1, dtype=tl.int32)
+        r = tl.atomic_add(cnt + tl.where(ok, lora, 0), one, mask=ok, sem="relaxed")
+        tl.debug_barrier()
+        counts = tl.load(cnt + offs_l, mask=mask_l, other=0, cache_modifier=".cg")
+        ends = tl.cumsum(counts, 0)
+        tl.store(bounds + offs_l, ends - counts, mask=mask_l)
+        tl.store(bounds + L, tl.sum(counts, 0))
+        tl.debug_barrier()
+        first = tl.load(bounds + tl.where(ok, lora, 0), mask=ok, other=0, cache_modifier=".cg")
+        tl.store(idx + first + r, offs, mask=ok)
+    else:
+        for t0 in range(0, T, CH):
+            offs = t0 + tl.arange(0, CH)
+            lora = tl.load(token_lora_ptr + offs, mask=offs < T, other=-1)
+            ok = (lora >= 0) & (lora < L)
+            one = tl.full([CH], 1, dtype=tl.int32)
+            r = tl.atomic_add(cnt + tl.where(ok, lora, 0), one, mask=ok, sem="relaxed")
+            tl.store(rnk + offs, r, mask=ok)
+        tl.debug_barrier()
+        counts = tl.load(cnt + offs_l, mask=mask_l, other=0, cache_modifier=".cg")
+        ends = tl.cumsum(counts, 0)
+        tl.store(bounds + offs_l, ends - counts, mask=mask_l)
+        tl.store(bounds + L, tl.sum(counts, 0))
+        tl.debug_barrier()
+        for t0 in range(0, T, CH):
+            offs = t0 + tl.arange(0, CH)
+            lora = tl.load(token_lora_ptr + offs, mask=offs < T, other=-1)
+            ok = (lora >= 0) & (lora < L)
+            r = tl.load(rnk + offs, mask=ok, other=0, cache_modifier=".cg")
+            first = tl.load(bounds + tl.where(ok, lora, 0), mask=ok, other=0, cache_modifier=".cg")
+            tl.store(idx + first + r, offs, mask=ok)
+
+
+# ---------------------------------------------------------------------------
+# Host side: plans and launches
+# ---------------------------------------------------------------------------
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int | None) -> int:
+    if device_index is None or not torch.cuda.is_available():
+        # The CPU interpreter: a small GPU, so that interpreted grids stay
+        # small while still exercising split-K.
+        return 8
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@dataclass(frozen=True)
+class Groups:
+    """How tokens are grouped for one call (see the module docstring)."""
+
+    mode: int
+    ng: int  # number of groups (T for PER_TOKEN)
+    bounds: torch.Tensor  # the three pointers the kernels take
+    glora: torch.Tensor
+    idx: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Plan:
+    bm: int
+    tiles: int  # programs on the tile axis
+    # shrink
+    br_s: int
+    bk: int
+    split: int
+    k_split: int
+    npg: int  # power of two >= pages per split
+    warps_s: int
+    stages_s: int
+    # expand
+    bn: int
+    br_e: int
+    warps_e: int
+    stages_e: int
+
+
+def meta_size(t: int, num_loras: int) -> int:
+    return 2 * num_loras + 2 * t + 1
+
+
+def group_by_adapter(token_lora: torch.Tensor, num_loras: int) -> torch.Tensor:
+    """Tokens listed by adapter, on device, one launch, no host sync.
+
+    Returns int32 meta [L + 1 + T + L + T]: meta[:L+1] are the bounds (adapter
+    l owns positions bounds[l]..bounds[l+1]-1), meta[L+1:L+1+T] the token
+    index at each position; the rest is scratch. Tokens with adapter -1 (or
+    >= num_loras) are in no group. Build it once per batch and pass it as
+    ``meta`` to every layer's call to skip this launch there.
+    """
+    t = token_lora.shape[0]
+    meta = torch.empty(meta_size(t, num_loras), dtype=torch.int32, device=token_lora.device)
+    if t == 0:
+        meta[: num_loras + 1].zero_()
+        return meta
+    if not token_lora.is_cuda and not interpreter_active():
+        # CPU without the interpreter: the same result with torch (host sync).
+        ok = (token_lora >= 0) & (token_lora < num_loras)
+        key = torch.where(ok, token_lora, num_loras).long()
+        order = torch.sort(key, stable=True).indices
+        counts = torch.bincount(key, minlength=num_loras + 1)[:num_loras]
+        meta[0] = 0
+        meta[1 : num_loras + 1] = counts.cumsum(0)
+        meta[num_loras + 1 : num_loras + 1 + t] = order.int()
+        return meta
+    lb = max(16, _pow2(num_loras))
+    ch = max(16, min(_pow2(t), 2048))
+    _group_by_adapter_kernel[(1,)](
+        token_lora, meta, t, num_loras, LB=lb, CH=ch, ONE_CHUNK=t <= ch, num_warps=4
+    )
+    return meta
+
+
+def make_groups(
+    token_lora: torch.Tensor,
+    num_loras: int,
+    segments: tuple[torch.Tensor, torch.Tensor] | None,
+    meta: torch.Tensor | None,
+    build_meta: bool = True,
+) -> Groups:
+    """Pick the grouping from shapes (never from values): see module docstring.
+
+    build_meta=False leaves the per-adapter lists unbuilt (for planning only).
+    """
+    t = token_lora.shape[0]
+    if segments is not None:
+        seg_start, seg_lora = segments
+        if seg_start.dtype != torch.int32 or seg_lora.dtype != torch.int32:
+            raise ValueError("segments (seg_start, seg_lora) must be int32 tensors")
+        nseg = seg_lora.shape[0]
+        if seg_start.shape[0] != nseg + 1:
+            raise ValueError(f"seg_start has {seg_start.shape[0]} entries, need {nseg + 1}")
+        return Groups(SEGMENTS, nseg, seg_start, seg_lora, seg_start)
+    if meta is None and t <= PER_TOKEN_MAX_T:
+        return Groups(PER_TOKEN, t, token_lora, token_lora, token_lora)
+    if meta is None:
+        if not build_meta:
+            return Groups(ADAPTERS, num_loras, token_lora, token_lora, token_lora)
+        meta = group_by_adapter(token_lora, num_loras)
+    elif meta.dtype != torch.int32 or meta.numel() < num_loras + 1 + t:
+        raise ValueError("meta must come from group_by_adapter(token_lora, num_loras)")
+    return Groups(ADAPTERS, num_loras, meta, meta, meta[num_loras + 1 :])
+
+
+def plan(groups: Groups, t: int, k: int, n_max: int, s: int, r_max: int, d: int,
+         device: torch.device, dtype: torch.dtype = torch.float16) -> Plan:  # fmt: skip
+    """Tile sizes and split-K from shapes only (CUDA-graph safe)."""
+    index = None
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    knobs = (PROGRAMS_PER_SM, MAX_SPLIT, SHRINK_STAGES, EXPAND_BN)
+    return _plan(groups.mode, groups.ng, t, k, n_max, s, r_max, d, index, dtype, knobs)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(mode, ng, t, k, n_max, s, r_max, d, device_index, dtype, knobs):
+    programs_per_sm, max_split, shrink_stages, expand_bn = knobs
+    if mode == PER_TOKEN:
+        bm, est_tiles = 16, t
+    else:
+        # Average tokens per non-empty group, assuming all groups are used.
+        ng = max(1, min(ng, t))
+        avg = t / ng
+        bm = 64 if avg >= 48 else (32 if avg >= 24 else 16)
+        est_tiles = max(ng, triton.cdiv(t, bm))
+    tiles = t if mode == PER_TOKEN else min(t, triton.cdiv(t, bm) + ng)
+    r_pow2 = max(16, _pow2(r_max))
+    # Shrink: [BM, BK] x [BK, BR] steps. Small tiles stream A in full pages.
+    if bm == 16:
+        br_s, bk, warps_s, stages_s = 16, min(d, 256), 4, shrink_stages
+    else:
+        br_s, bk, warps_s, stages_s = min(64, r_pow2), min(d, 128), 4, 3
+    if dtype == torch.float32:  # fp32 pools (tests): FMA dots, keep tiles small
+        br_s, bk = 16, min(d, 64)
+    num_r = triton.cdiv(r_max, br_s)
+    est = est_tiles * num_r * s
+    # Big tiles (BM >= 32, about 100 KB of shared memory) fit two per SM.
+    per_sm = programs_per_sm if bm == 16 else max(1, programs_per_sm // 2)
+    want = per_sm * _num_sms(device_index)
+    # Split K in whole pages: nearest power of two (in log scale) of
+    # want / est, keeping >= 2 K steps per split where K allows.
+    pages = k // d
+    split = 1
+    if est < want:
+        split = 1 << round(math.log2(want / est))
+        min_pages = 1 if pages * (d // bk) < 4 else max(1, 2 * bk // d)
+        split = max(1, min(split, max_split, pages // min_pages))
+    pages_per_split = triton.cdiv(pages, split)
+    split = triton.cdiv(pages, pages_per_split)
+    k_split = pages_per_split * d
+    # Expand: [BM, BR] x [BR, BN]; one rank step covers ranks up to 64.
+    bn = min(d, expand_bn)
+    br_e = min(64, r_pow2)
+    warps_e = 8 if bm >= 32 else 4
+    if dtype == torch.float32:
+        bn, br_e = min(d, 64), 16
+    return Plan(bm, tiles, br_s, bk, split, k_split, _pow2(pages_per_split), warps_s, stages_s,
+                bn, br_e, warps_e, 2)
+
+
+def _dot_f32(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 or not x.is_cuda
+
+
+def launch_shrink(x, pool, tables, lora_start, lora_rank, token_lora, out, groups: Groups,
+                  pl: Plan) -> None:  # fmt: skip
+    """Run the shrink kernel into ``out``: [S, T, R_MAX] when pl.split == 1,
+    else partials [split, S, T, R_MAX]."""
+    d = pool.shape[1]
+    t, k = x.shape
+    s, r_max = len(tables), out.shape[-1]
+    padded = slice_tables(tables)
+    num_r = triton.cdiv(r_max, pl.br_s)
+    grid = (pl.tiles * num_r * pl.split * s,)
+    if grid[0] == 0:
+        return
+    stride_c = out.stride(0) if pl.split > 1 else 0
+    o_s, o_t = out.stride(-3), out.stride(-2)
+    _shrink_kernel[grid](
+        x, pool, out, *padded, lora_start, lora_rank, token_lora,
+        groups.bounds, groups.glora, groups.idx,
+        groups.ng, k, r_max, pl.k_split, num_r, pl.split, s,
+        x.stride(0), pool.stride(0), padded[0].stride(0), stride_c, o_s, o_t,
+        MODE=groups.mode, D=d, BM=pl.bm, BR=pl.br_s, BK=pl.bk, NPG=pl.npg, NGB=NGB,
+        DOT_F32=_dot_f32(x), num_warps=pl.warps_s, num_stages=pl.stages_s,
+    )  # fmt: skip
+
+
+def launch_reduce(ws, out, token_lora, lora_rank) -> None:
+    split, s, t, r_max = ws.shape
+    bt = 8
+    _reduce_kernel[(triton.cdiv(t, bt), s)](
+        ws, out, token_lora, lora_rank, t, r_max, split,
+        ws.stride(0), ws.stride(1), ws.stride(2), out.stride(0), out.stride(1),
+        BT=bt, BRM=max(16, _pow2(r_max)), num_warps=2,
+    )  # fmt: skip
+
+
+def launch_expand(v, pool, tables, lora_start, lora_rank, lora_scale, token_lora, y,
+                  groups: Groups, pl: Plan, v_split: int = 1) -> None:  # fmt: skip
+    """Run the expand kernel; v is [S, T, R_MAX] or partials [v_split, S, T, R_MAX]."""
+    d = pool.shape[1]
+    s, r_max = len(tables), v.shape[-1]
+    padded = slice_tables(tables)
+    widths = [tb.shape[1] * d for tb in tables] + [0] * (MAX_SLICES - s)
+    num_n = triton.cdiv(max(widths), pl.bn)
+    grid = (pl.tiles * num_n * s,)
+    if grid[0] == 0:
+        return
+    stride_c = v.stride(0) if v_split > 1 else 0
+    _expand_kernel[grid](
+        v, pool, y, *padded, lora_start, lora_rank, lora_scale, token_lora,
+        groups.bounds, groups.glora, groups.idx,
+        groups.ng, *widths, r_max, num_n, s,
+        stride_c, v.stride(-3), v.stride(-2), pool.stride(0), y.stride(0),
+        MODE=groups.mode, D=d, BM=pl.bm, BR=pl.br_e, BN=pl.bn, NGB=NGB,
+        V_SPLIT=v_split, DOT_F32=_dot_f32(y), num_warps=pl.warps_e, num_stages=pl.stages_e,
+    )  # fmt: skip
+
+
+def _check_tables(tables: Sequence[torch.Tensor]) -> None:
+    slice_tables(tables)
+
+
+def _widths(tables, d: int) -> list[int]:
+    return [tb.shape[1] * d for tb in tables]
+
+
+def shrink(x, pool, tables, lora_start, lora_rank, token_lora, out, segments=None,
+           meta=None) -> None:  # fmt: skip
+    """out[s, i, :rank] = x[i] @ A_{l,s}^T (out: fp32 [S, T, R_MAX])."""
+    d = check_pool(x, pool)
+    _check_tables(tables)
+    t, k = x.shape
+    s, r_max = len(tables), out.shape[-1]
+    if t == 0:
+        return
+    assert x.stride(1) == 1 and out.stride(2) == 1 and k % d == 0
+    groups = make_groups(token_lora, lora_start.shape[0], segments, meta)
+    pl = plan(groups, t, k, max(_widths(tables, d)), s, r_max, d, x.device, x.dtype)
+    if pl.split == 1:
+        launch_shrink(x, pool, tables, lora_start, lora_rank, token_lora, out, groups, pl)
+        return
+    ws = torch.empty((pl.split, s, t, r_max), dtype=torch.float32, device=x.device)
+    launch_shrink(x, pool, tables, lora_start, lora_rank, token_lora, ws, groups, pl)
+    launch_reduce(ws, out, token_lora, lora_rank)
+
+
+def expand(v, pool, tables, lora_start, lora_rank, lora_scale, token_lora, y, segments=None,
+           meta=None) -> None:  # fmt: skip
+    """y[i, slice s] += scale * v[s, i, :rank] @ B_{l,s}^T (v: fp32 [S, T, R_MAX])."""
+    d = check_pool(y, pool)
+    _check_tables(tables)
+    t = y.shape[0]
+    s, r_max = len(tables), v.shape[-1]
+    assert sum(_widths(tables, d)) == y.shape[1], "y width != sum of slice widths"
+    if t == 0:
+        return
+    assert y.stride(1) == 1 and v.stride(2) == 1
+    groups = make_groups(token_lora, lora_start.shape[0], segments, meta)
+    pl = plan(groups, t, d, max(_widths(tables, d)), s, r_max, d, y.device, y.dtype)
+    launch_expand(v, pool, tables, lora_start, lora_rank, lora_scale, token_lora, y, groups, pl)
+
+
+def fuse_partials(groups: Groups, pl: Plan, r_max: int) -> bool:
+    """Whether ``lora`` lets the expand sum the shrink's split-K partials
+    (small per tile) instead of launching ``_reduce_kernel``."""
+    rows = 1 if groups.mode == PER_TOKEN else pl.bm
+    return pl.split > 1 and pl.split * rows * r_max * 4 <= FUSED_PARTIALS_BYTES
+
+
+def describe(groups: Groups, pl: Plan, r_max: int) -> str:
+    """Short plan tag for benchmarks: mode, BM, split-K and how it is summed."""
+    tag = "TSA"[groups.mode] + str(pl.bm)
+    if pl.split > 1:
+        tag += f"k{pl.split}" + ("f" if fuse_partials(groups, pl, r_max) else "r")
+    return tag
+
+
+def lora(x, y, pool, a_tables, b_tables, lora_start, lora_rank, lora_scale, token_lora,
+         max_rank: int, segments=None, meta=None) -> None:  # fmt: skip
+    """y += scale * x @ A^T @ B^T: grouping and plan once, split-K partials
+    summed by the expand where they are small."""
+    d = check_pool(x, pool)
+    check_pool(y, pool)
+    _check_tables(a_tables)
+    _check_tables(b_tables)
+    t, k = x.shape
+    s = len(a_tables)
+    if len(b_tables) != s:
+        raise ValueError("a_rows and b_rows have different numbers of slices")
+    assert sum(_widths(b_tables, d)) == y.shape[1], "y width != sum of slice widths"
+    if t == 0:
+        return
+    assert x.stride(1) == 1 and y.stride(1) == 1 and k % d == 0
+    r_max = max(int(max_rank), 1)
+    groups = make_groups(token_lora, lora_start.shape[0], segments, meta)
+    pl = plan(groups, t, k, max(_widths(b_tables, d)), s, r_max, d, x.device, x.dtype)
+    dev = x.device
+    if pl.split == 1:
+        v = torch.empty((s, t, r_max), dtype=torch.float32, device=dev)
+        launch_shrink(x, pool, a_tables, lora_start, lora_rank, token_lora, v, groups, pl)
+        v_split = 1
+    else:
+        ws = torch.empty((pl.split, s, t, r_max), dtype=torch.float32, device=dev)
+        launch_shrink(x, pool, a_tables, lora_start, lora_rank, token_lora, ws, groups, pl)
+        if fuse_partials(groups, pl, r_max):
+            v, v_split = ws, pl.split
+        else:
+            v = torch.empty((s, t, r_max), dtype=torch.float32, device=dev)
+            launch_reduce(ws, v, token_lora, lora_rank)
+            v_split = 1
+    launch_expand(
+        v, pool, b_tables, lora_start, lora_rank, lora_scale, token_lora, y, groups, pl, v_split
+    )
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
