@@ -38,12 +38,14 @@ class PagedLoRAWorkerManager:
                 "vllm_slora pages adapters with --tensor-parallel-size 1 only; "
                 "drop --plugin vllm_slora to use stock LoRA with tensor parallelism")
         graphs = vllm_config.compilation_config.cudagraph_mode
-        if self.device.type == "cuda" and getattr(graphs, "name", "NONE") != "NONE":
+        if self.device.type == "cuda" and graphs is not None and graphs.has_full_cudagraphs():
             # The per-step batch metadata are fresh tensors and the layers
-            # branch in Python, which a captured graph would freeze.
+            # branch in Python, which a full graph would freeze; the patch of
+            # vllm.config.compilation keeps the layers between graph pieces.
             raise NotImplementedError(
-                "vllm_slora's paged LoRA layers do not support CUDA graphs yet; "
-                "pass --enforce-eager (enforce_eager=True for vllm.LLM)")
+                f"vllm_slora's paged LoRA layers cannot run inside full CUDA graphs "
+                f"(cudagraph_mode={graphs.name}); use -cc.cudagraph_mode=PIECEWISE "
+                f"or --enforce-eager")
         self.pager = Pager(vllm_config.model_config.hf_text_config, self.lora_config.lora_dtype,
                            self.device, slora_config().host_cache_bytes)
         self.layers: list[PagedLoRALinear] = []

@@ -1,0 +1,55 @@
+"""The figures of one measurement (one system, one trace), the same in both modes.
+
+Times are seconds. ``ttft`` is first-token latency: from the request's arrival
+(offline: when the whole trace was handed to the engine; online: its trace
+arrival time) to its first generated token. ``latency`` is arrival to last
+token. Throughput counts finished requests over the wall time of the
+measurement.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolation percentile (numpy's default), ``q`` in [0, 100]."""
+    xs = sorted(v for v in values if v is not None and not math.isnan(v))
+    if not xs:
+        return None
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(*, requests: int, elapsed_s: float, ttft: list[float], latency: list[float],
+              output_tokens: int, input_tokens: int, status: str, slo_ttft_s: float,
+              note: str | None = None) -> dict:
+    """``ttft`` and ``latency``: one entry per finished request."""
+    finished = len(latency)
+    mean = (lambda xs: sum(xs) / len(xs) if xs else None)
+    valid_ttft = [t for t in ttft if t is not None and not math.isnan(t)]
+    return {
+        "status": status,
+        "note": note,
+        "requests": requests,
+        "finished": finished,
+        "elapsed_s": round(elapsed_s, 3),
+        "req_per_s": finished / elapsed_s if elapsed_s > 0 else None,
+        "output_tok_per_s": output_tokens / elapsed_s if elapsed_s > 0 else None,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "ttft_p50_s": percentile(valid_ttft, 50),
+        "ttft_p90_s": percentile(valid_ttft, 90),
+        "ttft_p99_s": percentile(valid_ttft, 99),
+        "ttft_mean_s": mean(valid_ttft),
+        "latency_mean_s": mean(latency),
+        # Unfinished requests count as misses.
+        "slo_attainment": sum(t <= slo_ttft_s for t in valid_ttft) / requests,
+        "ttft_s": [round(t, 4) for t in valid_ttft],
+    }
+
+
+def not_run(status: str, requests: int, note: str | None = None) -> dict:
+    """A measurement that did not happen (failed, skipped, too slow)."""
+    return {"status": status, "note": note, "requests": requests, "finished": 0}

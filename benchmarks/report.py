@@ -1,0 +1,236 @@
+"""A run's results JSON rendered as a markdown table (ratios vs ``stock`` and
+``base``) and PNG plots (throughput vs number of adapters; first-token latency
+CDF). Re-render from a JSON, e.g. one brought back from the GPU machine:
+
+    python -m benchmarks.report benchmarks/results/headline-offline.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from benchmarks.systems import SYSTEMS
+
+COLUMNS = {
+    "n": "number of adapters in the trace",
+    "system": "configuration; `best` marks the stock max_loras with the highest req/s at that n",
+    "status": "ok | too slow (stopped at its time share; partial req/s in parentheses) | failed | "
+              "start-up failed | start-up too slow | skipped (time budget)",
+    "req/s": "finished requests / wall time of the measurement",
+    "out tok/s": "generated tokens / wall time",
+    "vs stock": "req/s / req/s of the best stock at that n",
+    "vs base": "req/s / req/s of base (no LoRA; the same requests)",
+    "TTFT p50/p90/p99": "first-token latency percentiles, s (offline: from handing the whole trace "
+                        "to the engine, so mostly queueing)",
+    "mean lat": "mean request latency (arrival to last token), s",
+    "SLO": "share of the requests whose first token came within the SLO bound (unfinished count as misses)",
+}
+
+
+def point_at(system: dict, n: int) -> dict | None:
+    """The measurement of ``system`` for the trace with ``n`` adapters (base: its only one)."""
+    for p in system["points"]:
+        if p["n"] == n or (system["system"] == "base" and p["n"] == 0):
+            return p
+    return None
+
+
+def ok_rate(p: dict | None) -> float | None:
+    return p["req_per_s"] if p and p.get("status") == "ok" else None
+
+
+def best_stock(results: dict, n: int) -> dict | None:
+    rated = [(ok_rate(point_at(s, n)), s) for s in results["systems"] if s["system"] == "stock"]
+    rated = [(r, s) for r, s in rated if r is not None]
+    return max(rated, key=lambda x: x[0])[1] if rated else None
+
+
+def base_system(results: dict) -> dict | None:
+    return next((s for s in results["systems"] if s["system"] == "base"), None)
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a is not None and b else "-"
+
+
+def fmt(x, digits=2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def status_cell(p: dict | None) -> str:
+    if p is None:
+        return "not run"
+    text = p["status"]
+    if p.get("note"):
+        note = p["note"] if len(p["note"]) <= 140 else p["note"][:140] + "..."
+        text += f": {note}"
+    return text.replace("|", "/")
+
+
+def table(results: dict) -> list[str]:
+    head = ["n", "system", "status", "req/s", "out tok/s", "vs stock", "vs base",
+            "TTFT p50/p90/p99 (s)", "mean lat (s)", f"SLO ({results['config']['slo_ttft_s']:g} s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = base_system(results)
+    for n in results["config"]["n"]:
+        best = best_stock(results, n)
+        stock_rate = ok_rate(point_at(best, n)) if best else None
+        base_rate = ok_rate(point_at(base, n)) if base else None
+        for s in results["systems"]:
+            p = point_at(s, n)
+            label = s["label"] + (" **best**" if s is best else "")
+            rate = ok_rate(p)
+            if rate is None and p and p.get("req_per_s") is not None:
+                shown = f"({p['req_per_s']:.2f})"
+            else:
+                shown = fmt(rate)
+            ok = p is not None and p.get("status") == "ok"
+            ttft = "/".join(fmt(p.get(k)) for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s")) if ok else "-"
+            lines.append("| " + " | ".join([
+                str(n), label, status_cell(p), shown, fmt(p.get("output_tok_per_s"), 0) if ok else "-",
+                ratio(rate, stock_rate),
+                ratio(rate, base_rate), ttft, fmt(p.get("latency_mean_s")) if ok else "-",
+                f"{p['slo_attainment']:.0%}" if ok else "-"]) + " |")
+    return lines
+
+
+def summary(results: dict) -> list[str]:
+    """The headline ratios: each plugin system vs best stock and vs base at each
+    n, and its throughput at the largest n vs the smallest."""
+    ns = results["config"]["n"]
+    base = base_system(results)
+    lines = []
+    for s in results["systems"]:
+        if not s["system"].startswith("slora"):
+            continue
+        parts = []
+        for n in ns:
+            rate = ok_rate(point_at(s, n))
+            best = best_stock(results, n)
+            parts.append(f"n={n}: vs stock {ratio(rate, ok_rate(point_at(best, n)) if best else None)}, "
+                         f"vs base {ratio(rate, ok_rate(point_at(base, n)) if base else None)}")
+        if len(ns) > 1:
+            scale = ratio(ok_rate(point_at(s, max(ns))), ok_rate(point_at(s, min(ns))))
+            parts.append(f"n={max(ns)} vs n={min(ns)}: {scale}")
+        lines.append(f"- **{s['label']}**: " + "; ".join(parts))
+    return lines
+
+
+def engine_line(s: dict) -> str:
+    if s.get("start_s") is None:
+        return f"- {s['label']}: {s.get('status', 'not run')}" + (
+            f" after {s['wall_s']:.0f} s" if s.get("wall_s") else "")
+    engine = ", ".join(f"{k} {v}" for k, v in (s.get("engine") or {}).items())
+    return (f"- {s['label']}: start-up {s['start_s']:.0f} s, warm-up {s.get('warmup_s') or 0:.1f} s, "
+            f"{s['wall_s']:.0f} s in all; {engine}")
+
+
+def markdown(results: dict, stem: str) -> str:
+    cfg, wl = results["config"], results["workload"]
+    out = [f"# {results['name']}: {cfg['mode']} mode, {cfg['arch']}", "",
+           f"Reproduce: `{results['command']}`", "",
+           f"- when: {results['created']}; device: {results.get('device') or '?'}; "
+           f"versions: {', '.join(f'{k} {v}' for k, v in (results.get('versions') or {}).items())}",
+           f"- workload: {wl['num_requests']} requests per measurement, ranks {wl['ranks']} on "
+           f"{wl['targets']}, alpha {wl['alpha']} (S-LoRA's power law: 1 = uniform), input "
+           f"{wl['input_range']}, output {wl['output_range']} tokens (ignore_eos), seed {wl['seed']}"
+           + (f", arrivals Gamma rate {wl['rate']}/s cv {wl['cv']}" if cfg["mode"] == "online" else
+              ", all requests handed over at once"),
+           f"- engines: {results['engine_note']}",
+           f"- adapters: {results['adapters']['note']}"]
+    out += [f"- **warning**: {w}" for w in results.get("warnings") or []] + [""]
+    out += table(results)
+    out += ["", "## Plugin vs stock and base", ""] + (summary(results) or ["- no plugin system in this run"])
+    out += ["", "## Engines", ""] + [engine_line(s) for s in results["systems"]]
+    failures = [s for s in results["systems"] if s.get("error")]
+    if failures:
+        out += ["", "## Errors", ""] + [f"- {s['label']}: {s['error']}" for s in failures]
+    out += ["", "## Systems", ""] + [f"- `{k}`: {v}" for k, v in SYSTEMS.items()]
+    out += ["", "## Columns", ""] + [f"- {k}: {v}" for k, v in COLUMNS.items()]
+    plots = results.get("plots") or []
+    if plots:
+        out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    elif results.get("plot_note"):
+        out += ["", results["plot_note"]]
+    return "\n".join(out) + "\n"
+
+
+def plots(results: dict, out_dir: Path, stem: str) -> tuple[list[str], str | None]:
+    """Write the PNGs; return their file names (or a note why there are none)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], (f"No plots: matplotlib is not installed here; render them with "
+                    f"`python -m benchmarks.report {stem}.json`.")
+    ns = results["config"]["n"]
+    names = []
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {s["label"]: ("black" if s["system"] == "base" else cycle[i % len(cycle)])
+             for i, s in enumerate(results["systems"])}
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in results["systems"]:
+        xs = [n for n in ns if ok_rate(point_at(s, n)) is not None]
+        ys = [ok_rate(point_at(s, n)) for n in xs]
+        if not xs:
+            continue
+        style = {"base": ":", "stock": "--"}.get(s["system"], "-")
+        ax.plot(xs, ys, style, color=color[s["label"]], marker="o", label=s["label"])
+    ax.set_xscale("log")
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.minorticks_off()
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("number of adapters (n)")
+    ax.set_ylabel("throughput (req/s)")
+    ax.set_title(f"{results['config']['arch']}, {results['config']['mode']} ({results.get('device') or '?'})")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{stem}-throughput.png", dpi=110)
+    plt.close(fig)
+    names.append(f"{stem}-throughput.png")
+
+    fig, axes = plt.subplots(1, len(ns), figsize=(4.2 * len(ns), 3.8), squeeze=False)
+    for ax, n in zip(axes[0], ns):
+        for s in results["systems"]:
+            p = point_at(s, n)
+            if not p or p.get("status") != "ok" or not p.get("ttft_s"):
+                continue
+            xs = sorted(p["ttft_s"])
+            ax.step(xs, [(i + 1) / p["requests"] for i in range(len(xs))], where="post", label=s["label"],
+                    color=color[s["label"]])
+        ax.axvline(results["config"]["slo_ttft_s"], color="grey", lw=0.8, ls=":")
+        ax.set_title(f"n = {n}")
+        ax.set_xlabel("first-token latency (s)")
+        ax.set_ylim(0, 1.02)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("share of requests")
+    if axes[0][-1].get_legend_handles_labels()[0]:
+        axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{stem}-ttft-cdf.png", dpi=110)
+    plt.close(fig)
+    names.append(f"{stem}-ttft-cdf.png")
+    return names, None
+
+
+def render(json_path: Path) -> str:
+    """(Re)write the markdown and plots next to ``json_path``; return the markdown."""
+    results = json.loads(json_path.read_text())
+    stem = json_path.stem
+    results["plots"], results["plot_note"] = plots(results, json_path.parent, stem)
+    json_path.write_text(json.dumps(results, indent=1))
+    md = markdown(results, stem)
+    json_path.with_suffix(".md").write_text(md)
+    return md
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:]:
+        print(render(Path(arg)))

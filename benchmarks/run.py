@@ -1,0 +1,473 @@
+"""Stock vLLM vs the plugin on S-LoRA's synthetic workload, side by side in one run.
+
+    python -m benchmarks.run --preset headline          # H100: Llama-2-7B shape, n in {5,100,1000,2000}
+    python -m benchmarks.run --preset headline-online   # the same through `vllm serve` + async client
+    python -m benchmarks.run --preset tiny              # CPU: tiny model, base and stock (the test's run)
+
+Every configuration (base, stock per max_loras tried, slora, slora-bmm,
+slora-no-unifymem) is one engine in a child process, started once and reused
+for all its measurements, one per n. Any preset value can be overridden
+(``--n 5,100 --systems base,stock,slora``). Output, under ``--results-dir``:
+``NAME.json`` (config, versions, device, every figure), ``NAME.md`` (the
+table with ratios vs stock and base), ``NAME-throughput.png``,
+``NAME-ttft-cdf.png``.
+
+Time budget: ``--budget-s`` covers everything from set-up to the last
+measurement. Each configuration gets a share of the time left proportional to
+its expected need among the configurations left (engine overhead plus its
+measurements, stock's counted double), but at least enough for its engine and
+a short look at each n, so unused time rolls over to later ones and, when time
+runs short, the last configurations (the ablations) are the ones cut. Each
+measurement gets an equal share of its configuration's time left, but at
+least ``--min-point-s`` (the largest n are the ones cut).
+A configuration whose share cannot cover an engine start-up is "skipped (time
+budget)", a measurement that outruns its share is stopped and reported "too
+slow", and an engine that is not up within its share is killed and reported
+"start-up too slow".
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import report
+from benchmarks.adapter_pool import adapter_bytes, make_folders
+from benchmarks.metrics import not_run
+from benchmarks.offline import error_line
+from benchmarks.systems import PLUGIN_VARS, SYSTEMS, configs, describe, engine_kwargs
+from benchmarks.workload import TARGETS, WorkloadSpec, generate, write_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_SYSTEMS = list(SYSTEMS)
+# Start-up grace after a configuration's share: engine shutdown, abort of a stopped measurement.
+GRACE_S = 30
+
+DEFAULTS = dict(
+    mode="offline", arch="llama-2-7b", n=[5, 100, 1000, 2000], requests=160, systems=ALL_SYSTEMS,
+    stock_max_loras=[16, 64], ranks=[8, 16, 32, 64], targets="attn", alpha=1.0, rate=6.0, cv=1.0,
+    input_range=[8, 512], output_range=[8, 512], seed=0, pool=8, host_lora_cache_gb=32.0,
+    slo_ttft_s=6.0, budget_s=480.0, est_start_s=60.0, est_point_s=10.0, min_point_s=5.0, eager=True,
+    max_num_seqs=None, gpu_memory_utilization=None, warmup=True,
+)
+PRESETS = {
+    # One 10-minute call on the H100: 8 min of budget, and at most
+    # GRACE_S + 15 s of overrun, leave ~1 min for pip install and the bundle.
+    # 6 engines x ~40-60 s (process, eager start-up, warm-up, shutdown) is
+    # 4-6 min; 21 measurements share the rest: 160 requests are one wave of
+    # the batch, ~8-10 s at base speed (the longest output, 512 decode steps,
+    # sets the pace). Eager (no torch.compile, no CUDA graphs) for every
+    # system: compile + graph capture would make each start-up 55-95 s.
+    "headline": dict(DEFAULTS),
+    # Online: fewer configurations (the ablations are throughput questions)
+    # and fewer requests, since each measurement lasts requests / rate.
+    "headline-online": dict(DEFAULTS, mode="online", requests=96, rate=6.0,
+                            systems=["base", "stock", "slora"]),
+    # CPU (the test suite's run): tiny model, short requests.
+    "tiny": dict(DEFAULTS, arch="tiny", n=[2, 5], requests=16, systems=["base", "stock"],
+                 stock_max_loras=[4], ranks=[8, 16], input_range=[8, 32], output_range=[4, 16],
+                 pool=2, budget_s=900.0, est_point_s=2.0, min_point_s=2.0, rate=8.0, slo_ttft_s=5.0),
+}
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse(argv) -> tuple[argparse.Namespace, dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--preset", choices=PRESETS, default=None)
+    p.add_argument("--mode", choices=["offline", "online"])
+    p.add_argument("--arch", help="llama-2-7b | llama-2-13b (config.json, dummy weights) | tiny (CPU)")
+    p.add_argument("--n", type=ints, help="numbers of adapters, e.g. 5,100,1000,2000")
+    p.add_argument("--requests", type=int, help="requests per measurement")
+    p.add_argument("--systems", type=lambda s: s.split(","), help=",".join(ALL_SYSTEMS))
+    p.add_argument("--stock-max-loras", type=ints, help="max_loras values tried for stock")
+    p.add_argument("--ranks", type=ints)
+    p.add_argument("--targets", choices=TARGETS, help="attn: q,k,v,o; all: the seven projections")
+    p.add_argument("--alpha", type=float, help="popularity power law (S-LoRA's: 1 = uniform, <1 skewed)")
+    p.add_argument("--rate", type=float, help="arrivals per second (online)")
+    p.add_argument("--cv", type=float, help="coefficient of variation of inter-arrival times")
+    p.add_argument("--input-range", type=ints, help="Il,Iu")
+    p.add_argument("--output-range", type=ints, help="Ol,Ou")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--pool", type=int, help="distinct weight files per rank shared by the adapter folders")
+    p.add_argument("--host-lora-cache-gb", type=float,
+                   help="bounds stock's max_cpu_loras: this many GB of adapters of the largest rank")
+    p.add_argument("--slo-ttft-s", type=float, help="first-token latency bound for SLO attainment")
+    p.add_argument("--budget-s", type=float, help="time budget of the whole run")
+    p.add_argument("--est-start-s", type=float,
+                   help="engine overhead (process, start-up, warm-up, shutdown) until one is measured")
+    p.add_argument("--est-point-s", type=float, help="expected seconds per measurement (stock: twice)")
+    p.add_argument("--min-point-s", type=float, help="shortest time share worth a measurement")
+    p.add_argument("--cuda-graphs", dest="eager", action="store_false", default=None,
+                   help="let vLLM compile and capture CUDA graphs (default: enforce_eager for every system)")
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--gpu-memory-utilization", type=float)
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/slora-bench"),
+                   help="model config, adapter folders, traces, engine logs")
+    p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--name", help="results file stem (default: PRESET-MODE or run-MODE)")
+    args = p.parse_args(argv)
+    cfg = dict(PRESETS[args.preset] if args.preset else DEFAULTS)
+    for key in DEFAULTS:
+        if getattr(args, key, None) is not None:
+            cfg[key] = getattr(args, key)
+    cfg["n"] = sorted(set(cfg["n"]))
+    return args, cfg
+
+
+def make_model(root: Path, arch: str) -> tuple[Path, bool]:
+    """(model folder, dummy weights?)"""
+    from vllm_slora.testing.models import make_llama_config, make_tiny_llama
+
+    path = root / "model"
+    if arch == "tiny":
+        if not (path / "model.safetensors").exists():
+            make_tiny_llama(path)
+        return path, False
+    return make_llama_config(path, arch), True
+
+
+def prepare(cfg: dict, workdir: Path, run_dir: Path) -> dict:
+    """Model, traces (one per n, plus base's) and adapter folders."""
+    root = workdir / f"{cfg['arch']}-{cfg['targets']}"
+    model, dummy = make_model(root, cfg["arch"])
+    mconf = json.loads((model / "config.json").read_text())
+    common = dict(num_requests=cfg["requests"], ranks=tuple(cfg["ranks"]), targets=cfg["targets"],
+                  alpha=cfg["alpha"], rate=cfg["rate"], cv=cfg["cv"], input_range=tuple(cfg["input_range"]),
+                  output_range=tuple(cfg["output_range"]), vocab_size=mconf["vocab_size"], seed=cfg["seed"])
+    adapters_root = root / f"adapters-s{cfg['seed']}-r{'-'.join(map(str, cfg['ranks']))}-p{cfg['pool']}"
+    points, folders = [], {}
+    for n in cfg["n"]:
+        trace = generate(WorkloadSpec(n_adapters=n, **common))
+        path = write_trace(run_dir / "traces" / f"n{n}.jsonl", trace)
+        points.append({"n": n, "label": f"n={n}", "trace": str(path), "prefix": f"n{n}-",
+                       "adapters_root": str(adapters_root), "requests": len(trace.requests)})
+        folders |= {f"n{n}-{a.name}": a.rank for a in trace.adapters}
+    base_trace = write_trace(run_dir / "traces" / "base.jsonl", trace.without_adapters())
+    warmup = {f"warmup-r{r}": r for r in sorted(set(cfg["ranks"]))}
+    start = time.time()
+    made = make_folders(adapters_root, model, folders | warmup, TARGETS[cfg["targets"]], cfg["pool"], cfg["seed"])
+    biggest = adapter_bytes(mconf, max(cfg["ranks"]), TARGETS[cfg["targets"]])
+    return dict(model=model, dummy=dummy, mconf=mconf, points=points,
+                base_point={"n": 0, "label": "base", "trace": str(base_trace), "prefix": "",
+                            "adapters_root": str(adapters_root), "requests": cfg["requests"]},
+                warmup_adapters=[str(made[k]) for k in warmup], adapters_root=adapters_root,
+                adapters_s=time.time() - start, adapter_bytes_max=biggest,
+                max_cpu_loras=max(1, min(max(cfg["n"]) + len(warmup),
+                                         int(cfg["host_lora_cache_gb"] * 2**30 // biggest))))
+
+
+def child_pythonpath(workdir: Path) -> tuple[str, str | None]:
+    """PYTHONPATH for the engines: this ``benchmarks`` package without the
+    repository root, so that vLLM and the children import the *installed*
+    vllm_slora (the source tree lacks ``vllm_slora.patches``, which setup maps
+    from ``patches/``). Falls back to the root, with a warning, when the
+    project is not installed."""
+    shim = workdir / "pythonpath"
+    shim.mkdir(parents=True, exist_ok=True)
+    link = shim / "benchmarks"
+    if not (link.is_symlink() and link.resolve() == ROOT / "benchmarks"):
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(ROOT / "benchmarks")
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT]
+    path = os.pathsep.join([str(shim)] + rest)
+    probe = subprocess.run([sys.executable, "-c", "import vllm_slora.patches, vllm_slora.testing.models"],
+                           cwd=shim, env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True)
+    if probe.returncode == 0:
+        return path, None
+    warning = ("vllm_slora is not installed (pip install --no-deps --no-build-isolation .): engines import "
+               "it from the source tree, where the plugin systems cannot load their patches")
+    print(f"warning: {warning}", file=sys.stderr)
+    return os.pathsep.join([path, str(ROOT)]), warning
+
+
+def child_env(config, cfg: dict, prep: dict) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in PLUGIN_VARS + ("VLLM_PLUGINS",)}
+    env.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    env["PYTHONPATH"] = prep["pythonpath"]
+    if cfg["mode"] == "online":
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        env["VLLM_LORA_RESOLVER_CACHE_DIR"] = str(prep["adapters_root"])
+    env.update(config.env)
+    return env
+
+
+GENERIC = ("See stack trace", "see root cause", "Engine core initialization failed", "EngineDeadError",
+           "check the stack trace", "vllm serve exited")
+EXCEPTION_LINE = re.compile(r"\b((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception)): (\S.*)$")
+
+
+def is_generic(message: str | None) -> bool:
+    return message is None or any(g.lower() in message.lower() for g in GENERIC)
+
+
+def error_from_log(*logs: Path) -> str | None:
+    """The first telling exception line of the engine logs (the root cause, not
+    vLLM's generic 'Engine core initialization failed' or 'EngineDeadError';
+    exceptions vLLM only warns about are not causes)."""
+    lines = [line for log in logs if log.exists() for line in log.read_text(errors="replace").splitlines()
+             if " WARNING " not in line]
+    found = [f"{m.group(1)}: {m.group(2).strip()}" for line in lines if (m := EXCEPTION_LINE.search(line))]
+    specific = [f for f in found if not is_generic(f)]
+    return (specific or found or [None])[0]
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """End the child and everything it started (its own process group)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            continue
+    for _ in range(30):  # the engine's own processes free the GPU as they exit
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+
+
+class Child:
+    """A configuration's child process (offline.py or online.py) and what its
+    events file has said so far."""
+
+    def __init__(self, config, kwargs: dict, points: list[dict], cfg: dict, prep: dict, deadline: float,
+                 run_dir: Path):
+        stem = config.label.replace(" ", "").replace("(", "-").replace(")", "").replace("=", "")
+        self.points, self.deadline = points, deadline
+        self.log = run_dir / "logs" / f"{stem}.log"
+        self.server_log = run_dir / "logs" / f"{stem}.server.log"
+        self.events_path = run_dir / "logs" / f"{stem}.events.jsonl"
+        spec_path = run_dir / "specs" / f"{stem}.json"
+        for p in (spec_path, self.log):
+            p.parent.mkdir(parents=True, exist_ok=True)
+        spec_path.write_text(json.dumps(dict(
+            label=config.label, env=config.env, engine_kwargs=kwargs, deadline=deadline, points=points,
+            min_point_s=cfg["min_point_s"], slo_ttft_s=cfg["slo_ttft_s"], warmup=cfg["warmup"],
+            warmup_prompt_len=min(64, cfg["input_range"][1]),
+            warmup_adapters=[] if config.system == "base" else prep["warmup_adapters"],
+            server_log=str(self.server_log))))
+        self.events_path.write_text("")
+        self.ready: dict = {}
+        self.results: dict[str, dict] = {}
+        self.error, self.current, self.killed = None, None, False
+        self.spawned = time.time()
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", f"benchmarks.{cfg['mode']}", str(spec_path), str(self.events_path)],
+                cwd=run_dir, env=child_env(config, cfg, prep), stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+
+    def follow(self, bar) -> None:
+        """Mirror the events on ``bar`` until the child exits or overruns its
+        share by GRACE_S; then end its process group."""
+        done_before, partial = 0, ""
+        events = self.events_path.open()
+        try:
+            while True:
+                exited = self.proc.poll() is not None
+                # Only whole lines: a long event may still be half written.
+                *lines, partial = (partial + events.read()).split("\n")
+                for line in lines:
+                    ev = json.loads(line)
+                    if ev["ev"] == "ready":
+                        self.ready = {k: ev[k] for k in ("start_s", "warmup_s", "versions", "device", "engine")}
+                    elif ev["ev"] == "point_begin":
+                        self.current = ev["label"]
+                        bar.set_postfix_str(self.current)
+                    elif ev["ev"] == "progress":
+                        bar.n = done_before + ev["done"]
+                        bar.refresh()
+                    elif ev["ev"] == "point":
+                        self.results[ev["label"]] = ev["result"]
+                        done_before += ev["result"]["requests"]
+                        bar.n = done_before
+                        bar.refresh()
+                    elif ev["ev"] == "error":
+                        self.error = ev["error"]
+                if exited:
+                    break
+                if time.time() > self.deadline + GRACE_S:
+                    self.killed = True
+                    break
+                time.sleep(0.5)
+        finally:
+            events.close()
+            kill_group(self.proc)
+
+    def root_cause(self) -> str | None:
+        return error_from_log(self.log, self.server_log)
+
+
+def run_config(config, kwargs: dict, points: list[dict], cfg: dict, prep: dict, share: float,
+               run_dir: Path) -> dict:
+    """One engine: start it, run every point, return its record (every point
+    has a result, a failure or the reason it did not run)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(p["requests"] for p in points), desc=f"{config.label:<28}", unit="req",
+               dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 10.0)
+    bar.set_postfix_str("starting engine")
+    child = Child(config, kwargs, points, cfg, prep, time.time() + share, run_dir)
+    child.follow(bar)
+    bar.set_postfix_str("done")
+    bar.close()
+
+    record = dict(system=config.system, label=config.label, env=config.env, engine_kwargs=kwargs,
+                  command=describe(config, kwargs), status="ok", error=child.error, start_s=None,
+                  log=str(child.log), wall_s=round(time.time() - child.spawned, 1)) | child.ready
+    code = child.proc.returncode
+    if is_generic(record["error"]) and (code or record["error"]):
+        record["error"] = child.root_cause() or record["error"]
+    started = record["start_s"] is not None
+    if not started:
+        if child.killed or "time share" in (record["error"] or ""):
+            record["status"], note = "start-up too slow", f"not up within its {share:.0f} s share"
+        else:
+            record["status"], note = "start-up failed", record["error"] or f"exit code {code}"
+        record["error"] = record["error"] or note
+    elif code not in (0, None) and not child.killed and len(child.results) < len(points):
+        record["error"] = record["error"] or child.root_cause() or f"exit code {code}"
+    record["points"] = []
+    for p in points:
+        result = child.results.get(p["label"])
+        if result is None:
+            if not started:
+                result = not_run(record["status"], p["requests"], note)
+            elif child.killed:
+                result = (not_run("too slow", p["requests"], "killed after its time share")
+                          if p["label"] == child.current else not_run("skipped", p["requests"], "time budget"))
+            else:
+                result = not_run("failed", p["requests"], record["error"] or "engine exited")
+        elif result["status"] == "failed" and is_generic(result.get("note")):
+            result["note"] = child.root_cause() or result["note"]
+        record["points"].append({"n": p["n"], "label": p["label"], **result})
+    return record
+
+
+def not_started(config, kwargs, points, status: str, reason: str, error: str | None = None) -> dict:
+    print(f"{config.label}: {status} ({reason})", file=sys.stderr)
+    return dict(system=config.system, label=config.label, env=config.env, engine_kwargs=kwargs,
+                command=describe(config, kwargs), status=status, error=error, start_s=None,
+                points=[{"n": p["n"], "label": p["label"], **not_run(status, p["requests"], reason)}
+                        for p in points])
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+def results_json(name, argv, cfg, workdir, prep, common, records, warnings, used_s) -> dict:
+    ready = next((r for r in records if r.get("versions")), {})
+    graphs = "enforce_eager (no torch.compile, no CUDA graphs)" if cfg["eager"] else "torch.compile + CUDA graphs"
+    return {
+        "schema": 1,
+        "name": name,
+        "command": "python -m benchmarks.run " + shlex.join(argv),
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "device": ready.get("device"),
+        "versions": ready.get("versions"),
+        "config": {**cfg, "workdir": str(workdir)},
+        "workload": {"num_requests": cfg["requests"], "ranks": cfg["ranks"], "targets": cfg["targets"],
+                     "alpha": cfg["alpha"], "rate": cfg["rate"], "cv": cfg["cv"],
+                     "input_range": cfg["input_range"], "output_range": cfg["output_range"],
+                     "seed": cfg["seed"], "vocab_size": prep["mconf"]["vocab_size"]},
+        "engine_note": (f"{graphs}, prefix caching off, max_model_len {common['max_model_len']}, max_lora_rank "
+                        f"{common['max_lora_rank']}, stock max_cpu_loras {prep['max_cpu_loras']} (bounded by "
+                        f"{cfg['host_lora_cache_gb']:g} GB of rank-{max(cfg['ranks'])} adapters); the plugin "
+                        f"ignores max_loras (given {common['slora_max_loras']}); one engine per configuration; "
+                        f"LoRA ids fresh per measurement (cold adapter caches), a short warm-up first"),
+        "adapters": {"root": str(prep["adapters_root"]), "pool_per_rank": cfg["pool"],
+                     "note": (f"PEFT folders of random weights, one per adapter and per measurement "
+                              f"(names n<N>-a<i>), each with its own adapter_config.json; weights are "
+                              f"hard links to {cfg['pool']} distinct files per rank (so they sit in the "
+                              f"page cache: disk loads are cheaper than with truly distinct adapters); "
+                              f"made in {prep['adapters_s']:.0f} s")},
+        "budget": {"budget_s": cfg["budget_s"], "used_s": round(used_s, 1)},
+        "warnings": warnings,
+        "systems": records,
+    }
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args, cfg = parse(argv)
+    t0 = time.time()
+    end = t0 + cfg["budget_s"]
+    name = args.name or f"{args.preset or 'run'}-{cfg['mode']}"
+    run_dir = args.workdir / "runs" / name
+    prep = prepare(cfg, args.workdir, run_dir)
+    prep["pythonpath"], install_warning = child_pythonpath(args.workdir)
+    print(f"set-up {time.time() - t0:.0f} s (adapter folders {prep['adapters_s']:.0f} s); "
+          f"workdir {run_dir}", file=sys.stderr)
+
+    common = dict(model=str(prep["model"]), dummy=prep["dummy"], max_lora_rank=max(cfg["ranks"]),
+                  max_cpu_loras=prep["max_cpu_loras"], slora_max_loras=max(cfg["stock_max_loras"]),
+                  max_model_len=cfg["input_range"][1] + cfg["output_range"][1], eager=cfg["eager"],
+                  extra={k: cfg[k] for k in ("max_num_seqs", "gpu_memory_utilization") if cfg[k] is not None})
+    plan = configs(cfg["systems"], cfg["stock_max_loras"])
+    records, overheads = [], []
+
+    def points_of(config):
+        return [prep["base_point"]] if config.system == "base" else prep["points"]
+
+    for k, config in enumerate(plan):
+        kwargs = engine_kwargs(config, **common)
+        overhead = max(overheads) if overheads else cfg["est_start_s"]
+        needs = [overhead + len(points_of(c)) * cfg["est_point_s"] * (2 if c.system == "stock" else 1)
+                 for c in plan[k:]]
+        left = end - time.time()
+        # At least enough for its engine and a short look at each n: the
+        # earlier (more important) configurations are never the ones cut.
+        floor = overhead + cfg["min_point_s"] * len(points_of(config))
+        share = min(left, max(left * needs[0] / sum(needs), floor))
+        if share < overhead + cfg["min_point_s"]:
+            records.append(not_started(config, kwargs, points_of(config), "skipped", "time budget"))
+            continue
+        try:
+            record = run_config(config, kwargs, points_of(config), cfg, prep, share, run_dir)
+        except Exception as e:  # a bug here must not lose the other systems' figures
+            error = f"benchmark harness: {error_line(e)}"
+            record = not_started(config, kwargs, points_of(config), "failed", error, error)
+        if record["start_s"]:
+            overheads.append(record["wall_s"] - sum(p.get("elapsed_s") or 0.0 for p in record["points"]))
+        records.append(record)
+
+    results = results_json(name, argv, cfg, args.workdir, prep, common, records,
+                           [w for w in [install_warning] if w], time.time() - t0)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    json_path = args.results_dir / f"{name}.json"
+    json_path.write_text(json.dumps(results, indent=1))
+    md = report.render(json_path)
+    print(md)
+    print(f"wrote {json_path} and {json_path.with_suffix('.md').name} (+ plots) in {args.results_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Patch of ``vllm.config.compilation`` (vLLM 0.26.0): paged LoRA between CUDA-graph pieces.
+
+Why: the paged LoRA layers read per-step state (which adapter each token
+uses, the vector tables of the adapters paged in this step) that a captured
+CUDA graph would freeze. vLLM already runs attention, whose metadata also
+changes every step, outside its piecewise CUDA graphs by naming the op in
+``CompilationConfig.splitting_ops``; the paged LoRA op
+(``vllm::slora_paged_lora``, ``vllm_slora.layers``) gets the same treatment,
+so the base model's GEMMs, norms and activations stay in captured graphs.
+
+What: ``CompilationConfig.set_splitting_ops_for_v1`` (called at the end of
+``VllmConfig.__post_init__``) runs as stock, then, in S-LoRA mode, appends the
+paged LoRA op to the splitting ops and downgrades full CUDA graphs (which
+would capture it) to piecewise ones. If the compilation splits nothing
+(``splitting_ops=[]``), graphs are turned off, with a warning.
+
+Guard: vLLM 0.26.x; ``CompilationConfig.set_splitting_ops_for_v1``,
+``CompilationMode.VLLM_COMPILE``, ``CUDAGraphMode.PIECEWISE``. Goes away when
+the paged LoRA layers keep their metadata in static buffers that graphs can
+capture.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from vllm_slora.patches import guard
+
+TARGET = "vllm.config.compilation"
+PAGED_LORA_OP = "vllm::slora_paged_lora"
+logger = logging.getLogger("vllm_slora")
+
+
+def place_paged_lora_between_pieces(cc, CompilationMode, CUDAGraphMode) -> None:
+    if cc.mode != CompilationMode.VLLM_COMPILE or not cc.splitting_ops:
+        if cc.cudagraph_mode != CUDAGraphMode.NONE:
+            logger.warning("vllm_slora: no piecewise compilation, so CUDA graphs "
+                           "(%s) are turned off in S-LoRA mode", cc.cudagraph_mode.name)
+            cc.cudagraph_mode = CUDAGraphMode.NONE
+        return
+    if PAGED_LORA_OP not in cc.splitting_ops:
+        cc.splitting_ops.append(PAGED_LORA_OP)
+    if cc.cudagraph_mode.has_full_cudagraphs():
+        logger.info("vllm_slora: cudagraph_mode %s -> PIECEWISE (paged LoRA runs "
+                    "between graph pieces)", cc.cudagraph_mode.name)
+        cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
+
+
+def apply() -> None:
+    from vllm.config import compilation
+
+    guard(compilation, "CompilationConfig.set_splitting_ops_for_v1",
+          "CompilationMode.VLLM_COMPILE", "CUDAGraphMode.PIECEWISE")
+    CompilationConfig = compilation.CompilationConfig
+    stock = CompilationConfig.set_splitting_ops_for_v1
+
+    @functools.wraps(stock)
+    def set_splitting_ops_for_v1(self, *args, **kwargs):
+        stock(self, *args, **kwargs)
+        place_paged_lora_between_pieces(self, compilation.CompilationMode,
+                                        compilation.CUDAGraphMode)
+
+    CompilationConfig.set_splitting_ops_for_v1 = set_splitting_ops_for_v1
