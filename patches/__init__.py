@@ -22,6 +22,10 @@ MODE_PATCHES: list[str] = [
     "vllm_v1_core_sched_scheduler",
     "vllm_v1_worker_lora_model_runner_mixin",
     "vllm_v1_worker_gpu_worker",
+    "vllm_v1_engine_input_processor",
+    "vllm_entrypoints_openai_models_serving",
+    "vllm_entrypoints_serve_instrumentator_metrics",
+    "vllm_config_compilation",
 ]
 
 _applied: set[str] = set()

@@ -35,7 +35,13 @@ def test_gather_adapter_unpages_exactly():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("ns", [[64], [64, 32, 32]], ids=["one-slice", "qkv"])
 @pytest.mark.parametrize("impl", [reference, bmm], ids=["reference", "bmm"])
-def test_matches_dense_formula(impl, ns, dtype):
+@pytest.mark.parametrize("chunk_bytes", [None, 4096], ids=["whole", "chunked"])
+def test_matches_dense_formula(impl, ns, dtype, chunk_bytes, monkeypatch):
+    if chunk_bytes is not None:
+        if impl is not bmm:
+            pytest.skip("only the bmm baseline gathers per token in chunks")
+        # A few tokens per chunk: the chunk seams must not change the result.
+        monkeypatch.setattr(bmm, "CHUNK_BYTES", chunk_bytes)
     ranks = [1, 8, 16, 32, 64, 128, 8]
     ad = make_paged_adapters(ranks, k=64, ns=ns, d=32, dtype=dtype, seed=1)
     t = 24

@@ -14,6 +14,15 @@ import torch
 
 from vllm_slora.kernels.reference import Tables, as_tables, gather_rows
 
+# Per-token gathered weights are [T, R_MAX, W]: gather them this many bytes at
+# a time so that a large prefill batch does not need tens of GB.
+CHUNK_BYTES = 512 << 20
+
+
+def _chunks(t: int, r_max: int, width: int, itemsize: int):
+    step = max(1, CHUNK_BYTES // max(1, r_max * width * itemsize))
+    return [slice(s, min(s + step, t)) for s in range(0, t, step)]
+
 
 def _padded(pool, table, lora_start, lora_rank, r_max):
     """All adapters' vectors, zero-padded: [L, r_max, W] (pool dtype)."""
@@ -32,9 +41,11 @@ def paged_lora_shrink(x, pool, a_rows: Tables, lora_start, lora_rank, token_lora
     has = (token_lora >= 0)[:, None]
     idx = token_lora.clamp(min=0).long()
     for table, o in zip(tables, outs):
-        a = _padded(pool, table, lora_start, lora_rank, o.shape[-1])[idx]  # [T, R, K]
-        v = torch.bmm(a, x.unsqueeze(2)).squeeze(2).float()
-        o.copy_(torch.where(has, v, o))
+        padded = _padded(pool, table, lora_start, lora_rank, o.shape[-1])  # [L, R, K]
+        for s in _chunks(x.shape[0], o.shape[-1], padded.shape[2], padded.element_size()):
+            a = padded[idx[s]]  # [t, R, K]
+            v = torch.bmm(a, x[s].unsqueeze(2)).squeeze(2).float()
+            o[s].copy_(torch.where(has[s], v, o[s]))
 
 
 def paged_lora_expand(
@@ -51,10 +62,12 @@ def paged_lora_expand(
     scale = lora_scale[idx][:, None]
     col = 0
     for table, vv in zip(tables, vs):
-        b = _padded(pool, table, lora_start, lora_rank, r_max)[idx]  # [T, R, N]
+        padded = _padded(pool, table, lora_start, lora_rank, r_max)  # [L, R, N]
         vv = torch.where(live, vv, 0.0).to(y.dtype)
-        delta = torch.bmm(vv.unsqueeze(1), b).squeeze(1).float() * scale
-        width = b.shape[2]
-        cols = y[:, col : col + width]
-        cols.copy_(torch.where(has[:, None], (cols.float() + delta).to(y.dtype), cols))
+        width = padded.shape[2]
+        for s in _chunks(y.shape[0], r_max, width, padded.element_size()):
+            b = padded[idx[s]]  # [t, R, N]
+            delta = torch.bmm(vv[s].unsqueeze(1), b).squeeze(1).float() * scale[s]
+            cols = y[s, col : col + width]
+            cols.copy_(torch.where(has[s, None], (cols.float() + delta).to(y.dtype), cols))
         col += width

@@ -30,20 +30,27 @@ class HostCache:
         self.lock = threading.Lock()
         self.pending: dict[str, Future] = {}
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slora-prefetch")
-        self.counters = dict(disk_reads=0, hits=0, prefetched=0, dropped=0)
+        self.counters = dict(disk_reads=0, hits=0, misses=0, prefetched=0, dropped=0)
 
-    def get(self, path: str) -> tuple[AdapterMeta, torch.Tensor]:
-        """The packed adapter of ``path``, read from disk if not cached."""
+    def get(self, path: str, _count: bool = True) -> tuple[AdapterMeta, torch.Tensor]:
+        """The packed adapter of ``path``, read from disk if not cached.
+
+        ``hits``/``misses``: lookups found cached / not (a miss waits for the
+        read, or for a background prefetch of it still in flight).
+        """
         with self.lock:
             entry = self.entries.get(path)
             if entry is not None:
                 self.entries.move_to_end(path)
-                self.counters["hits"] += 1
+                if _count:
+                    self.counters["hits"] += 1
                 return entry
             future = self.pending.get(path)
+            if _count:
+                self.counters["misses"] += 1
         if future is not None:
             future.result()
-            return self.get(path)
+            return self.get(path, _count=False)
         return self._load(path)
 
     def prefetch(self, paths: list[str]) -> None:

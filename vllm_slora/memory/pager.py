@@ -10,11 +10,13 @@ Vocabulary: ``vllm_slora/memory/layout.py``.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from vllm_slora import metrics
 from vllm_slora.memory.host_cache import HostCache
 from vllm_slora.memory.layout import GROUPS, PageGeometry
 from vllm_slora.memory.plan import Evict, Load, PagingPlan
@@ -155,10 +157,13 @@ class Pager:
                 self._load(event)
         if plan.prefetch:
             self.host.prefetch(plan.prefetch)
+        if plan.events:
+            metrics.record("worker", self.host.counters)
 
     def _load(self, event: Load) -> None:
         if event.lora_id in self.resident:
             raise RuntimeError(f"scheduler paged in adapter {event.lora_id} twice")
+        started = time.perf_counter()
         meta, packed = self.host.get(event.path)
         rows = self.block_rows(event.block_ids)
         n = packed.shape[1]
@@ -172,6 +177,7 @@ class Pager:
                                                 meta.scale, rows, list(event.block_ids), copied)
         self.counters["loads"] += 1
         self.counters["pages_written"] += n * len(self.pools)
+        metrics.observe_load(time.perf_counter() - started)
 
     def _copy_in(self, packed: torch.Tensor, rows: torch.Tensor):
         """Write a packed adapter into its pool rows of every layer.

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from vllm_slora import metrics
 from vllm_slora.memory.layout import PageGeometry, read_adapter_meta
 from vllm_slora.memory.plan import Evict, Load, PagingPlan
 
@@ -35,7 +36,10 @@ class SeparateRegion:
                              f"of {block_pool.num_gpu_blocks}; choose a fraction in (0, 1)")
         self.held = block_pool.get_new_blocks(num_blocks)
         self.free = list(self.held)
-        self.num_gpu_blocks = num_blocks + 1  # as BlockPool: capacity + null block
+        self.capacity = num_blocks
+        # Block ids still address the whole KV buffer: the workers map pages
+        # with the pool's full block count.
+        self.num_gpu_blocks = block_pool.num_gpu_blocks
 
     def get_new_blocks(self, n: int) -> list:
         if n > len(self.free):
@@ -71,7 +75,8 @@ class AdapterPool:
     def blocks_for(self, path: str) -> int:
         meta = read_adapter_meta(path)
         blocks = self.geo.blocks_for(meta.rank, meta.kinds)
-        usable = self.block_pool.num_gpu_blocks - 1  # block 0 is vLLM's null block
+        # Block 0 is vLLM's null block; a separate region holds only its share.
+        usable = getattr(self.block_pool, "capacity", self.block_pool.num_gpu_blocks - 1)
         if blocks > usable:
             raise ValueError(f"adapter '{path}' (rank {meta.rank}) needs {blocks} KV blocks, "
                              f"the KV cache has {usable}; give vLLM more KV cache memory "
@@ -182,7 +187,9 @@ class AdapterPool:
         self.counters["max_distinct_in_step"] = max(
             self.counters["max_distinct_in_step"], distinct_in_step)
         events, self.events = self.events, []
-        return PagingPlan(events=events, prefetch=prefetch, stats=self.stats())
+        stats = self.stats()
+        metrics.record("scheduler", stats)
+        return PagingPlan(events=events, prefetch=prefetch, stats=stats)
 
     def stats(self) -> dict:
         return dict(self.counters,

@@ -1,0 +1,230 @@
+"""Adapter validation in S-LoRA mode: one error naming the adapter, the problem and the fix.
+
+An adapter is checked where it is first seen, before any engine state depends
+on it, so that a bad adapter fails its own load or request and nothing else:
+
+- ``/v1/load_lora_adapter`` and ``--lora-modules`` (API process,
+  ``patches/vllm_entrypoints_openai_models_serving.py``): every check,
+  weights included, so a broken adapter is refused at load time (HTTP 404
+  for a missing folder, 400 for everything else);
+- every request naming an adapter (``InputProcessor._validate_lora``, API
+  process or the ``vllm.LLM`` process, ``patches/vllm_v1_engine_input_processor.py``):
+  the header checks (config, rank, target modules, tensor shapes, pool
+  size), cached per file version, so an adapter broken or replaced after it
+  was loaded fails the request (HTTP 400, ``ValueError`` from
+  ``LLM.generate``) before it reaches the engine; the engine keeps serving.
+
+Checks: folder; ``adapter_config.json`` (present, JSON, ``peft_type`` LORA,
+``r`` a positive int, no DoRA / ``modules_to_save`` / bias / per-module
+ranks); ``r`` <= ``--max-lora-rank`` (S-LoRA mode enforces it like stock
+vLLM does: it bounds the pages one adapter may take); ``adapter_model.safetensors``
+(present, readable); each tensor a LoRA A/B of a projection the base model
+has, of a layer it has, of the shape it needs at rank ``r``; the adapter's
+pages fit the KV pool; with ``weights=True`` no NaN or inf. NaN/inf weights
+are rejected: the paged kernels would add them to every token of the
+request, whose outputs would be NaN logits, i.e. garbage.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from vllm_slora.memory.layout import ADAPTER_FILE, KINDS, PageGeometry, module_widths, split_key
+
+CONFIG_FILE = "adapter_config.json"
+
+
+class AdapterError(ValueError):
+    """A bad adapter. ``not_found``: the folder or a file is missing (HTTP 404)."""
+
+    def __init__(self, name: str | None, path: str, problem: str, not_found: bool = False):
+        self.name, self.path, self.problem, self.not_found = name, str(path), problem, not_found
+        label = f"adapter '{name}' ({path})" if name and name != str(path) else f"adapter '{path}'"
+        super().__init__(f"{label} {problem}")
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    rank: int
+    kinds: tuple[str, ...]  # as layout.read_adapter_meta: fused groups completed
+    blocks: int | None  # KV blocks its pages take (None: geometry unknown)
+
+
+def check_adapter(path: str, name: str | None, hf_config, max_rank: int, *,
+                  geometry: PageGeometry | None = None, usable_blocks: int | None = None,
+                  weights: bool = False) -> AdapterInfo:
+    """Validate a PEFT folder for this base model; raise ``AdapterError``.
+
+    Header checks are cached per (path, file sizes and mtimes), so a request
+    pays a few ``stat`` calls; ``weights=True`` also reads every tensor.
+    """
+    key = _version(path, name)
+    info = _check_headers(path, name, key, _model_key(hf_config), max_rank)
+    if weights:
+        _check_finite(path, name, key)
+    blocks = None
+    if geometry is not None:
+        blocks = geometry.blocks_for(info.rank, info.kinds)
+        if usable_blocks is not None and blocks > usable_blocks:
+            raise AdapterError(name, path, (
+                f"needs {blocks} KV blocks for its pages (rank {info.rank}), the KV cache has "
+                f"{usable_blocks}; give vLLM more KV cache memory (--gpu-memory-utilization, "
+                f"VLLM_CPU_KVCACHE_SPACE) or use a smaller rank"))
+    return AdapterInfo(info.rank, info.kinds, blocks)
+
+
+def _version(path: str, name: str | None) -> tuple:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterError(name, path, "was not found: no such folder; check the path",
+                           not_found=True)
+    out = [str(folder.resolve())]
+    for f in (CONFIG_FILE, ADAPTER_FILE):
+        try:
+            st = os.stat(folder / f)
+            out += [st.st_size, st.st_mtime_ns, st.st_ino]
+        except FileNotFoundError:
+            out += [None]
+    return tuple(out)
+
+
+# hf_config objects are not hashable: key the cache by the widths and layers.
+def _model_key(hf_config) -> tuple:
+    return (tuple(sorted(module_widths(hf_config).items())), hf_config.num_hidden_layers)
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_headers(path: str, name: str | None, version: tuple, model: tuple,
+                   max_rank: int) -> AdapterInfo:
+    widths, num_layers = dict(model[0]), model[1]
+    folder = Path(path)
+    cfg_file, weights = folder / CONFIG_FILE, folder / ADAPTER_FILE
+
+    def fail(problem: str, not_found: bool = False):
+        raise AdapterError(name, path, problem, not_found)
+
+    if not cfg_file.is_file():
+        fail(f"has no {CONFIG_FILE}; save the adapter with PEFT's save_pretrained",
+             not_found=True)
+    try:
+        cfg = json.loads(cfg_file.read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        fail(f"has an invalid {CONFIG_FILE} ({e}); re-save it with PEFT")
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        fail(f"has peft_type '{peft_type}' in {CONFIG_FILE}; only LoRA adapters can be served")
+    rank = cfg.get("r")
+    if rank is None:
+        fail(f"has no 'r' (the LoRA rank) in {CONFIG_FILE}; re-save it with PEFT")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        fail(f"has 'r' = {rank!r} in {CONFIG_FILE}; the LoRA rank must be a positive integer")
+    if rank > max_rank:
+        fail(f"has rank {rank} > --max-lora-rank {max_rank}; start vLLM with "
+             f"--max-lora-rank {_pow2_at_least(rank)} or use an adapter of rank <= {max_rank}")
+    if cfg.get("use_dora"):
+        fail("is a DoRA adapter (use_dora); vLLM serves plain LoRA only")
+    if cfg.get("modules_to_save"):
+        fail(f"has modules_to_save {cfg['modules_to_save']}; vLLM supports only "
+             f"modules_to_save = None")
+    if cfg.get("bias", "none") != "none":
+        fail(f"has bias = {cfg['bias']!r}; vLLM supports only bias = 'none'")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        fail("has rank_pattern/alpha_pattern; paged LoRA needs one rank per adapter: "
+             "re-save it without per-module ranks")
+
+    if not weights.is_file():
+        other = [p.name for p in folder.glob("adapter_model.*")]
+        hint = (f" (found {', '.join(other)}: convert it to safetensors)" if other
+                else "; save the adapter with PEFT's save_pretrained")
+        fail(f"has no {ADAPTER_FILE}{hint}", not_found=True)
+    from safetensors import safe_open
+
+    kinds = set()
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        fail(f"has a corrupt {ADAPTER_FILE} ({type(e).__name__}: {e}); re-save or "
+             f"re-download the adapter")
+    for key, shape in shapes.items():
+        parts = split_key(key)
+        if parts is None:
+            fail(f"has tensor '{key}', which is not a LoRA A/B weight of a projection; "
+                 f"paged LoRA serves LoRA of {', '.join(KINDS)} only")
+        layer, kind, ab = parts
+        if kind not in KINDS:
+            fail(f"targets module '{kind}' ('{key}'), which this base model does not have "
+                 f"as a LoRA target; supported: {', '.join(KINDS)}")
+        if layer >= num_layers:
+            fail(f"has '{key}' for layer {layer}, the base model has {num_layers} layers; "
+                 f"was it trained for another base model?")
+        k, n = widths[kind]
+        want = (rank, k) if ab == "A" else (n, rank)
+        if shape != want:
+            fail(f"has '{key}' of shape {shape}, the base model needs {want} at rank {rank}; "
+                 f"was it trained for another base model?")
+        kinds.add(kind)
+    if not kinds:
+        fail(f"has no LoRA weights in {ADAPTER_FILE}")
+    for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+        if kinds & set(group):
+            kinds |= set(group)
+    return AdapterInfo(rank, tuple(k for k in KINDS if k in kinds), None)
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_finite(path: str, name: str | None, version: tuple) -> None:
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / ADAPTER_FILE), framework="pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
+                raise AdapterError(name, path, (
+                    f"has {bad} values in '{key}'; NaN/inf weights are rejected (they would "
+                    f"make every output of its requests NaN): fix or retrain the adapter"))
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def engine_geometry(vllm_config) -> tuple[PageGeometry | None, int | None]:
+    """Page geometry and usable KV blocks as the scheduler will have them, from
+    the front end's copy of the config (None, None before the engine started).
+
+    The KV block of a Llama-style attention layer holds K and V of
+    ``block_size`` tokens: ``2 * block_size * kv_heads * head_dim`` elements of
+    the KV-cache dtype (``AttentionSpec.page_size_bytes``).
+    """
+    import torch
+
+    cache, model = vllm_config.cache_config, vllm_config.model_config
+    lora = vllm_config.lora_config
+    if not cache.num_gpu_blocks or not cache.block_size or lora is None:
+        return None, None
+    from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
+
+    hf = model.hf_text_config
+    kv_dtype = (model.dtype if cache.cache_dtype == "auto"
+                else STR_DTYPE_TO_TORCH_DTYPE.get(cache.cache_dtype))
+    if kv_dtype is None:
+        return None, None
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    esize = torch.empty((), dtype=kv_dtype).element_size()
+    page_bytes = 2 * cache.block_size * kv_heads * head_dim * esize
+    lora_dtype = lora.lora_dtype if isinstance(lora.lora_dtype, torch.dtype) else model.dtype
+    try:
+        geo = PageGeometry.create(hf, lora_dtype, page_bytes)
+    except ValueError:
+        return None, None
+    return geo, cache.num_gpu_blocks - 1  # block 0 is vLLM's null block
