@@ -32,6 +32,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from vllm_slora.testing.server import wait_healthy
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -62,17 +64,10 @@ class Server:
         return self.log_path.read_text(errors="replace")[-n:]
 
     def wait_healthy(self, timeout: float = 600) -> float:
-        start = time.time()
-        while time.time() - start < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited ({self.proc.returncode}):\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return time.time() - start
-            except OSError:
-                time.sleep(1)
-        raise RuntimeError(f"vllm serve not healthy in {timeout} s:\n{self.log_tail()}")
+        try:
+            return wait_healthy(self.proc, self.base, timeout)
+        except (RuntimeError, TimeoutError) as e:
+            raise RuntimeError(f"{e}:\n{self.log_tail()}") from e
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -21,13 +21,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from benchmarks.metrics import not_run, summarize
 from benchmarks.offline import Events, device_name, error_line
 from benchmarks.systems import serve_flags
 from benchmarks.workload import read_trace
+from vllm_slora.testing.server import wait_healthy
 
 HOST = "127.0.0.1"
 
@@ -42,19 +42,6 @@ def start_server(kwargs: dict, port: int, log) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", *serve_flags(kwargs),
            "--host", HOST, "--port", str(port), "--disable-uvicorn-access-log"]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait_healthy(server: subprocess.Popen, port: int, deadline: float) -> None:
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with code {server.returncode} during start-up")
-        try:
-            with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError("vllm serve was not healthy before the time share ran out")
 
 
 def stop_server(server: subprocess.Popen) -> None:
@@ -222,7 +209,7 @@ def main(spec_path: str, events_path: str) -> int:
     server = start_server(kwargs, port, log)
     try:
         try:
-            wait_healthy(server, port, deadline)
+            wait_healthy(server, f"http://{HOST}:{port}", deadline - time.time())
             start_s = time.perf_counter() - start
             warmup_s = warmup(port, spec, kwargs["model"]) if spec["warmup"] else 0.0
         except Exception as e:

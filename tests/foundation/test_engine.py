@@ -10,12 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
 from vllm_slora.testing.runner import Workload, run_workload
+from vllm_slora.testing.server import wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -59,17 +58,10 @@ def test_serve_loads_plugin_in_api_and_engine_core_processes(tiny_model, tmp_pat
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            assert server.poll() is None, server.stderr.read()[-4000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(2)
-        else:
-            pytest.fail("vllm serve did not become healthy in 300 s")
+        try:
+            wait_healthy(server, f"http://127.0.0.1:{port}", timeout=300)
+        except (RuntimeError, TimeoutError) as e:
+            pytest.fail(f"{e}\n{server.stderr.read()[-4000:]}")
         events = [json.loads(line) for line in trace.read_text().splitlines()]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
