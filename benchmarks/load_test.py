@@ -6,10 +6,22 @@ requests offline (``vllm.LLM``, S-LoRA mode, greedy) as the reference. The
 verdict counts lost requests (no final chunk), errors and outputs that differ
 from the reference, token for token.
 
+Both runs ask for the top-2 logprobs of every output token (``--logprobs``),
+so each mismatch is explained: the first differing position, the token each
+run chose there, and each run's margin (logprob of its top-1 minus its
+top-2 candidate). A mismatch is a **near-tie** when the two runs swapped the
+same two candidates (each run's runner-up is the other's choice) and both
+margins are below ``--tie-threshold`` (default 0.05 nats): greedy decoding
+flipped on a near-equal pair, the signature of batch-composition numerics
+(different kernels / reduction orders for different batches), not of a
+paging bug. Anything else is **clear** (or **unexplained** without
+logprobs) and is worth a look.
+
     python -m benchmarks.load_test --requests 1000 --adapters 500      # GPU (H100)
     python -m benchmarks.load_test --requests 100 --adapters 50        # CPU
 
-Prints one verdict line; writes ``load_test.json`` under ``$OUT`` if set.
+Prints one verdict line (and one line per explained mismatch); writes
+``load_test.json`` (with ``mismatch_report``) under ``$OUT`` if set.
 The tiny random Llama (made here, no download) keeps the test about serving,
 not model speed. On CUDA the server runs with ``--enforce-eager`` (the paged
 layers do not support CUDA graphs yet). ``tests/serving`` reuses the client
@@ -88,12 +100,26 @@ def make_requests(names: list[str], n: int, seed: int = 0, lo: int = 5, hi: int 
             for i in range(n)]
 
 
+TIE_THRESHOLD = 0.05  # nats; see classify_mismatch
+
+
+def _token_id(key) -> int:
+    """``"token_id:123"`` (``return_tokens_as_token_ids``) or ``"123"`` -> 123."""
+    return int(str(key).rsplit(":", 1)[-1])
+
+
 async def stream_completion(client, base: str, prompt: list[int], model: str,
-                            max_tokens: int) -> dict:
-    """One streaming completion; ``{"token_ids", "finished", "error", "status"}``."""
+                            max_tokens: int, logprobs: int | None = None) -> dict:
+    """One streaming completion; ``{"token_ids", "finished", "error", "status"}``,
+    plus ``top_logprobs`` (per output token ``{token id: logprob}`` of the top
+    ``logprobs`` candidates) when ``logprobs`` is set."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "return_token_ids": True}
     out = {"token_ids": [], "finished": False, "error": None, "status": None}
+    if logprobs:
+        # Token ids as keys: the server runs --skip-tokenizer-init.
+        body |= {"logprobs": logprobs, "return_tokens_as_token_ids": True}
+        out["top_logprobs"] = []
     try:
         async with client.stream("POST", base + "/v1/completions", json=body) as r:
             out["status"] = r.status_code
@@ -112,6 +138,10 @@ async def stream_completion(client, base: str, prompt: list[int], model: str,
                     continue
                 for choice in chunk.get("choices", []):
                     out["token_ids"] += choice.get("token_ids") or []
+                    if logprobs:
+                        out["top_logprobs"] += [
+                            {_token_id(k): v for k, v in (step or {}).items()}
+                            for step in (choice.get("logprobs") or {}).get("top_logprobs") or []]
                     if choice.get("finish_reason"):
                         out["finished"] = choice["finish_reason"] in ("length", "stop")
                         if not out["finished"]:
@@ -122,36 +152,101 @@ async def stream_completion(client, base: str, prompt: list[int], model: str,
 
 
 async def run_load(base: str, requests: list[tuple[list[int], str]], max_tokens: int,
-                   timeout: float = 600) -> list[dict]:
+                   timeout: float = 600, logprobs: int | None = None) -> list[dict]:
     """All requests at once, each streaming; results in request order."""
     import httpx
 
     limits = httpx.Limits(max_connections=len(requests) + 8)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-        return await asyncio.gather(*[stream_completion(client, base, p, m, max_tokens)
+        return await asyncio.gather(*[stream_completion(client, base, p, m, max_tokens, logprobs)
                                       for p, m in requests])
 
 
-def verdict(results: list[dict], reference: list[list[int]]) -> dict:
+def _margin(step: dict | None) -> tuple[float | None, int | None]:
+    """(top-1 minus top-2 logprob, top-2 token) of one step's candidates."""
+    if not step or len(step) < 2:
+        return None, None
+    (_, first), (second_tok, second) = sorted(step.items(), key=lambda kv: -kv[1])[:2]
+    return round(first - second, 6), second_tok
+
+
+def classify_mismatch(server_tokens: list[int], offline_tokens: list[int],
+                      server_top: list[dict] | None = None, offline_top: list[dict] | None = None,
+                      threshold: float = TIE_THRESHOLD) -> dict:
+    """Explain one mismatch from both runs' per-step top logprobs ({token id: logprob}).
+
+    ``class``: ``near-tie`` when at the first differing position each run's
+    runner-up is the other run's choice and both margins (top-1 minus top-2
+    logprob) are < ``threshold``; ``clear`` otherwise; ``unexplained`` when a
+    run has no top-2 logprobs there. Greedy decoding, so top-1 is the chosen
+    token; what follows the first difference is conditioned on different
+    tokens and says nothing more.
+    """
+    pos = next((i for i, (a, b) in enumerate(zip(server_tokens, offline_tokens)) if a != b),
+               min(len(server_tokens), len(offline_tokens)))
+    a = server_tokens[pos] if pos < len(server_tokens) else None
+    b = offline_tokens[pos] if pos < len(offline_tokens) else None
+    s_step = server_top[pos] if server_top and pos < len(server_top) else None
+    o_step = offline_top[pos] if offline_top and pos < len(offline_top) else None
+    s_margin, s_second = _margin(s_step)
+    o_margin, o_second = _margin(o_step)
+    if s_margin is None or o_margin is None:
+        cls = "unexplained"
+    elif s_second == b and o_second == a and max(s_margin, o_margin) < threshold:
+        cls = "near-tie"
+    else:
+        cls = "clear"
+    return {"position": pos, "server_token": a, "offline_token": b,
+            "server_margin": s_margin, "offline_margin": o_margin,
+            "server_runner_up": s_second, "offline_runner_up": o_second,
+            "class": cls, "threshold": threshold}
+
+
+def verdict(results: list[dict], reference: list, threshold: float = TIE_THRESHOLD) -> dict:
+    """Lost, errors and mismatches of ``results`` against ``reference`` (per
+    request: token ids, or a dict with ``token_ids`` and ``top_logprobs`` as
+    ``reference_runs`` gives); each mismatch explained by ``classify_mismatch``."""
+    refs = [r if isinstance(r, dict) else {"token_ids": r} for r in reference]
     lost = sum(1 for r in results if not r["finished"] and r["error"] is None)
     errors = [r["error"] for r in results if r["error"] is not None]
-    mismatches = [i for i, (r, ref) in enumerate(zip(results, reference))
-                  if r["error"] is None and r["finished"] and r["token_ids"] != ref]
+    mismatches = [i for i, (r, ref) in enumerate(zip(results, refs))
+                  if r["error"] is None and r["finished"] and r["token_ids"] != ref["token_ids"]]
+    explained = [{"request": i, **classify_mismatch(
+        results[i]["token_ids"], refs[i]["token_ids"], results[i].get("top_logprobs"),
+        refs[i].get("top_logprobs"), threshold)} for i in mismatches]
+    classes = [m["class"] for m in explained]
     return {"requests": len(results), "lost": lost, "errors": len(errors),
             "mismatches": len(mismatches), "first_errors": errors[:3],
-            "first_mismatches": mismatches[:5]}
+            "first_mismatches": mismatches[:5], "tie_threshold": threshold,
+            "mismatches_near_tie": classes.count("near-tie"),
+            "mismatches_clear": classes.count("clear"),
+            "mismatches_unexplained": classes.count("unexplained"),
+            "mismatch_report": explained}
+
+
+def reference_runs(model: str, requests: list[tuple[list[int], str]], paths: dict[str, str],
+                   max_tokens: int, llm_kwargs: dict, logprobs: int = 2) -> list[dict]:
+    """The same requests offline (``vllm.LLM``, S-LoRA mode, greedy): per
+    request ``token_ids`` and, with ``logprobs`` >= 2, ``top_logprobs``
+    (per step ``{token id: logprob}``)."""
+    from vllm_slora.testing.runner import Workload, run_workload
+
+    llm_kwargs = dict(llm_kwargs)
+    result = run_workload(Workload(
+        model=model, plugin="on", max_tokens=max_tokens, logprobs=logprobs,
+        requests=[(p, paths[m]) for p, m in requests],
+        max_lora_rank=llm_kwargs.pop("max_lora_rank"), max_loras=1, llm_kwargs=llm_kwargs))
+    return [{"token_ids": o["token_ids"],
+             **({"top_logprobs": [{int(t): lp for t, lp in step.items()}
+                                  for step in o["top_logprobs"]]} if "top_logprobs" in o else {})}
+            for o in result["outputs"]]
 
 
 def reference_outputs(model: str, requests: list[tuple[list[int], str]], paths: dict[str, str],
                       max_tokens: int, llm_kwargs: dict) -> list[list[int]]:
-    """The same requests offline (``vllm.LLM``, S-LoRA mode, greedy)."""
-    from vllm_slora.testing.runner import Workload, run_workload
-
-    result = run_workload(Workload(
-        model=model, plugin="on", max_tokens=max_tokens, logprobs=0,
-        requests=[(p, paths[m]) for p, m in requests],
-        max_lora_rank=llm_kwargs.pop("max_lora_rank"), max_loras=1, llm_kwargs=llm_kwargs))
-    return [o["token_ids"] for o in result["outputs"]]
+    """The same requests offline (``vllm.LLM``, S-LoRA mode, greedy): token ids only."""
+    return [r["token_ids"] for r in reference_runs(model, requests, paths, max_tokens,
+                                                   llm_kwargs, logprobs=0)]
 
 
 def main(argv=None) -> int:
@@ -165,6 +260,11 @@ def main(argv=None) -> int:
                          "sequence on CUDA (16-token blocks), 24 on CPU (128-token blocks)")
     ap.add_argument("--workdir", default=None, help="model and adapters (default: a temp dir)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--logprobs", type=int, default=2,
+                    help="top logprobs asked of both runs to explain mismatches (0: off)")
+    ap.add_argument("--tie-threshold", type=float, default=TIE_THRESHOLD,
+                    help="a mismatch whose two runs swapped their top-2 candidates with both "
+                         "margins below this (nats) is a near-tie (batch numerics)")
     args = ap.parse_args(argv)
 
     import torch
@@ -191,7 +291,8 @@ def main(argv=None) -> int:
     try:
         start_s = server.wait_healthy()
         t = time.time()
-        results = asyncio.run(run_load(server.base, requests, args.max_tokens))
+        results = asyncio.run(run_load(server.base, requests, args.max_tokens,
+                                       logprobs=args.logprobs or None))
         load_s = time.time() - t
         with urllib.request.urlopen(server.base + "/metrics", timeout=10) as r:
             scraped = r.read().decode()
@@ -200,8 +301,9 @@ def main(argv=None) -> int:
     metrics = {line.split()[0]: float(line.split()[1]) for line in scraped.splitlines()
                if line.startswith("vllm_slora:") and len(line.split()) == 2}
     t = time.time()
-    reference = reference_outputs(str(model), requests, paths, args.max_tokens, engine)
-    report = verdict(results, reference) | {
+    reference = reference_runs(str(model), requests, paths, args.max_tokens, engine,
+                               logprobs=args.logprobs)
+    report = verdict(results, reference, args.tie_threshold) | {
         "adapters": args.adapters, "device": "cuda" if cuda else "cpu", "kv_blocks": blocks,
         "server_start_s": round(start_s, 1), "load_s": round(load_s, 1),
         "reference_s": round(time.time() - t, 1), "total_s": round(time.time() - t0, 1),
@@ -212,6 +314,15 @@ def main(argv=None) -> int:
           f"{report['errors']}, mismatches {report['mismatches']}; load {report['load_s']} s, "
           f"adapter loads {metrics.get('vllm_slora:adapter_loads_total', 0):.0f}, evictions "
           f"{metrics.get('vllm_slora:adapter_evictions_total', 0):.0f}, total {report['total_s']} s")
+    if report["mismatches"]:
+        print(f"mismatches: {report['mismatches_near_tie']} near-tie (top-2 swapped, both margins "
+              f"< {args.tie_threshold} nats), {report['mismatches_clear']} clear, "
+              f"{report['mismatches_unexplained']} unexplained (no logprobs)")
+        for m in report["mismatch_report"]:
+            print(f"  request {m['request']}: first difference at output token {m['position']}: "
+                  f"server {m['server_token']} (margin {m['server_margin']}, runner-up "
+                  f"{m['server_runner_up']}), offline {m['offline_token']} (margin "
+                  f"{m['offline_margin']}, runner-up {m['offline_runner_up']}): {m['class']}")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
         Path(os.environ["OUT"], "load_test.json").write_text(json.dumps(report, indent=2))

@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.load_test import (Server, make_requests, reference_outputs, run_load,
-                                  stream_completion, verdict)
+from benchmarks.load_test import (TIE_THRESHOLD, Server, classify_mismatch, make_requests,
+                                  reference_runs, run_load, stream_completion, verdict)
 
 pytestmark = pytest.mark.slow
 
@@ -107,10 +107,10 @@ def setup(tmp_path_factory, tiny_model):
     load = make_requests(names, NUM_LOAD, seed=3)
     probe = make_requests(names, 4, seed=4, lo=20, hi=30)
     requests = load + probe
-    reference = reference_outputs(
+    reference = reference_runs(
         str(tiny_model), requests, paths, LONG,
         dict(max_lora_rank=MAX_RANK, max_num_seqs=MAX_SEQS, max_model_len=256,
-             num_gpu_blocks_override=BLOCKS, dtype="float32", enforce_eager=True))
+             num_gpu_blocks_override=BLOCKS, dtype="float32", enforce_eager=True), logprobs=2)
     server = Server(str(tiny_model), [
         "--max-lora-rank", str(MAX_RANK), "--max-num-seqs", str(MAX_SEQS),
         "--max-model-len", "256", "--num-gpu-blocks-override", str(BLOCKS),
@@ -121,7 +121,7 @@ def setup(tmp_path_factory, tiny_model):
         server.wait_healthy()
         yield dict(server=server, paths=paths, names=names, bad=bad, later=later,
                    load=load, probe=probe, ref_load=reference[:NUM_LOAD],
-                   ref_probe=reference[NUM_LOAD:])
+                   ref_probe=[r["token_ids"] for r in reference[NUM_LOAD:]])
     finally:
         server.stop()
 
@@ -236,12 +236,23 @@ def test_dynamic_load_and_unload_while_running(setup):
 
 def test_load_100_streams_50_adapters_then_metrics(setup):
     """100 concurrent streaming requests across 50 adapters, 24 KV blocks:
-    0 lost, 0 errors, outputs equal to the offline run; then the paging
-    metrics on /metrics next to vLLM's."""
+    0 lost, 0 errors, outputs equal to the offline run (both with their top-2
+    logprobs, which explain mismatches); then the paging metrics on /metrics
+    next to vLLM's."""
     base = setup["server"].base
-    results = asyncio.run(run_load(base, setup["load"], SHORT))
-    report = verdict(results, [r[:SHORT] for r in setup["ref_load"]])
+    results = asyncio.run(run_load(base, setup["load"], SHORT, logprobs=2))
+    refs = [{"token_ids": r["token_ids"][:SHORT], "top_logprobs": r["top_logprobs"][:SHORT]}
+            for r in setup["ref_load"]]
+    report = verdict(results, refs)
     assert report["lost"] == report["errors"] == report["mismatches"] == 0, report
+    assert report["mismatch_report"] == [] and report["tie_threshold"] == TIE_THRESHOLD
+    assert report["mismatches_near_tie"] == report["mismatches_clear"] == 0
+    for r, ref in zip(results, refs):
+        # top-2 per output token in both runs, keyed by token id, chosen token on top
+        assert len(r["top_logprobs"]) == len(ref["top_logprobs"]) == SHORT, r
+        for tok, s, o in zip(r["token_ids"], r["top_logprobs"], ref["top_logprobs"]):
+            assert len(s) == len(o) == 2 and max(s, key=s.get) == tok, (s, o)
+            assert abs(s[tok] - o[tok]) < 1e-3, (s, o)
 
     with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
         text = r.read().decode()
@@ -257,3 +268,27 @@ def test_load_100_streams_50_adapters_then_metrics(setup):
             + values["vllm_slora:host_cache_misses_total"]
             == values["vllm_slora:adapter_loads_total"])
     assert values["vllm_slora:adapter_load_seconds_count"] == values["vllm_slora:adapter_loads_total"]
+
+
+def test_mismatch_classifier_on_constructed_runs():
+    """The load test's mismatch report (no engine): near-tie, clear, unexplained."""
+    server, offline = [7, 9, 11, 4], [7, 9, 12, 5]
+    s_top = [{7: -0.1, 1: -3.0}, {9: -0.2, 2: -2.0}, {11: -0.700, 12: -0.710}, {4: -0.1, 5: -3}]
+    o_top = [{7: -0.1, 1: -3.0}, {9: -0.2, 2: -2.0}, {12: -0.702, 11: -0.709}, {5: -0.1, 4: -3}]
+    m = classify_mismatch(server, offline, s_top, o_top)
+    assert m == {"position": 2, "server_token": 11, "offline_token": 12,
+                 "server_margin": pytest.approx(0.01), "offline_margin": pytest.approx(0.007),
+                 "server_runner_up": 12, "offline_runner_up": 11, "class": "near-tie",
+                 "threshold": TIE_THRESHOLD}
+    assert classify_mismatch(server, offline, s_top, o_top, threshold=0.005)["class"] == "clear"
+    wide = [*o_top[:2], {12: -0.2, 11: -1.5}, o_top[3]]
+    assert classify_mismatch(server, offline, s_top, wide)["class"] == "clear"
+    other = [*o_top[:2], {12: -0.702, 3: -0.709}, o_top[3]]  # offline's runner-up is not 11
+    assert classify_mismatch(server, offline, s_top, other)["class"] == "clear"
+    assert classify_mismatch(server, offline)["class"] == "unexplained"
+    report = verdict([{"token_ids": server, "top_logprobs": s_top, "finished": True,
+                       "error": None}], [{"token_ids": offline, "top_logprobs": o_top}])
+    assert report["mismatches"] == report["mismatches_near_tie"] == 1
+    assert report["mismatch_report"] == [{"request": 0, **m}]
+    # shorter output: first difference is the first missing token
+    assert classify_mismatch([7, 9], [7, 9, 12])["position"] == 2

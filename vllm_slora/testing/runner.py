@@ -44,7 +44,9 @@ def run_workload(workload: Workload, timeout: float = 900) -> dict:
     """Run ``workload`` in a child process; return its result dict.
 
     Result: ``outputs`` (per request: ``token_ids``, ``logprobs`` of the chosen
-    tokens), ``elapsed_s`` (generate() wall time), ``output_tokens``,
+    tokens and, when ``logprobs`` >= 2, ``top_logprobs``: per step
+    ``{token id (str): logprob}`` of the top candidates), ``elapsed_s``
+    (generate() wall time), ``output_tokens``,
     ``log`` (the child's stderr tail) and ``stats`` (the plugin's, if any).
     """
     if workload.plugin not in PLUGIN_MODES:
@@ -109,6 +111,9 @@ def _child(spec_path: str, out_path: str) -> None:
         c = r.outputs[0]
         lps = [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs or [])]
         outputs.append({"token_ids": list(c.token_ids), "logprobs": lps})
+        if w.logprobs >= 2:
+            outputs[-1]["top_logprobs"] = [{str(t): lp.logprob for t, lp in step.items()}
+                                           for step in c.logprobs or []]
     stats = {}
     if w.plugin == "on":
         from vllm_slora.memory import stats as slora_stats
