@@ -44,6 +44,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from vllm_slora.testing.compare import TIE_THRESHOLD, first_divergence
 from vllm_slora.testing.server import wait_healthy
 
 
@@ -100,7 +101,6 @@ def make_requests(names: list[str], n: int, seed: int = 0, lo: int = 5, hi: int 
             for i in range(n)]
 
 
-TIE_THRESHOLD = 0.05  # nats; see classify_mismatch
 
 
 def _token_id(key) -> int:
@@ -162,44 +162,15 @@ async def run_load(base: str, requests: list[tuple[list[int], str]], max_tokens:
                                       for p, m in requests])
 
 
-def _margin(step: dict | None) -> tuple[float | None, int | None]:
-    """(top-1 minus top-2 logprob, top-2 token) of one step's candidates."""
-    if not step or len(step) < 2:
-        return None, None
-    (_, first), (second_tok, second) = sorted(step.items(), key=lambda kv: -kv[1])[:2]
-    return round(first - second, 6), second_tok
-
-
 def classify_mismatch(server_tokens: list[int], offline_tokens: list[int],
                       server_top: list[dict] | None = None, offline_top: list[dict] | None = None,
                       threshold: float = TIE_THRESHOLD) -> dict:
-    """Explain one mismatch from both runs' per-step top logprobs ({token id: logprob}).
-
-    ``class``: ``near-tie`` when at the first differing position each run's
-    runner-up is the other run's choice and both margins (top-1 minus top-2
-    logprob) are < ``threshold``; ``clear`` otherwise; ``unexplained`` when a
-    run has no top-2 logprobs there. Greedy decoding, so top-1 is the chosen
-    token; what follows the first difference is conditioned on different
-    tokens and says nothing more.
-    """
-    pos = next((i for i, (a, b) in enumerate(zip(server_tokens, offline_tokens)) if a != b),
-               min(len(server_tokens), len(offline_tokens)))
-    a = server_tokens[pos] if pos < len(server_tokens) else None
-    b = offline_tokens[pos] if pos < len(offline_tokens) else None
-    s_step = server_top[pos] if server_top and pos < len(server_top) else None
-    o_step = offline_top[pos] if offline_top and pos < len(offline_top) else None
-    s_margin, s_second = _margin(s_step)
-    o_margin, o_second = _margin(o_step)
-    if s_margin is None or o_margin is None:
-        cls = "unexplained"
-    elif s_second == b and o_second == a and max(s_margin, o_margin) < threshold:
-        cls = "near-tie"
-    else:
-        cls = "clear"
-    return {"position": pos, "server_token": a, "offline_token": b,
-            "server_margin": s_margin, "offline_margin": o_margin,
-            "server_runner_up": s_second, "offline_runner_up": o_second,
-            "class": cls, "threshold": threshold}
+    """``vllm_slora.testing.compare.first_divergence`` with server/offline names."""
+    d = first_divergence(server_tokens, offline_tokens, server_top, offline_top, threshold)
+    names = {"a_token": "server_token", "b_token": "offline_token", "a_margin": "server_margin",
+             "b_margin": "offline_margin", "a_runner_up": "server_runner_up",
+             "b_runner_up": "offline_runner_up"}
+    return {names.get(k, k): v for k, v in d.items()}
 
 
 def verdict(results: list[dict], reference: list, threshold: float = TIE_THRESHOLD) -> dict:

@@ -57,7 +57,7 @@ DEFAULTS = dict(
     stock_max_loras=[16, 64], ranks=[8, 16, 32, 64], targets="attn", alpha=1.0, rate=6.0, cv=1.0,
     input_range=[8, 512], output_range=[8, 512], seed=0, pool=8, host_lora_cache_gb=32.0,
     slo_ttft_s=6.0, budget_s=480.0, est_start_s=60.0, est_point_s=10.0, min_point_s=5.0, eager=True,
-    max_num_seqs=None, gpu_memory_utilization=None, warmup=True,
+    max_num_seqs=None, gpu_memory_utilization=None, warmup=True, tensor_parallel_size=None,
 )
 PRESETS = {
     # One 10-minute call on the H100: 8 min of budget, and at most
@@ -114,6 +114,8 @@ def parse(argv) -> tuple[argparse.Namespace, dict]:
                    help="let vLLM compile and capture CUDA graphs (default: enforce_eager for every system)")
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--gpu-memory-utilization", type=float)
+    p.add_argument("--tensor-parallel-size", type=int,
+                   help="GPUs per engine (every system; S-LoRA's partition for the plugin)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/slora-bench"),
                    help="model config, adapter folders, traces, engine logs")
@@ -429,7 +431,8 @@ def main(argv=None) -> int:
     common = dict(model=str(prep["model"]), dummy=prep["dummy"], max_lora_rank=max(cfg["ranks"]),
                   max_cpu_loras=prep["max_cpu_loras"], slora_max_loras=max(cfg["stock_max_loras"]),
                   max_model_len=cfg["input_range"][1] + cfg["output_range"][1], eager=cfg["eager"],
-                  extra={k: cfg[k] for k in ("max_num_seqs", "gpu_memory_utilization") if cfg[k] is not None})
+                  extra={k: cfg[k] for k in ("max_num_seqs", "gpu_memory_utilization", "tensor_parallel_size")
+                         if cfg[k] is not None})
     plan = configs(cfg["systems"], cfg["stock_max_loras"])
     records, overheads = [], []
 

@@ -88,8 +88,9 @@ def apply() -> None:
         stock_init(self, vllm_config, *args, **kwargs)
         if self.lora_config is None:
             return
-        self.kv_cache_manager.enable_adapters(vllm_config.model_config.hf_text_config,
-                                              self.lora_config.lora_dtype)
+        self.kv_cache_manager.enable_adapters(
+            vllm_config.model_config.hf_text_config, self.lora_config.lora_dtype,
+            tp_size=vllm_config.parallel_config.tensor_parallel_size)
         self.lora_config = copy.copy(self.lora_config)
         self.lora_config.max_loras = max(self.scheduler_config.max_num_seqs,
                                          self.lora_config.max_loras)

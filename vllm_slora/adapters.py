@@ -221,10 +221,11 @@ def engine_geometry(vllm_config) -> tuple[PageGeometry | None, int | None]:
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
     esize = torch.empty((), dtype=kv_dtype).element_size()
-    page_bytes = 2 * cache.block_size * kv_heads * head_dim * esize
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    page_bytes = 2 * cache.block_size * (kv_heads // tp) * head_dim * esize
     lora_dtype = lora.lora_dtype if isinstance(lora.lora_dtype, torch.dtype) else model.dtype
     try:
-        geo = PageGeometry.create(hf, lora_dtype, page_bytes)
+        geo = PageGeometry.create(hf, lora_dtype, page_bytes, tp_size=tp)
     except ValueError:
         return None, None
     return geo, cache.num_gpu_blocks - 1  # block 0 is vLLM's null block

@@ -9,6 +9,15 @@ no ``max_loras x max_rank`` tensor anywhere.
 The LoRA part runs as the custom op ``torch.ops.vllm.slora_paged_lora`` so
 that torch.compile treats it as opaque (its metadata is Python state of the
 pager, set per step).
+
+Tensor parallelism (S-LoRA's partition; the math and its communication are
+in ``vllm_slora/tp.py``): on a column-parallel layer the shrink gives this
+rank's strided part of v, one all-gather of v makes it whole and the expand
+writes this rank's output columns. On a row-parallel layer the wrapper runs
+the base layer's matmul without its all-reduce, the shrink of this rank's
+input columns gives a partial v, one all-reduce of v completes it, the
+expand adds this rank's LoRA columns into the partial sum, and the base
+layer's all-reduce then carries base and LoRA outputs together.
 """
 
 from __future__ import annotations
@@ -18,9 +27,10 @@ import re
 import torch
 from torch import nn
 
-from vllm_slora.kernels import paged_lora
+from vllm_slora.kernels import paged_lora, paged_lora_expand, paged_lora_shrink
 
 _LAYERS: dict[str, "PagedLoRALinear"] = {}
+ROW_PARALLEL = ("o_proj", "down_proj")
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -35,13 +45,38 @@ class PagedLoRALinear(nn.Module):
         self.group = group
         self.layer_idx = int(m.group(1))
         self.pager = pager
+        self.tp_size, self.tp_rank = pager.tp_size, pager.tp_rank
+        self.row_parallel = group in ROW_PARALLEL
+        if self.tp_size > 1 and self.row_parallel and not base_layer.reduce_results:
+            raise ValueError(f"vllm_slora: '{name}' does not all-reduce its output; "
+                             f"the LoRA output has nowhere to join it")
         _LAYERS[name] = self
 
     def forward(self, x: torch.Tensor):
+        if self.tp_size > 1 and self.row_parallel:
+            return self._row_parallel_forward(x)
         out = self.base_layer(x)
         y = out[0] if isinstance(out, tuple) else out
         torch.ops.vllm.slora_paged_lora(x, y, self.layer_name)
         return out
+
+    def _row_parallel_forward(self, x: torch.Tensor):
+        """vLLM's ``RowParallelLinear.forward`` with the LoRA output added to
+        the partial sum before its all-reduce."""
+        from vllm.distributed import (split_tensor_along_last_dim,
+                                      tensor_model_parallel_all_reduce)
+
+        base = self.base_layer
+        if not base.input_is_parallel:
+            x = split_tensor_along_last_dim(x, num_partitions=self.tp_size)[self.tp_rank]
+            x = x.contiguous()
+        bias = None if (self.tp_rank > 0 or base.skip_bias_add) else base.bias
+        partial = base.quant_method.apply(base, x, bias)
+        torch.ops.vllm.slora_paged_lora(x, partial, self.layer_name)
+        out = tensor_model_parallel_all_reduce(partial)
+        if not base.return_bias:
+            return out
+        return out, (base.bias if base.skip_bias_add else None)
 
     def apply_lora(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += adapters(x), in place; x [T, K], y [T, N] (or with a leading batch dim)."""
@@ -60,10 +95,42 @@ class PagedLoRALinear(nn.Module):
         if len(a_rows) == 1:
             a_rows, b_rows = a_rows[0], b_rows[0]
         same = token_lora is batch.token_lora  # segments and meta describe it
+        if self.tp_size > 1:
+            self._apply_sharded(x2, y2, token_lora, batch, same)
+            return
         paged_lora(x2, y2, self.pager.pools[self.layer_idx], a_rows, b_rows,
                    batch.lora_start, batch.rank[self.group], batch.lora_scale, token_lora,
                    segments=batch.segments if same else None,
                    max_rank=batch.max_rank[self.group], meta=batch.meta if same else None)
+
+    def _apply_sharded(self, x, y, token_lora, batch, same: bool) -> None:
+        """This rank's part of the LoRA output, with one collective on v."""
+        from vllm.distributed import get_tp_group
+
+        g, p, world = self.group, self.tp_rank, self.tp_size
+        a_rows, b_rows = self.pager.vectors.group_tables[g]
+        pool = self.pager.pools[self.layer_idx]
+        segments, meta = (batch.segments, batch.meta) if same else (None, None)
+        t, r_max = x.shape[0], batch.max_rank[g]
+        if self.row_parallel:
+            # x: this rank's input columns; y: the full-width partial sum.
+            v = torch.zeros(1, t, r_max, dtype=torch.float32, device=x.device)
+            paged_lora_shrink(x, pool, a_rows, batch.lora_start, batch.rank_a[g], token_lora, v,
+                              segments, meta)
+            v = get_tp_group().all_reduce(v)
+            n_p = y.shape[1] // world
+            y = y[:, p * n_p:(p + 1) * n_p]
+        else:
+            # A-vector j sits on rank j % P at local index j // P.
+            local = -(-r_max // world)
+            v_p = torch.zeros(len(a_rows), t, local, dtype=torch.float32, device=x.device)
+            paged_lora_shrink(x, pool, a_rows, batch.lora_start, batch.rank_a[g], token_lora,
+                              v_p, segments, meta)
+            parts = get_tp_group().all_gather(v_p, dim=0)  # [P * S, T, local]
+            v = (parts.view(world, *v_p.shape).permute(1, 2, 3, 0)
+                 .reshape(v_p.shape[0], t, local * world).contiguous())
+        paged_lora_expand(v, pool, b_rows, batch.lora_start, batch.rank[g], batch.lora_scale,
+                          token_lora, y, segments, meta)
 
     def extra_repr(self) -> str:
         return f"group={self.group}, layer={self.layer_idx}"

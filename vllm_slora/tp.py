@@ -1,9 +1,12 @@
 """S-LoRA's tensor-parallel scheme for paged LoRA: the sharded math.
 
-Not wired into the engine yet (the plugin refuses ``--tensor-parallel-size``
-> 1); this is the partition the pager and layers will use, tested on its own
-with torch.distributed (``tests/tp/``). Vocabulary: see
-``vllm_slora/kernels/__init__.py``.
+The engine runs it under ``--tensor-parallel-size P``: each rank's pages hold
+its shard (``vllm_slora/memory/layout.py``: ``shard_widths``, ``pack_adapter``)
+and ``PagedLoRALinear`` (``vllm_slora/layers.py``) does the collectives below
+with vLLM's TP group. This module is the same partition in plain
+torch.distributed, tested against the unsharded math (``tests/tp/``);
+``tests/tp/test_engine_tp.py`` checks the engine at TP 2 against TP 1.
+Vocabulary: see ``vllm_slora/kernels/__init__.py``.
 
 Partition, matching vLLM's Megatron layers (P = tensor-parallel size, rank p):
 

@@ -172,7 +172,7 @@ def test_pages_per_adapter_for_llama_7b():
                           num_key_value_heads=32, intermediate_size=11008, num_hidden_layers=32)
     geo = PageGeometry.create(cfg, torch.float16, 16 * 2 * 32 * 128 * 2)
     assert (geo.page_width, geo.rows_per_block) == (256, 512)
-    assert geo.rows_per_rank(KINDS) == 305 and geo.rows_per_rank(KINDS[:4]) == 128
+    assert geo.adapter_rows(1, KINDS) == 305 and geo.adapter_rows(1, KINDS[:4]) == 128
     assert [geo.blocks_for(r, KINDS) for r in (8, 16, 32, 64)] == [5, 10, 20, 39]
     assert [geo.blocks_for(r, KINDS[:4]) for r in (8, 16, 32, 64)] == [2, 4, 8, 16]
 

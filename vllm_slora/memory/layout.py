@@ -23,6 +23,16 @@ Vocabulary (used everywhere in ``vllm_slora.memory``):
 - **packed adapter**: per layer, the ``[rows, D]`` block of pages an adapter
   fills, in the order given by ``AdapterMeta.offsets``; the pager copies it
   into the pool rows of the adapter's blocks with one indexed copy per layer.
+- **tensor parallelism** (S-LoRA's partition, ``vllm_slora/tp.py``): with
+  ``--tensor-parallel-size P`` every worker's KV blocks hold 1/P of the KV
+  heads, and its pages hold its shard of each adapter. Column-parallel kinds
+  (q, k, v, gate, up): the A-vectors ``j % P == p`` (full width K; rank p has
+  ``len(range(p, r, P))`` of them, at the first indices of the adapter's
+  vector range) and every B-vector's rows ``N_p`` (width N / P). Row-parallel
+  kinds (o, down): every A-vector's columns ``K_p`` (width K / P) and every
+  B-vector's rows ``N_p`` (width N / P). ``PageGeometry.widths`` are these
+  per-rank widths; the scheduler budgets every adapter at rank 0's page
+  count (the largest), so block ids and vector ranges agree on all ranks.
 """
 
 from __future__ import annotations
@@ -41,6 +51,8 @@ KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 GROUPS = {"qkv_proj": PACKED["qkv_proj"], "o_proj": ("o_proj",),
           "gate_up_proj": PACKED["gate_up_proj"], "down_proj": ("down_proj",)}
+# Megatron partition of the vLLM layer each kind belongs to.
+COLUMN_PARALLEL = frozenset(PACKED["qkv_proj"] + PACKED["gate_up_proj"])
 MAX_PAGE_WIDTH = 256
 ADAPTER_FILE = "adapter_model.safetensors"
 _KEY = re.compile(r"layers\.(\d+)\.(?:[\w.]+\.)?(\w+)\.lora_([AB])(?:\.default)?\.weight$")
@@ -61,6 +73,22 @@ def largest_pow2_divisor(n: int, cap: int) -> int:
     return min(n & -n, cap)
 
 
+def shard_widths(hf_config, tp_size: int) -> dict[str, tuple[int, int]]:
+    """(A-vector width, B-vector width) of each kind on one of ``tp_size`` ranks."""
+    full = module_widths(hf_config)
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    if tp_size > 1 and (kv_heads % tp_size or hf_config.num_attention_heads % tp_size):
+        raise ValueError(f"vllm_slora shards adapters like the heads: "
+                         f"{hf_config.num_attention_heads} query and {kv_heads} KV heads do "
+                         f"not split over --tensor-parallel-size {tp_size}")
+    out = {}
+    for kind, (k, n) in full.items():
+        if n % tp_size or k % tp_size:
+            raise ValueError(f"{kind} ({k} x {n}) does not split over {tp_size} ranks")
+        out[kind] = (k if kind in COLUMN_PARALLEL else k // tp_size, n // tp_size)
+    return out
+
+
 @dataclass(frozen=True)
 class PageGeometry:
     """Page width D and block capacity, the same in scheduler and workers."""
@@ -69,15 +97,20 @@ class PageGeometry:
     dtype: torch.dtype  # adapter dtype (= vLLM's lora_dtype)
     rows_per_block: int  # pages per block per layer
     num_layers: int
-    widths: tuple[tuple[int, int], ...]  # (K, N) per kind, in KINDS order
+    widths: tuple[tuple[int, int], ...]  # (A, B vector width) per kind on this rank, KINDS order
+    full_widths: tuple[tuple[int, int], ...]  # (K, N) per kind of the whole model
+    tp_size: int = 1
+    tp_rank: int = 0
 
     @classmethod
-    def create(cls, hf_config, dtype: torch.dtype, page_size_bytes: int) -> "PageGeometry":
+    def create(cls, hf_config, dtype: torch.dtype, page_size_bytes: int, tp_size: int = 1,
+               tp_rank: int = 0) -> "PageGeometry":
         """D = largest power of two <= 256 dividing every width and half a block.
 
         Half a block: some KV layouts keep K and V of a block in two ranges.
+        ``page_size_bytes``: one block of one layer on one rank.
         """
-        widths = module_widths(hf_config)
+        widths = shard_widths(hf_config, tp_size)
         esize = torch.empty((), dtype=dtype).element_size()
         if page_size_bytes % (2 * esize):
             raise ValueError(f"KV block of {page_size_bytes} bytes per layer cannot hold "
@@ -85,20 +118,33 @@ class PageGeometry:
                              f"multiple of {2 * esize} bytes")
         g = math.gcd(page_size_bytes // (2 * esize), *[w for kn in widths.values() for w in kn])
         d = largest_pow2_divisor(g, MAX_PAGE_WIDTH)
+        full = module_widths(hf_config)
         return cls(page_width=d, dtype=dtype, rows_per_block=page_size_bytes // (d * esize),
                    num_layers=hf_config.num_hidden_layers,
-                   widths=tuple(widths[k] for k in KINDS))
+                   widths=tuple(widths[k] for k in KINDS),
+                   full_widths=tuple(full[k] for k in KINDS), tp_size=tp_size, tp_rank=tp_rank)
 
     def width(self, kind: str) -> tuple[int, int]:
+        """(A-vector, B-vector) width of ``kind`` on this rank ((K, N) without TP)."""
         return self.widths[KINDS.index(kind)]
 
-    def rows_per_rank(self, kinds) -> int:
-        """Pages per layer one rank of an adapter on ``kinds`` takes."""
-        return sum(sum(self.width(k)) for k in kinds) // self.page_width
+    def a_vectors(self, kind: str, rank: int, tp_rank: int | None = None) -> int:
+        """A-vectors of a rank-``rank`` adapter on ``kind`` that a TP rank holds."""
+        if kind in COLUMN_PARALLEL and self.tp_size > 1:
+            return len(range(self.tp_rank if tp_rank is None else tp_rank, rank, self.tp_size))
+        return rank
+
+    def adapter_rows(self, rank: int, kinds, tp_rank: int | None = None) -> int:
+        """Pages per layer of a rank-``rank`` adapter on ``kinds`` (on ``tp_rank``)."""
+        return sum(self.a_vectors(k, rank, tp_rank) * self.width(k)[0]
+                   + rank * self.width(k)[1] for k in kinds) // self.page_width
 
     def blocks_for(self, rank: int, kinds) -> int:
-        """Blocks an adapter of ``rank`` on ``kinds`` needs (its pages, in blocks)."""
-        return -(-rank * self.rows_per_rank(kinds) // self.rows_per_block)
+        """Blocks an adapter of ``rank`` on ``kinds`` needs (its pages, in blocks).
+
+        TP rank 0 holds the most pages; every rank gets that many blocks.
+        """
+        return -(-self.adapter_rows(rank, kinds, tp_rank=0) // self.rows_per_block)
 
 
 @dataclass(frozen=True)
@@ -115,12 +161,13 @@ class AdapterMeta:
         out, row = {}, 0
         for kind in self.kinds:
             k, n = geo.width(kind)
-            out[kind] = (row, row + self.rank * k // geo.page_width)
-            row += self.rank * (k + n) // geo.page_width
+            a = geo.a_vectors(kind, self.rank) * k // geo.page_width
+            out[kind] = (row, row + a)
+            row += a + self.rank * n // geo.page_width
         return out
 
     def rows(self, geo: PageGeometry) -> int:
-        return self.rank * geo.rows_per_rank(self.kinds)
+        return geo.adapter_rows(self.rank, self.kinds)
 
 
 def split_key(key: str) -> tuple[int, str, str] | None:
@@ -174,9 +221,11 @@ def read_adapter_meta(path: str) -> AdapterMeta:
 def pack_adapter(meta: AdapterMeta, geo: PageGeometry, tensors: dict) -> torch.Tensor:
     """PEFT tensors -> packed adapter ``[num_layers, rows, D]`` in the adapter dtype.
 
+    With tensor parallelism, this rank's shard (see the module docstring).
     Layers or kinds the adapter does not have are left zero.
     """
     d, r = geo.page_width, meta.rank
+    p, world = geo.tp_rank, geo.tp_size
     packed = torch.zeros(geo.num_layers, meta.rows(geo), d, dtype=geo.dtype)
     offsets = meta.offsets(geo)
     for key, t in tensors.items():
@@ -184,16 +233,20 @@ def pack_adapter(meta: AdapterMeta, geo: PageGeometry, tensors: dict) -> torch.T
         if layer >= geo.num_layers:
             raise ValueError(f"adapter '{meta.path}': '{key}' is for layer {layer}, "
                              f"the model has {geo.num_layers}")
-        k, n = geo.width(kind)
+        k, n = geo.full_widths[KINDS.index(kind)]
         a_off, b_off = offsets[kind]
         want = (r, k) if ab == "A" else (n, r)
         if tuple(t.shape) != want:
             raise ValueError(f"adapter '{meta.path}': '{key}' has shape {tuple(t.shape)}, "
                              f"the model needs {want}; was it trained for another model?")
         if ab == "A":  # [r, K]: rank-vectors are rows
-            rows = t.reshape(r * k // d, d)
+            if world > 1:
+                t = t[p::world] if kind in COLUMN_PARALLEL else t.tensor_split(world, dim=1)[p]
+            rows = t.reshape(-1, d)
             packed[layer, a_off:a_off + rows.shape[0]] = rows
         else:  # [N, r]: rank-vectors are columns
-            rows = t.t().reshape(r * n // d, d)
+            if world > 1:
+                t = t.tensor_split(world, dim=0)[p]
+            rows = t.t().reshape(-1, d)
             packed[layer, b_off:b_off + rows.shape[0]] = rows
     return packed

@@ -26,14 +26,15 @@ _ALLOCATE = inspect.signature(KVCacheManager.allocate_slots)
 class PagedKVCacheManager(KVCacheManager):
     adapters: AdapterPool | None = None
 
-    def enable_adapters(self, hf_config, lora_dtype) -> AdapterPool:
+    def enable_adapters(self, hf_config, lora_dtype, tp_size: int = 1) -> AdapterPool:
         groups = self.kv_cache_config.kv_cache_groups
         if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, AttentionSpec):
             raise ValueError(
                 f"vllm_slora pages adapters in a single attention KV-cache group; this model "
                 f"has {len(groups)} group(s) ({[type(g.kv_cache_spec).__name__ for g in groups]}); "
                 f"run it without --plugin vllm_slora")
-        geo = PageGeometry.create(hf_config, lora_dtype, groups[0].kv_cache_spec.page_size_bytes)
+        geo = PageGeometry.create(hf_config, lora_dtype, groups[0].kv_cache_spec.page_size_bytes,
+                                  tp_size=tp_size)
         config = slora_config()
         source = self.block_pool
         if not config.unify_mem:

@@ -44,6 +44,9 @@ class Batch:
     lora_scale: torch.Tensor  # fp32 [L]
     rank: dict[str, torch.Tensor]  # per layer group: int32 [L], 0 = adapter lacks it
     max_rank: dict[str, int]
+    # A-vectors this TP rank holds per adapter (the shrink's ranks): ``rank``
+    # itself without TP and on row-parallel groups.
+    rank_a: dict[str, torch.Tensor]
     segments: tuple[torch.Tensor, torch.Tensor] | None
     lora_ids: list[int]
     meta: torch.Tensor | None = None  # kernels.group_by_adapter, once per batch (CUDA)
@@ -81,8 +84,9 @@ class Pager:
     """Created with the model; ``bind`` (first plan, KV cache allocated) makes it usable."""
 
     def __init__(self, hf_config, dtype: torch.dtype, device: torch.device,
-                 host_budget_bytes: int):
+                 host_budget_bytes: int, tp_size: int = 1, tp_rank: int = 0):
         self.hf_config = hf_config
+        self.tp_size, self.tp_rank = tp_size, tp_rank
         self.dtype = dtype
         self.device = device
         self.host_budget_bytes = host_budget_bytes
@@ -114,7 +118,8 @@ class Pager:
         if len(layouts) != 1:
             raise ValueError("vllm_slora needs the same KV block layout in every layer")
         offsets, stride, chunk = layouts.pop()
-        self.geo = PageGeometry.create(self.hf_config, self.dtype, chunk * len(offsets))
+        self.geo = PageGeometry.create(self.hf_config, self.dtype, chunk * len(offsets),
+                                       tp_size=self.tp_size, tp_rank=self.tp_rank)
         d = self.geo.page_width
         row_bytes = d * torch.empty((), dtype=self.dtype).element_size()
         if chunk % row_bytes or stride % row_bytes or any(o % row_bytes for o in offsets):
@@ -235,12 +240,20 @@ class Pager:
         ranks = {g: [r.rank if kinds[0] in r.kinds else 0 for r in res]
                  for g, kinds in GROUPS.items()}
         dev = self.device
+        rank = {g: torch.tensor(v, dtype=torch.int32, device=dev) for g, v in ranks.items()}
+        rank_a = dict(rank)
+        if self.tp_size > 1:
+            for g, kinds in GROUPS.items():
+                local = [self.geo.a_vectors(kinds[0], r) for r in ranks[g]]
+                if local != ranks[g]:
+                    rank_a[g] = torch.tensor(local, dtype=torch.int32, device=dev)
         self.batch = Batch(
             token_lora=torch.from_numpy(token_lora).to(dev),
             lora_start=torch.tensor([r.start for r in res], dtype=torch.int32, device=dev),
             lora_scale=torch.tensor([r.scale for r in res], dtype=torch.float32, device=dev),
-            rank={g: torch.tensor(v, dtype=torch.int32, device=dev) for g, v in ranks.items()},
+            rank=rank,
             max_rank={g: max(v) for g, v in ranks.items()},
+            rank_a=rank_a,
             segments=_segments(token_lora, dev),
             lora_ids=lora_ids)
         if dev.type == "cuda":

@@ -33,7 +33,8 @@ class VectorSpace:
         d, r = self.geo.page_width, meta.rank
         for kind, (a_off, b_off) in meta.offsets(self.geo).items():
             k, n = self.geo.width(kind)
-            self.a_rows[kind][start:start + r] = rows[a_off:a_off + r * k // d].view(r, k // d)
+            ra = self.geo.a_vectors(kind, r)  # < r on TP ranks of column-parallel kinds
+            self.a_rows[kind][start:start + ra] = rows[a_off:a_off + ra * k // d].view(ra, k // d)
             self.b_rows[kind][start:start + r] = rows[b_off:b_off + r * n // d].view(r, n // d)
         return start
 

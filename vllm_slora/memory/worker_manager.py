@@ -33,10 +33,16 @@ class PagedLoRAWorkerManager:
         self.vllm_config = vllm_config
         self.lora_config = vllm_config.lora_config
         self.device = torch.device(device)
-        if vllm_config.parallel_config.tensor_parallel_size > 1:
+        parallel = vllm_config.parallel_config
+        if parallel.pipeline_parallel_size > 1:
             raise NotImplementedError(
-                "vllm_slora pages adapters with --tensor-parallel-size 1 only; "
-                "drop --plugin vllm_slora to use stock LoRA with tensor parallelism")
+                "vllm_slora pages adapters without pipeline parallelism; use "
+                "--tensor-parallel-size, or drop --plugin vllm_slora")
+        tp_size, tp_rank = parallel.tensor_parallel_size, 0
+        if tp_size > 1:
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            tp_rank = get_tensor_model_parallel_rank()
         graphs = vllm_config.compilation_config.cudagraph_mode
         if self.device.type == "cuda" and graphs is not None and graphs.has_full_cudagraphs():
             # The per-step batch metadata are fresh tensors and the layers
@@ -47,7 +53,7 @@ class PagedLoRAWorkerManager:
                 f"(cudagraph_mode={graphs.name}); use -cc.cudagraph_mode=PIECEWISE "
                 f"or --enforce-eager")
         self.pager = Pager(vllm_config.model_config.hf_text_config, self.lora_config.lora_dtype,
-                           self.device, slora_config().host_cache_bytes)
+                           self.device, slora_config().host_cache_bytes, tp_size, tp_rank)
         self.layers: list[PagedLoRALinear] = []
         self._dummy: set[int] = set()
         self._registered: dict[int, str] = {}
