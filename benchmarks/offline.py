@@ -50,8 +50,12 @@ def device_name() -> str:
     import platform
     import subprocess
 
+    # nvidia-smi ignores CUDA_VISIBLE_DEVICES: name only the GPUs this run sees
+    # (one job per GPU of a multi-GPU machine must not read "4 x ...").
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    select = ["-i", visible] if visible and visible != "-1" else []
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", *select],
                              capture_output=True, text=True, timeout=20)
         names = out.stdout.strip().splitlines()
         if out.returncode == 0 and names:
@@ -75,7 +79,7 @@ def engine_facts(llm) -> dict:
 def plugin_stats(llm) -> dict:
     """The plugin's counters after a measurement (cumulative over the engine's life)."""
     try:
-        from vllm_slora import stats
+        from vllm_slora.memory import stats
 
         return stats.collect(llm)
     except Exception as e:

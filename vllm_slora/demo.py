@@ -71,7 +71,9 @@ def main(argv=None) -> None:
     served = len({a for _, a in requests})
     common = dict(model=str(model), requests=requests, max_tokens=args.max_tokens,
                   max_lora_rank=max(RANKS), max_cpu_loras=args.adapters,
-                  llm_kwargs={"enforce_eager": True})
+                  # float32 explicitly: vLLM's dtype "auto" runs a float32
+                  # checkpoint in 16 bits, where near-ties flip tokens.
+                  llm_kwargs={"enforce_eager": True, "dtype": "float32"})
 
     print(f"stock vLLM, max_loras={args.stock_max_loras} ...", flush=True)
     stock = run_workload(Workload(plugin="none", max_loras=args.stock_max_loras, **common))
