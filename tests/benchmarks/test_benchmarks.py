@@ -23,9 +23,9 @@ from benchmarks.run import error_from_log, parse  # noqa: E402
 from benchmarks.systems import Config, configs, engine_kwargs, serve_flags  # noqa: E402
 from benchmarks.workload import ATTN, WorkloadSpec, generate, read_trace, write_trace  # noqa: E402
 
-# The plugin systems join the end-to-end run once unified paging works on CPU
-# (the lead flips this; the run also needs vllm_slora.patches.MODE_PATCHES).
-INCLUDE_SLORA = False
+# The plugin and its two ablation switches in the end-to-end tiny run (they
+# need vllm_slora.patches.MODE_PATCHES, i.e. an installed plugin).
+INCLUDE_SLORA = True
 
 
 def spec(**kw) -> WorkloadSpec:
@@ -208,7 +208,7 @@ def test_report_ratios_best_stock_and_failures(tmp_path):
 def plugin_systems() -> list[str]:
     from vllm_slora.patches import MODE_PATCHES
 
-    return ["slora"] if INCLUDE_SLORA and MODE_PATCHES else []
+    return ["slora", "slora-bmm", "slora-no-unifymem"] if INCLUDE_SLORA and MODE_PATCHES else []
 
 
 @pytest.mark.slow
@@ -231,7 +231,7 @@ def test_tiny_offline_run(tmp_path):
             assert p["req_per_s"] > 0 and p["output_tok_per_s"] > 0
             assert p["output_tokens"] == sum(r.output_len for r in trace.requests)  # ignore_eos honoured
             assert len(p["ttft_s"]) == 16 and 0 < p["ttft_p50_s"] <= p["ttft_p99_s"]
-    assert [s["label"] for s in results["systems"]] == ["base", *plugin_systems(), "stock (max_loras=4)"]
+    assert [s["label"] for s in results["systems"]] == [c.label for c in configs(systems, [4])]
     assert all(s["wall_s"] >= s["start_s"] for s in results["systems"])
     md = (results_dir / "tiny.md").read_text()
     assert "| 5 | stock (max_loras=4) **best** | ok |" in md and "| 2 | base | ok |" in md
