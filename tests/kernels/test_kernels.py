@@ -235,6 +235,30 @@ def test_first_mbgmv(dtype):
     assert rel_err(y, want) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("mode", ["per-token", "by-adapter", "segments"])
+def test_expand_into_column_slice(triton_backend, monkeypatch, mode):
+    """Row-parallel TP: the expand adds into this rank's columns of the full-width
+    partial sum, a strided view; the columns around it stay bit-unchanged."""
+    if mode == "by-adapter":
+        monkeypatch.setattr(grouped, "PER_TOKEN_MAX_T", 0)
+    ranks, n, d, world, p = [8, 3, 16, 1], 64, 16, 3, 1
+    ad = make_paged_adapters(ranks, 32, [n], d, torch.float16, device=DEVICE, seed=4)
+    token_lora, segments = make_segments([3, 1, 2, 1, 3], [0, -1, 2, 1, 3], device=DEVICE)
+    segments = segments if mode == "segments" else None
+    gen = torch.Generator().manual_seed(5)
+    v = torch.randn(token_lora.shape[0], ad.max_rank, generator=gen).to(DEVICE)
+    full = torch.randn(token_lora.shape[0], n * world, generator=gen).to(torch.float16).to(DEVICE)
+    got, want = full.clone(), full.clone()
+    cols = slice(p * n, (p + 1) * n)
+    args = (ad.pool, ad.b_rows[0], ad.lora_start, ad.lora_rank, ad.lora_scale, token_lora)
+    kernels.paged_lora_expand(v, *args, got[:, cols], segments)
+    reference.paged_lora_expand(v, *args, want[:, cols])
+    outside = torch.ones(n * world, dtype=torch.bool)
+    outside[cols] = False
+    assert torch.equal(got[:, outside], full[:, outside]), "wrote outside its columns"
+    assert rel_err(got[:, cols], want[:, cols]) <= TOL[torch.float16]
+
+
 # ---- custom ops and torch.compile (CPU, reference backend) ------------------
 
 
