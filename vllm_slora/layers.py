@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from vllm_slora.kernels import paged_lora, paged_lora_expand, paged_lora_shrink
+from vllm_slora.memory.layout import COLUMN_PARALLEL, GROUPS
 
 _LAYERS: dict[str, "PagedLoRALinear"] = {}
-ROW_PARALLEL = ("o_proj", "down_proj")
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -46,7 +46,7 @@ class PagedLoRALinear(nn.Module):
         self.layer_idx = int(m.group(1))
         self.pager = pager
         self.tp_size, self.tp_rank = pager.tp_size, pager.tp_rank
-        self.row_parallel = group in ROW_PARALLEL
+        self.row_parallel = GROUPS[group][0] not in COLUMN_PARALLEL
         if self.tp_size > 1 and self.row_parallel and not base_layer.reduce_results:
             raise ValueError(f"vllm_slora: '{name}' does not all-reduce its output; "
                              f"the LoRA output has nowhere to join it")
