@@ -57,7 +57,8 @@ def compare_runs(a: list[dict], b: list[dict], threshold: float = TIE_THRESHOLD)
     """Outputs of two ``vllm_slora.testing.runner`` runs of the same requests.
 
     Returns ``identical`` (requests with equal tokens), ``divergences`` (one
-    ``first_divergence`` per other request, with its index) and
+    ``first_divergence`` per other request, with its index), ``clear`` (those
+    not explained as near-ties, unexplained ones included) and
     ``max_logprob_diff`` over the tokens both runs share before diverging.
     """
     divergences, worst = [], 0.0
