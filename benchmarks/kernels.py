@@ -13,27 +13,38 @@ timing, writes nothing unless --out is given):
 Each case is one LoRA'd module (shrink + expand, fused slices in one call),
 run as the model runs it: ``vllm_slora.kernels.paged_lora`` with max_rank
 (decode batches of T tokens without segments, prefill batches of NSEG
-segments of 64-256 tokens with them). Our time includes everything the op
-does per call (the per-adapter grouping launch of decode batches above
-``grouped.PER_TOKEN_MAX_T`` tokens, split-K reductions); stock's
-LoRAKernelMeta is prepared outside the timed region, as vLLM does once per
-step. A batch uses min(T or NSEG, 64) distinct adapters. The "plan" column
-is the grouped kernels' choice: T/S/A = per token / per segment / per adapter,
-then BM, then k<split>f|r when the shrink splits K (partials summed in the
-expand, or by a reduce launch). "v1 us" is the first MBGMV (one program per
-token, mbgmv.py), kept as a baseline for small decode batches. Stock vLLM gets the same adapters laid out its way (stacked
-[max_loras, 1, max_rank, K] / [max_loras, 1, N, max_rank], padded to the
-largest rank, the scale folded into B as vLLM does) and is called as
+segments of 64-256 tokens with them). Per-batch metadata is prepared outside
+the timed region on both sides, as each engine does once per step for all
+layers: our ``group_by_adapter`` (the pager's ``Batch.meta``) and stock's
+LoRAKernelMeta. Our time includes everything else the op does per call
+(split-K partials, reductions). A batch uses min(T or NSEG, 64) distinct
+adapters. The "plan" column is the grouped kernels' choice: T/S/A = per
+token / per segment / per adapter, then BM, then k<split>f|r when the shrink
+splits K (partials summed in the expand, or by a reduce launch), then
+n<blocks> when an expand program streams several column blocks. "v1 us" is
+the first MBGMV (one program per token, mbgmv.py), kept as a baseline for
+small decode batches. Stock vLLM gets the same adapters laid out its way
+(stacked [max_loras, 1, max_rank, K] / [max_loras, 1, N, max_rank], padded
+to the largest rank, the scale folded into B as vLLM does) and is called as
 ``PunicaWrapperGPU.add_lora_linear`` calls it (lora_shrink then lora_expand
-with LoRAKernelMeta.meta_args). Times are triton.testing.do_bench medians
-with L2 flushed before every call. Every implementation's output is first
+with LoRAKernelMeta.meta_args). Every implementation's output is first
 checked against the PyTorch reference (relative-norm error in the JSON).
-HBM% = bytes the op must move (x, the pages of the adapters in use, y read
-and written) / our time / 3.35 TB/s; the target applies to decode. The JSON
-also has, for the bandwidth-bound cases, our time split into grouping,
-shrink (+ reduce) and expand launches. The run ends with a summary: per
-(model, module, ranks, mode) the geometric mean of ours/stock over batch
-sizes, and the largest decode HBM%.
+
+Timing. The "us" columns are GPU time per call: ``graph_us`` captures the
+call REPS times in one CUDA graph, each preceded by a 128 MB write that
+evicts L2 (50 MB), times graph replays with CUDA events, and subtracts the
+same graph without the calls (median of interleaved replays). This is how
+the ops run inside vLLM's CUDA graphs, and it leaves out the host's launch
+cost, which an eager call of a 10-50 us op is bound by. "eager us" is
+``triton.testing.do_bench`` (median, L2 flushed) of one eager call: what an
+op costs when it runs outside a graph, host launch cost included (stock's
+two launches against our two or three). The targets (ours/stock, HBM%)
+apply to GPU time. HBM% = bytes the op must move (x, the pages of the
+adapters in use, y read and written) / GPU time / 3.35 TB/s; the target
+applies to decode. The JSON also has, for the bandwidth-bound cases, our
+GPU time split into shrink (+ reduce) and expand launches. The run ends with
+a summary: per (model, module, ranks, mode) the geometric mean of
+ours/stock over batch sizes, and the largest decode HBM%.
 """
 
 import argparse
@@ -86,6 +97,69 @@ TARGET_HBM_PCT = 70.0
 # Per-kernel breakdown (JSON) for cases with at least this many tokens.
 BREAKDOWN_MIN_TOKENS = 128
 V1_MAX_TOKENS = 32
+# Implementations also timed eagerly (host launch cost included).
+EAGER_TIMED = ("ours", "stock")
+# Graph timing: calls per graph aim at this much GPU time (within REPS_RANGE);
+# replays per measurement; bytes written to evict L2 before each call.
+GRAPH_TARGET_US = 2000.0
+REPS_RANGE = (3, 50)
+GRAPH_REPLAYS = 9
+FLUSH_BYTES = 128 << 20
+
+
+def graph_us(fn, flush, reps_range=REPS_RANGE, replays=GRAPH_REPLAYS) -> float:
+    """GPU microseconds per call of ``fn`` (see "Timing" above).
+
+    ``flush`` evicts L2; it runs before every call in the timed graph and
+    alone in the baseline graph, whose time is subtracted.
+    """
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compilation, pointer caches) off the graph
+        for _ in range(2):
+            flush()
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    guess = max(start.elapsed_time(end) * 1e3, 1.0)
+    reps = int(min(max(GRAPH_TARGET_US / guess, reps_range[0]), reps_range[1]))
+
+    def capture(body):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                body()
+        return g
+
+    with_fn = capture(lambda: (flush(), fn()))
+    alone = capture(flush)
+    with_fn.replay()
+    alone.replay()
+    times: dict[str, list[float]] = {"with": [], "alone": []}
+    for _ in range(replays):
+        for key, g in (("with", with_fn), ("alone", alone)):
+            start.record()
+            g.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times[key].append(start.elapsed_time(end))
+    del with_fn, alone
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return max(0.0, 1e3 * (med["with"] - med["alone"]) / reps)
+
+
+def make_flush():
+    import torch
+
+    buf = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+    return buf.zero_
 
 
 def build_adapters(torch, k, ns, ranks, d, dtype, device, gen):
@@ -195,15 +269,17 @@ class Case:
     r_max: int
     a_rows: object
     b_rows: object
+    meta: object = None  # group_by_adapter of a decode batch, built once (as the pager does)
 
-    def ours(self, y, meta=None):
+    def ours(self, y, meta="batch"):
+        """Our op; meta="batch" passes the case's prebuilt meta, None builds it per call."""
         import vllm_slora.kernels as kernels
 
         ad = self.ad
         kernels.paged_lora(
             self.x, y, ad.pool, self.a_rows, self.b_rows, ad.lora_start, ad.lora_rank,
             ad.lora_scale, self.token_lora, segments=self.segments, max_rank=self.r_max,
-            meta=meta,
+            meta=self.meta if meta == "batch" else meta,
         )  # fmt: skip
 
 
@@ -238,9 +314,15 @@ def make_case(torch, model, mod, rset_name, mode, size, sweep, device, gen, ad_a
         model=model, module=mod, K=k, N=ns, ranks=rset_name, mode=mode, batch=size, tokens=t,
         adapters=n, d=sweep.d,
     )  # fmt: skip
-    row["plan"] = plan_tag(ad, x, ns, token_lora, segments, r_max, sweep.d)
+    meta = None
+    if segments is None and device != "cpu":
+        import vllm_slora.kernels as kernels
+
+        meta = kernels.group_by_adapter(token_lora, n)
+    row["plan"] = plan_tag(ad, x, ns, token_lora, segments, r_max, sweep.d, meta)
     return Case(row, ad, x, y0, ns, token_lora, segments, r_max,
-                ad.a_rows if fused else ad.a_rows[0], ad.b_rows if fused else ad.b_rows[0])  # fmt: skip
+                ad.a_rows if fused else ad.a_rows[0], ad.b_rows if fused else ad.b_rows[0],
+                meta)  # fmt: skip
 
 
 def run(args) -> list[dict]:
@@ -255,9 +337,11 @@ def run(args) -> list[dict]:
     # Triton path even on CPU (interpreter) for the dry run.
     kernels._FORCED = "triton"
     stock_ok = False
-    do_bench = None
+    do_bench = flush = None
     if not dry:
         from triton.testing import do_bench
+
+        flush = make_flush()
 
         try:
             import vllm.lora.ops.triton_ops  # noqa: F401
@@ -324,13 +408,15 @@ def run(args) -> list[dict]:
                     else:
                         for name, fn in impls.items():
                             y = c.y0.clone()
-                            row[f"us_{name}"] = 1e3 * do_bench(
-                                lambda fn=fn, y=y: fn(y), warmup=10, rep=30, return_mode="median"
-                            )
+                            row[f"us_{name}"] = graph_us(lambda fn=fn, y=y: fn(y), flush)
+                            if name in EAGER_TIMED:
+                                row[f"eager_us_{name}"] = 1e3 * do_bench(
+                                    lambda fn=fn, y=y: fn(y), warmup=10, rep=30,
+                                    return_mode="median",
+                                )  # fmt: skip
                         row.update(ratios_and_bandwidth(row, ad, k, ns, x, c.token_lora, mode))
                         if t >= BREAKDOWN_MIN_TOKENS and not args.quick:
-                            row.update(breakdown(do_bench, ad, x, c.y0, ns, c.token_lora,
-                                                 c.segments, r_max))  # fmt: skip
+                            row.update(breakdown(flush, c))
                     rows.append(row)
                     print_row(row, dry)
                 del ad_all
@@ -342,13 +428,16 @@ def run(args) -> list[dict]:
 # Knob variants of the grouped kernels (module globals of grouped.py) timed on
 # a few cases at the end of the full run, to tune the next version.
 VARIANT_CASES = [
-    ("7b", "qkv", "r16", "decode", 1),
-    ("7b", "qkv", "mix8-64", "decode", 128),
+    ("7b", "qkv", "mix8-64", "decode", 32),
+    ("7b", "o", "mix8-64", "decode", 32),
     ("7b", "o", "r64", "decode", 512),
+    ("7b", "o", "mix8-64", "decode", 512),
     ("7b", "down", "r16", "decode", 512),
-    ("7b", "down", "r64", "decode", 512),
+    ("7b", "down", "mix8-64", "decode", 512),
+    ("7b", "gate_up", "r64", "decode", 512),
     ("7b", "o", "r64", "prefill", 8),
     ("7b", "down", "r16", "prefill", 8),
+    ("7b", "down", "mix8-64", "prefill", 64),
 ]
 KNOBS = [
     ("base", {}),
@@ -356,27 +445,31 @@ KNOBS = [
     ("pps8", {"PROGRAMS_PER_SM": 8}),
     ("nosplit", {"MAX_SPLIT": 1}),
     ("stages3", {"SHRINK_STAGES": 3}),
-    ("stages5", {"SHRINK_STAGES": 5}),
+    ("stages2", {"SHRINK_STAGES": 2}),
     ("bn256", {"EXPAND_BN": 256}),
     ("bn64", {"EXPAND_BN": 64}),
     ("reduce", {"FUSED_PARTIALS_BYTES": 0}),
     ("fuse64k", {"FUSED_PARTIALS_BYTES": 64 << 10}),
-    ("pertok", {"PER_TOKEN_MAX_T": 1 << 30}),
-    ("byadap", {"PER_TOKEN_MAX_T": 0}),
-    ("metagiven", None),  # decode: group_by_adapter outside the timed call, like stock
+    ("nbp1", {"EXPAND_MAX_NBP": 1}),
+    ("nbp4", {"EXPAND_MAX_NBP": 4}),
+    ("nbp16", {"EXPAND_MAX_NBP": 16}),
+    ("epps4", {"EXPAND_PROGRAMS_PER_SM": 4}),
+    ("epps16", {"EXPAND_PROGRAMS_PER_SM": 16}),
+    ("estage2", {"EXPAND_STAGES": 2}),
+    ("estage4", {"EXPAND_STAGES": 4}),
+    ("nometa", None),  # decode: group_by_adapter inside the call (per token up to 32 tokens)
 ]
 
 
 def run_variants(sweep, device="cuda", cases=None) -> list[dict]:
     import torch
-    from triton.testing import do_bench
 
-    import vllm_slora.kernels as kernels
     from vllm_slora.kernels import grouped
 
+    flush = make_flush()
     gen = torch.Generator(device=device).manual_seed(1)
     out = []
-    print("knob variants: ours us per variant (base = the defaults above)")
+    print("knob variants: ours GPU us per variant (base = the defaults above)")
     print(f"{'case':32} " + " ".join(f"{name:>9}" for name, _ in KNOBS))
     for model, mod, rset, mode, size in cases or VARIANT_CASES:
         c = make_case(torch, model, mod, rset, mode, size, sweep, device, gen)
@@ -384,21 +477,19 @@ def run_variants(sweep, device="cuda", cases=None) -> list[dict]:
         for name, knobs in KNOBS:
             saved = {}
             try:
-                meta = None
+                meta = "batch"
                 if knobs is None:
-                    if mode != "decode" or c.token_lora.shape[0] <= grouped.PER_TOKEN_MAX_T:
+                    if c.meta is None:
                         continue
-                    meta = kernels.group_by_adapter(c.token_lora, c.ad.lora_start.shape[0])
+                    meta = None
                 else:
                     for key, value in knobs.items():
                         saved[key] = getattr(grouped, key)
                         setattr(grouped, key, value)
                 y = c.y0.clone()
-                c.ours(y, meta)
-                res[name] = 1e3 * do_bench(lambda y=y, meta=meta: c.ours(y, meta), warmup=5,
-                                           rep=20, return_mode="median")  # fmt: skip
+                res[name] = graph_us(lambda y=y, meta=meta: c.ours(y, meta), flush)
                 res[name + "_plan"] = plan_tag(c.ad, c.x, c.ns, c.token_lora, c.segments,
-                                               c.r_max, sweep.d)  # fmt: skip
+                                               c.r_max, sweep.d, c.meta if meta else None)  # fmt: skip
             except Exception as e:  # a variant that fails to compile or run
                 res[name] = float("nan")
                 print(f"  {name}: {type(e).__name__}: {str(e)[:200]}")
@@ -415,11 +506,26 @@ def run_variants(sweep, device="cuda", cases=None) -> list[dict]:
     return out
 
 
+def profile_case(model, mod, rset, mode, size) -> None:
+    """One case, each implementation called once (ours, then stock), no timing."""
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    c = make_case(torch, model, mod, rset, mode, int(size), FULL, "cuda", gen)
+    stock = Stock(torch, c.ad, c.r_max, c.token_lora, len(c.ns), c.x)
+    for fn in (c.ours, stock):
+        fn(c.y0.clone())
+    torch.cuda.synchronize()
+    print(f"profiled {model} {mod} {rset} {mode} {size}: plan {c.row['plan']}")
+
+
 def ratios_and_bandwidth(row, ad, k, ns, x, token_lora, mode):
     out = {}
     for other in ("stock", "bmm", "v1"):
         if f"us_{other}" in row:
-            out[f"ours/{other}"] = row["us_ours"] / row[f"us_{other}"]
+            out[f"ours/{other}"] = row["us_ours"] / max(row[f"us_{other}"], 1e-3)
+    if "eager_us_stock" in row:
+        out["eager ours/stock"] = row["eager_us_ours"] / row["eager_us_stock"]
     # Bytes the op must move: x, the pages of the adapters in use, y in+out.
     used = token_lora.unique()
     used = used[used >= 0]
@@ -427,37 +533,41 @@ def ratios_and_bandwidth(row, ad, k, ns, x, token_lora, mode):
     elem = x.element_size()
     nbytes = elem * (x.numel() + ranks * len(ns) * k + ranks * sum(ns) + 2 * x.shape[0] * sum(ns))
     out["bytes"] = nbytes
-    out["hbm_pct_of_h100_peak"] = 100 * nbytes / (row["us_ours"] * 1e-6) / H100_PEAK_BYTES_PER_S
+    out["hbm_pct_of_h100_peak"] = (
+        100 * nbytes / (max(row["us_ours"], 1e-3) * 1e-6) / H100_PEAK_BYTES_PER_S
+    )
     return out
 
 
-def _grouped_setup(ad, x, ns, token_lora, segments, r_max, d, build_meta=True):
+def _grouped_setup(ad, x, ns, token_lora, segments, r_max, d, meta=None, build_meta=True):
     from vllm_slora.kernels import grouped
 
     num_loras = ad.lora_start.shape[0]
-    groups = grouped.make_groups(token_lora, num_loras, segments, None, build_meta)
+    groups = grouped.make_groups(token_lora, num_loras, segments, meta, build_meta)
     pl = grouped.plan(groups, x.shape[0], x.shape[1], max(ns), len(ns), r_max, d, x.device)
     return grouped, groups, pl
 
 
-def plan_tag(ad, x, ns, token_lora, segments, r_max, d):
-    grouped, groups, pl = _grouped_setup(ad, x, ns, token_lora, segments, r_max, d, False)
+def plan_tag(ad, x, ns, token_lora, segments, r_max, d, meta=None):
+    grouped, groups, pl = _grouped_setup(ad, x, ns, token_lora, segments, r_max, d, meta, False)
     return grouped.describe(groups, pl, r_max)
 
 
-def breakdown(do_bench, ad, x, y0, ns, token_lora, segments, r_max):
-    """Our time per launch: grouping (per-adapter batches), shrink (+ reduce
-    when the partials are not summed by the expand), expand."""
+def breakdown(flush, c):
+    """Our GPU time per launch: grouping (decode; once per batch, not in the
+    op's time), shrink (+ reduce when the partials are not summed by the
+    expand), expand."""
     import torch
 
+    ad, x, ns, token_lora, r_max = c.ad, c.x, c.ns, c.token_lora, c.r_max
     d = ad.pool.shape[1]
-    grouped, groups, pl = _grouped_setup(ad, x, ns, token_lora, segments, r_max, d)
+    grouped, groups, pl = _grouped_setup(ad, x, ns, token_lora, c.segments, r_max, d, c.meta)
     s, t, num_loras = len(ns), x.shape[0], ad.lora_start.shape[0]
     meta = (ad.lora_start, ad.lora_rank)
     out = {}
 
     def bench(fn):
-        return 1e3 * do_bench(fn, warmup=5, rep=20, return_mode="median")
+        return graph_us(fn, flush)
 
     if groups.mode == grouped.ADAPTERS:
         out["us_ours_grouping"] = bench(lambda: grouped.group_by_adapter(token_lora, num_loras))
@@ -473,7 +583,7 @@ def breakdown(do_bench, ad, x, y0, ns, token_lora, segments, r_max):
 
     shrink()
     out["us_ours_shrink"] = bench(shrink)
-    y = y0.clone()
+    y = c.y0.clone()
     vin, v_split = (ws, pl.split) if fused else (v, 1)
     out["us_ours_expand"] = bench(
         lambda: grouped.launch_expand(vin, ad.pool, ad.b_rows, *meta, ad.lora_scale, token_lora,
@@ -482,11 +592,15 @@ def breakdown(do_bench, ad, x, y0, ns, token_lora, segments, r_max):
     return out
 
 
+def geomean(xs) -> float:
+    import math
+
+    return math.exp(sum(math.log(max(x, 1e-9)) for x in xs) / len(xs))
+
+
 def summarize(rows) -> list[str]:
     """Per (model, module, ranks, mode): geometric mean of ours/stock over
     batch sizes and the largest decode HBM%; then the cases off target."""
-    import math
-
     lines = []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -496,19 +610,21 @@ def summarize(rows) -> list[str]:
         f"uniform <= {TARGET_UNIFORM:.2f}); decode max HBM% (target >= {TARGET_HBM_PCT:.0f})"
     )
     lines.append(f"{'model':5} {'module':8} {'ranks':8} {'mode':8} {'geo o/s':>8} {'worst':>6} "
-                 f"{'maxHBM%':>8}  verdict")  # fmt: skip
+                 f"{'maxHBM%':>8}  verdict  {'eager geo o/s':>13}")  # fmt: skip
     misses = []
     for key, rs in groups.items():
         ratios = [r["ours/stock"] for r in rs if "ours/stock" in r]
         if not ratios:
             continue
-        geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+        geo = geomean(ratios)
         target = TARGET_MIXED if key[2].startswith("mix") else TARGET_UNIFORM
         hbm = max((r.get("hbm_pct_of_h100_peak", 0.0) for r in rs), default=0.0)
         hbm_s = f"{hbm:8.1f}" if key[3] == "decode" else f"{'-':>8}"
         verdict = "ok" if geo <= target else "MISS"
+        eager = [r["eager ours/stock"] for r in rs if "eager ours/stock" in r]
+        eager_s = f"{geomean(eager):13.2f}" if eager else f"{'-':>13}"
         lines.append(f"{key[0]:5} {key[1]:8} {key[2]:8} {key[3]:8} {geo:8.2f} {max(ratios):6.2f} "
-                     f"{hbm_s}  {verdict}")  # fmt: skip
+                     f"{hbm_s}  {verdict:7}  {eager_s}")  # fmt: skip
         for r in rs:
             if r.get("ours/stock", 0) > target:
                 misses.append(r)
@@ -533,7 +649,7 @@ def summarize(rows) -> list[str]:
 HEADER = (
     f"{'model':5} {'module':8} {'ranks':8} {'mode':8} {'batch':>5} {'tokens':>6} "
     f"{'ours us':>9} {'stock us':>9} {'bmm us':>9} {'o/stock':>8} {'o/bmm':>7} {'HBM%':>6} "
-    f"{'v1 us':>7} {'plan':>8}"
+    f"{'v1 us':>7} {'plan':>10} {'eager: ours':>11} {'stock':>7} {'o/s':>5}"
 )
 
 
@@ -551,7 +667,9 @@ def print_row(row, dry):
         f"{row['model']:5} {row['module']:8} {row['ranks']:8} {row['mode']:8} {row['batch']:>5} "
         f"{row['tokens']:>6} {f('us_ours', '9.1f')} {f('us_stock', '9.1f'):>9} "
         f"{f('us_bmm', '9.1f'):>9} {f('ours/stock', '8.2f'):>8} {f('ours/bmm', '7.2f'):>7} "
-        f"{f('hbm_pct_of_h100_peak', '6.1f'):>6} {f('us_v1', '7.1f'):>7} {row['plan']:>8}",
+        f"{f('hbm_pct_of_h100_peak', '6.1f'):>6} {f('us_v1', '7.1f'):>7} {row['plan']:>10} "
+        f"{f('eager_us_ours', '11.1f'):>11} {f('eager_us_stock', '7.1f'):>7} "
+        f"{f('eager ours/stock', '5.2f'):>5}",
         flush=True,
     )
 
@@ -563,7 +681,19 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/kernels.json; none for --dry-run)")
     p.add_argument("--no-variants", action="store_true",
                    help="skip the knob variants timed after the full sweep")  # fmt: skip
+    p.add_argument("--profile", nargs=5, metavar=("MODEL", "MODULE", "RANKS", "MODE", "SIZE"),
+                   help="run one case once per implementation (ours, stock), untimed, for "
+                   "a profiler: ncu --clock-control none python -m benchmarks.kernels "
+                   "--profile 7b o r64 decode 512")  # fmt: skip
+    p.add_argument("--variants-only", action="store_true",
+                   help="only the knob variants (tuning), no sweep")  # fmt: skip
     args = p.parse_args(argv)
+    if args.profile:
+        profile_case(*args.profile)
+        return
+    if args.variants_only:
+        run_variants(FULL)
+        return
     if args.dry_run:
         # Before the kernels are first imported (triton.jit reads it then).
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -597,7 +727,9 @@ def write_json(out, args, rows, wall, variants):
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
         torch=torch.__version__, triton=triton.__version__, wall_s=wall,
         dtype="float16", page_width=(DRY if args.dry_run else FULL).d,
-        timing="triton.testing.do_bench median, L2 flushed before each call",
+        timing="us_*: GPU time per call from CUDA-graph replays, L2 evicted before each "
+        "call, flush-only graph subtracted (graph_us); eager_us_*: triton.testing.do_bench "
+        "median of eager calls, L2 flushed",
     )  # fmt: skip
     try:
         import vllm

@@ -167,6 +167,32 @@ def test_split_k(triton_backend, force_split, monkeypatch, mode):
     check(SMALL, 160, [64, 32], 32, torch.float16, token_lora, segments)
 
 
+@pytest.mark.parametrize("mode", ["per-token", "by-adapter", "segments"])
+@pytest.mark.parametrize("ns,dtype", [
+    pytest.param([64, 32, 96], torch.float16, id="qkv-uneven-fp16"),
+    pytest.param([96, 96], torch.bfloat16, id="gate-up-bf16"),
+    pytest.param([64], torch.float32, id="one-slice-fp32"),
+])  # fmt: skip
+def test_expand_several_column_blocks(triton_backend, monkeypatch, mode, ns, dtype):
+    # Every expand program streams EXPAND_MAX_NBP column blocks: slices of 1, 2
+    # and 3 pages (a group past a slice's last page is masked), v loaded once.
+    monkeypatch.setattr(grouped, "EXPAND_PROGRAMS_PER_SM", 0)
+    monkeypatch.setattr(grouped, "EXPAND_MAX_NBP", 4)
+    if mode == "by-adapter":
+        monkeypatch.setattr(grouped, "PER_TOKEN_MAX_T", 0)
+    ranks = [8, 16, 1, 0] if dtype == torch.float32 else SMALL
+    segments = None
+    if mode == "segments":
+        token_lora, segments = make_segments([5, 20, 1, 17], [0, 2, -1, 1])
+    else:
+        token_lora = decode_batch(len(ranks), 14, 9)
+    groups = grouped.make_groups(token_lora, len(ranks), segments, None, build_meta=False)
+    pl = grouped.plan(groups, token_lora.shape[0], 64, max(ns), len(ns), max(ranks), 32,
+                      torch.device(DEVICE), dtype)  # fmt: skip
+    assert pl.nbp == 4, pl
+    check(ranks, 64, ns, 32, dtype, token_lora, segments)
+
+
 def test_meta_given(triton_backend):
     # A batch grouped once by the caller (as the pager can per step).
     check(SMALL, 64, [64, 32, 32], 32, torch.float16, decode_batch(len(SMALL), 12, 6), meta=True)

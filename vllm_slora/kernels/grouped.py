@@ -78,6 +78,11 @@ NGB = 128
 # Pipeline depth of the small-tile (BM = 16) shrink; expand column block.
 SHRINK_STAGES = 4
 EXPAND_BN = 128
+# Expand: column blocks per program, up to EXPAND_MAX_NBP, while the grid
+# keeps at least EXPAND_PROGRAMS_PER_SM programs per SM (rank <= BR only).
+EXPAND_MAX_NBP = 8
+EXPAND_PROGRAMS_PER_SM = 8
+EXPAND_STAGES = 3
 
 
 # ---------------------------------------------------------------------------
@@ -282,6 +287,63 @@ def _reduce_kernel(
     tl.store(out_ptr + s * out_stride_s + rows * out_stride_t + offs_r[None, :], acc, mask=mask)
 
 
+@triton.jit
+def _load_v(v_rows, offs_r, mask_m, R_MAX, v_stride_c, V_SPLIT: tl.constexpr):
+    """v[tile rows, offs_r] (fp32), split-K partials summed in a fixed order.
+
+    Entries past R_MAX are not loaded; entries past the adapter's rank are
+    loaded (whole rows, vectorised) and must be zeroed by the caller.
+    """
+    mask_v = mask_m[:, None] & (offs_r < R_MAX)[None, :]
+    vt = tl.load(v_rows + offs_r[None, :], mask=mask_v, other=0.0)
+    for c in tl.static_range(1, V_SPLIT):
+        vt += tl.load(v_rows + c * v_stride_c + offs_r[None, :], mask=mask_v, other=0.0)
+    return vt
+
+
+@triton.jit
+def _expand_columns(v_rows, pool_ptr, y_ptr, rows_ptr, tok, mask_m, start, rank, scale, col,
+                    width, y_col, R_MAX, v_stride_c, rows_stride, pool_stride, y_stride,
+                    D: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
+                    NBP: tl.constexpr, V_SPLIT: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+    """Expand of NBP consecutive column blocks of one tile, for rank <= BR.
+
+    v is loaded once and the pool rows of the program's NBP * BN columns are
+    looked up once, up front (a lookup inside the loop would be a load feeding
+    a load, which the pipeliner serialises), so the loop streams B and y
+    tiles with num_stages - 1 in flight. col is a multiple of NBP * BN, itself
+    a multiple of D.
+    """
+    NPP: tl.constexpr = (NBP * BN) // D  # pages per program, a power of two
+    offs_r = tl.arange(0, BR)
+    mask_r = offs_r < rank
+    vt = _load_v(v_rows, offs_r, mask_m, R_MAX, v_stride_c, V_SPLIT)
+    vt = tl.where(mask_r[None, :], vt, 0.0).to(pool_ptr.dtype.element_ty)
+    p0 = col // D
+    offs_p = tl.arange(0, NPP)
+    pages = tl.load(
+        rows_ptr + (start + offs_r).to(tl.int64)[:, None] * rows_stride + p0 + offs_p[None, :],
+        mask=mask_r[:, None] & (p0 + offs_p < width // D)[None, :],
+        other=0,
+    )
+    offs_n = tl.arange(0, BN)
+    for i in range(NBP):
+        c = col + i * BN
+        live = c < width
+        page = tl.sum(tl.where(offs_p[None, :] == (i * BN) // D, pages, 0), axis=1).to(tl.int64)
+        in_page = tl.max_contiguous(tl.multiple_of(c % D + offs_n, BN), BN)
+        b = tl.load(
+            pool_ptr + page[:, None] * pool_stride + in_page[None, :],
+            mask=mask_r[:, None] & live,
+            other=0.0,
+        )
+        y_tile = y_ptr + tok[:, None] * y_stride + y_col + c + offs_n[None, :]
+        y = tl.load(y_tile, mask=mask_m[:, None] & live, other=0.0)
+        acc = _mma(vt, b, tl.zeros((BM, BN), dtype=tl.float32), DOT_F32)
+        y = (y.to(tl.float32) + acc * scale).to(y_ptr.dtype.element_ty)
+        tl.store(y_tile, y, mask=mask_m[:, None] & live)
+
+
 @triton.jit(do_not_specialize=["NG", "n0", "n1", "n2", "NUM_N", "NUM_S"])
 def _expand_kernel(
     v_ptr,  # fp32 [S, T, R_MAX], or partials [V_SPLIT, S, T, R_MAX]
@@ -302,7 +364,7 @@ def _expand_kernel(
     n1,
     n2,
     R_MAX,
-    NUM_N,  # column blocks of the widest slice
+    NUM_N,  # column groups (NBP blocks of BN) of the widest slice
     NUM_S,
     v_stride_c,
     v_stride_s,
@@ -316,6 +378,7 @@ def _expand_kernel(
     BN: tl.constexpr,
     NGB: tl.constexpr,
     V_SPLIT: tl.constexpr,
+    NBP: tl.constexpr,  # column blocks per program (> 1: rank <= BR, one rank step)
     DOT_F32: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -325,7 +388,7 @@ def _expand_kernel(
     nb = q % NUM_N
     s = q // NUM_N
     width = tl.where(s == 0, n0, tl.where(s == 1, n1, n2))
-    col = nb * BN
+    col = nb * BN * NBP
     if col >= width:
         return
     lora, lo, hi = _tile(p, token_lora_ptr, bounds_ptr, glora_ptr, NG, MODE, BM, NGB)
@@ -343,11 +406,16 @@ def _expand_kernel(
     tok, mask_m = _tile_tokens(lo, hi, idx_ptr, MODE, BM)
 
     offs_n = tl.arange(0, BN)
+    v_rows = v_ptr + s * v_stride_s + tok[:, None] * v_stride_t
+    if NBP > 1:
+        _expand_columns(v_rows, pool_ptr, y_ptr, rows_ptr, tok, mask_m, start, rank, scale,
+                        col, width, y_col, R_MAX, v_stride_c, rows_stride, pool_stride, y_stride,
+                        D, BM, BR, BN, NBP, V_SPLIT, DOT_F32)  # fmt: skip
+        return
     in_page = tl.max_contiguous(tl.multiple_of(col % D + offs_n, BN), BN)
     y_tile = y_ptr + tok[:, None] * y_stride + y_col + col + offs_n[None, :]
     # Issued before the rank loop so that its latency overlaps the B loads.
     y = tl.load(y_tile, mask=mask_m[:, None], other=0.0)
-    v_rows = v_ptr + s * v_stride_s + tok[:, None] * v_stride_t
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for j0 in range(0, rank, BR):
         offs_r = j0 + tl.arange(0, BR)
@@ -365,10 +433,7 @@ def _expand_kernel(
         # v past the rank may be stale or NaN (0 * NaN = NaN): it is loaded
         # (whole rows, vectorised) but zeroed. It is rounded to the weights'
         # dtype for the tensor cores, as punica and vLLM do.
-        mask_v = mask_m[:, None] & (offs_r < R_MAX)[None, :]
-        vt = tl.load(v_rows + offs_r[None, :], mask=mask_v, other=0.0)
-        for c in tl.static_range(1, V_SPLIT):
-            vt += tl.load(v_rows + c * v_stride_c + offs_r[None, :], mask=mask_v, other=0.0)
+        vt = _load_v(v_rows, offs_r, mask_m, R_MAX, v_stride_c, V_SPLIT)
         vt = tl.where(mask_r[None, :], vt, 0.0)
         acc = _mma(vt.to(b.dtype), b, acc, DOT_F32)
     y = (y.to(tl.float32) + acc * scale).to(y_ptr.dtype.element_ty)
@@ -480,6 +545,7 @@ class Plan:
     br_e: int
     warps_e: int
     stages_e: int
+    nbp: int = 1  # column blocks per expand program
 
 
 def meta_size(t: int, num_loras: int) -> int:
@@ -555,13 +621,14 @@ def plan(groups: Groups, t: int, k: int, n_max: int, s: int, r_max: int, d: int,
     index = None
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-    knobs = (PROGRAMS_PER_SM, MAX_SPLIT, SHRINK_STAGES, EXPAND_BN)
+    knobs = (PROGRAMS_PER_SM, MAX_SPLIT, SHRINK_STAGES, EXPAND_BN, EXPAND_MAX_NBP,
+             EXPAND_PROGRAMS_PER_SM, EXPAND_STAGES)
     return _plan(groups.mode, groups.ng, t, k, n_max, s, r_max, d, index, dtype, knobs)
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan(mode, ng, t, k, n_max, s, r_max, d, device_index, dtype, knobs):
-    programs_per_sm, max_split, shrink_stages, expand_bn = knobs
+    programs_per_sm, max_split, shrink_stages, expand_bn, max_nbp, expand_pps, expand_stages = knobs
     if mode == PER_TOKEN:
         bm, est_tiles = 16, t
     else:
@@ -601,8 +668,18 @@ def _plan(mode, ng, t, k, n_max, s, r_max, d, device_index, dtype, knobs):
     warps_e = 8 if bm >= 32 else 4
     if dtype == torch.float32:
         bn, br_e = min(d, 64), 16
+    # Several column blocks per program when one rank step covers every
+    # adapter: v and the page lookups are loaded once, B tiles stream.
+    nbp, stages_e = 1, 2
+    if r_max <= br_e:
+        programs = est_tiles * triton.cdiv(n_max, bn) * s
+        want_e = expand_pps * _num_sms(device_index)
+        while nbp < max_nbp and programs >= 2 * nbp * want_e:
+            nbp *= 2
+        if nbp > 1:
+            stages_e = expand_stages
     return Plan(bm, tiles, br_s, bk, split, k_split, _pow2(pages_per_split), warps_s, stages_s,
-                bn, br_e, warps_e, 2)
+                bn, br_e, warps_e, stages_e, nbp)
 
 
 def _dot_f32(x: torch.Tensor) -> bool:
@@ -650,7 +727,7 @@ def launch_expand(v, pool, tables, lora_start, lora_rank, lora_scale, token_lora
     s, r_max = len(tables), v.shape[-1]
     padded = slice_tables(tables)
     widths = [tb.shape[1] * d for tb in tables] + [0] * (MAX_SLICES - s)
-    num_n = triton.cdiv(max(widths), pl.bn)
+    num_n = triton.cdiv(triton.cdiv(max(widths), pl.bn), pl.nbp)
     grid = (pl.tiles * num_n * s,)
     if grid[0] == 0:
         return
@@ -661,7 +738,8 @@ def launch_expand(v, pool, tables, lora_start, lora_rank, lora_scale, token_lora
         groups.ng, *widths, r_max, num_n, s,
         stride_c, v.stride(-3), v.stride(-2), pool.stride(0), y.stride(0),
         MODE=groups.mode, D=d, BM=pl.bm, BR=pl.br_e, BN=pl.bn, NGB=NGB,
-        V_SPLIT=v_split, DOT_F32=_dot_f32(y), num_warps=pl.warps_e, num_stages=pl.stages_e,
+        V_SPLIT=v_split, NBP=pl.nbp, DOT_F32=_dot_f32(y), num_warps=pl.warps_e,
+        num_stages=pl.stages_e,
     )  # fmt: skip
 
 
@@ -721,6 +799,8 @@ def describe(groups: Groups, pl: Plan, r_max: int) -> str:
     tag = "TSA"[groups.mode] + str(pl.bm)
     if pl.split > 1:
         tag += f"k{pl.split}" + ("f" if fuse_partials(groups, pl, r_max) else "r")
+    if pl.nbp > 1:
+        tag += f"n{pl.nbp}"
     return tag
 
 

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One call on one H100 for the kernels (issue 5): knob variants (tuning),
+# the full sweep (benchmarks/kernels.py: GPU time from CUDA graphs + eager
+# time), then Nsight Compute on three decode cases (ours vs stock kernels).
+# Everything comes back as one archive, $OUT/kernels.tgz.
+set -u
+source .gpu/activate.sh
+python3 -m pip install -q --no-deps --no-build-isolation -e .
+mkdir -p /tmp/o && nvidia-smi -L > /tmp/o/gpus.txt
+SECONDS=0
+if [ "${VARIANTS:-1}" = 1 ]; then
+  timeout 170 python3 -m benchmarks.kernels --variants-only > /tmp/o/variants.txt 2>&1
+  echo "variants rc=$? ${SECONDS}s" >> /tmp/o/steps.txt
+fi
+timeout "${SWEEP_S:-280}" python3 -m benchmarks.kernels --no-variants --out /tmp/o/kernels.json \
+  > /tmp/o/kernels.txt 2>&1
+echo "sweep rc=$? ${SECONDS}s" >> /tmp/o/steps.txt
+for c in "7b o r64 decode 512" "7b down mix8-64 decode 512" "7b gate_up r64 decode 512"; do
+  name=$(echo "$c" | tr ' ' '-')
+  timeout 45 ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    --section Occupancy --section LaunchStats -k regex:'shrink|expand' \
+    python3 -m benchmarks.kernels --profile $c > "/tmp/o/ncu-$name.txt" 2>&1
+  echo "ncu $name rc=$? ${SECONDS}s" >> /tmp/o/steps.txt
+done
+if [ "${PARITY:-0}" = 1 ]; then
+  timeout 200 python3 -m pytest -q -rs tests/kernels > /tmp/o/pytest-kernels.txt 2>&1
+  echo "pytest rc=$? ${SECONDS}s" >> /tmp/o/steps.txt
+fi
+tar czf "$OUT/kernels.tgz" -C /tmp o
+cat /tmp/o/steps.txt; tail -n 45 /tmp/o/kernels.txt; cat /tmp/o/variants.txt 2>/dev/null | tail -n 14
