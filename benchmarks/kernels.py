@@ -62,6 +62,11 @@ DECODE_T = [1, 8, 32, 128, 512]
 PREFILL_SEGS = [8, 32, 64]
 # The per-token padded bmm materialises [T, R_MAX, W] weights; skip beyond this.
 BMM_MAX_BYTES = 4 << 30
+# Pages per KV block in the "blocks" page layout: Llama-2-7B fp16, 16 tokens
+# per block, 32 KV heads x 128: 2 * 16 * 32 * 128 elements = 512 pages of 256.
+BLOCK_ROWS = 512
+PAGE_LAYOUTS = ("blocks", "random")
+PAGES = {"layout": "blocks"}  # set by --pages
 
 
 def modules(model: str) -> dict[str, tuple[int, list[int]]]:
@@ -162,23 +167,61 @@ def make_flush():
     return buf.zero_
 
 
-def build_adapters(torch, k, ns, ranks, d, dtype, device, gen):
-    """Adapters of the given ranks paged at random rows of a fresh pool.
+def page_tables(torch, k, ns, ranks, d, layout, seed):
+    """Vector tables (A per slice, then B per slice) and the pool's row count.
+
+    layout "blocks" places pages as the engine does: each adapter gets whole
+    KV blocks of BLOCK_ROWS pages at random places in the pool and packs its
+    vectors into them in order (per slice: A-vectors, then B-vectors; a
+    vector's pages are consecutive rows), as ``layout.pack_adapter`` and the
+    pager do. "random" scatters every page to a random row (the worst case
+    for DRAM locality; what the parity tests use).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    v_total = sum(ranks)
+    widths = [k] * len(ns) + ns
+    pages = sum(v_total * (k + n) // d for n in ns)
+    if layout == "random":
+        num_rows = pages + pages // 8
+        perm = torch.randperm(num_rows, generator=gen).to(torch.int32)
+        tables, at = [], 0
+        for width in widths:
+            n = v_total * width // d
+            tables.append(perm[at : at + n].view(v_total, width // d))
+            at += n
+        return tables, num_rows
+    per_adapter = [r * sum(k + n for n in ns) // d for r in ranks]
+    blocks = [-(-p // BLOCK_ROWS) for p in per_adapter]
+    num_blocks = sum(blocks) + sum(blocks) // 8 + 1
+    order = torch.randperm(num_blocks, generator=gen)
+    tables = [torch.empty(v_total, w // d, dtype=torch.int32) for w in widths]
+    first_block = start = 0
+    for r, p, b in zip(ranks, per_adapter, blocks):
+        mine = order[first_block : first_block + b]
+        rows = (mine[:, None] * BLOCK_ROWS + torch.arange(BLOCK_ROWS)[None, :]).reshape(-1)[:p]
+        at = 0
+        for s in range(len(ns)):  # per slice (module kind): A-vectors, then B-vectors
+            for table in (tables[s], tables[len(ns) + s]):
+                n = r * table.shape[1]
+                table[start : start + r] = rows[at : at + n].view(r, -1).to(torch.int32)
+                at += n
+        first_block += b
+        start += r
+    return tables, num_blocks * BLOCK_ROWS
+
+
+def build_adapters(torch, k, ns, ranks, d, dtype, device, gen, layout=None):
+    """Adapters of the given ranks paged into a fresh pool (see page_tables;
+    layout None = the --pages choice).
 
     Returns a synthetic.PagedAdapters without dense copies (built on device).
     """
     from vllm_slora.kernels.synthetic import PagedAdapters
 
-    v_total = sum(ranks)
-    pages = sum(v_total * (k + n) // d for n in ns)
-    num_rows = pages + pages // 8
+    layout = layout or PAGES["layout"]
+    tables, num_rows = page_tables(torch, k, ns, ranks, d, layout, seed=len(ranks) + k)
+    tables = [t.to(device) for t in tables]
     pool = (torch.randn(num_rows, d, device=device, generator=gen) * 0.05).to(dtype)
-    perm = torch.randperm(num_rows, device=device, generator=gen).to(torch.int32)
-    tables, at = [], 0
-    for width in [k] * len(ns) + ns:
-        n = v_total * width // d
-        tables.append(perm[at : at + n].view(v_total, width // d))
-        at += n
     starts = [sum(ranks[:i]) for i in range(len(ranks))]
     scale = torch.rand(len(ranks), device=device, generator=gen) + 0.5
     return PagedAdapters(
@@ -685,9 +728,13 @@ def main(argv=None):
                    help="run one case once per implementation (ours, stock), untimed, for "
                    "a profiler: ncu --clock-control none python -m benchmarks.kernels "
                    "--profile 7b o r64 decode 512")  # fmt: skip
+    p.add_argument("--pages", choices=PAGE_LAYOUTS, default="blocks",
+                   help="page placement: whole KV blocks per adapter as the engine does "
+                   "(default), or every page at a random row")  # fmt: skip
     p.add_argument("--variants-only", action="store_true",
                    help="only the knob variants (tuning), no sweep")  # fmt: skip
     args = p.parse_args(argv)
+    PAGES["layout"] = args.pages
     if args.profile:
         profile_case(*args.profile)
         return
@@ -723,10 +770,12 @@ def write_json(out, args, rows, wall, variants):
 
     meta = dict(
         command="python -m benchmarks.kernels" + (" --quick" if args.quick else "")
-        + (" --dry-run" if args.dry_run else ""),
+        + (" --dry-run" if args.dry_run else "")
+        + (f" --pages {args.pages}" if args.pages != "blocks" else ""),
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
         torch=torch.__version__, triton=triton.__version__, wall_s=wall,
-        dtype="float16", page_width=(DRY if args.dry_run else FULL).d,
+        dtype="float16", page_width=(DRY if args.dry_run else FULL).d, pages=args.pages,
+        block_rows=BLOCK_ROWS,
         timing="us_*: GPU time per call from CUDA-graph replays, L2 evicted before each "
         "call, flush-only graph subtracted (graph_us); eager_us_*: triton.testing.do_bench "
         "median of eager calls, L2 flushed",

@@ -15,7 +15,13 @@ fi
 timeout "${SWEEP_S:-280}" python3 -m benchmarks.kernels --no-variants --out /tmp/o/kernels.json \
   > /tmp/o/kernels.txt 2>&1
 echo "sweep rc=$? ${SECONDS}s" >> /tmp/o/steps.txt
-for c in "7b o r64 decode 512" "7b down mix8-64 decode 512" "7b gate_up r64 decode 512"; do
+if [ "${RANDOM_PAGES:-1}" = 1 ]; then  # every page at a random row: the worst case
+  timeout 120 python3 -m benchmarks.kernels --quick --pages random \
+    --out /tmp/o/kernels-random-pages.json > /tmp/o/kernels-random-pages.txt 2>&1
+  echo "random pages rc=$? ${SECONDS}s" >> /tmp/o/steps.txt
+fi
+cases=("7b o r64 decode 512" "7b down mix8-64 decode 512" "7b o r64 decode 1")
+for c in "${cases[@]}"; do
   name=$(echo "$c" | tr ' ' '-')
   timeout 45 ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
     --section Occupancy --section LaunchStats -k regex:'shrink|expand' \

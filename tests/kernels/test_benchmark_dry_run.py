@@ -22,3 +22,38 @@ def test_benchmark_dry_run(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "worst relative error" in proc.stdout and out.exists()
+
+
+def test_benchmark_dry_run_random_pages(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.kernels", "--dry-run", "--pages", "random"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_block_page_layout_is_the_engines():
+    """Every page in one row; a vector's pages consecutive; an adapter's pages
+    fill whole blocks of its own (as the engine allocates them)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.kernels import BLOCK_ROWS, page_tables
+
+    k, ns, d, ranks = 4096, [4096, 1024], 256, [8, 64, 1, 16]
+    tables, num_rows = page_tables(torch, k, ns, ranks, d, "blocks", seed=0)
+    rows = torch.cat([t.reshape(-1) for t in tables])
+    assert rows.unique().numel() == rows.numel() and int(rows.max()) < num_rows
+    for t in tables:
+        assert torch.equal(t[:, 1:] - t[:, :-1], torch.ones_like(t[:, 1:]))
+    start = 0
+    for r in ranks:
+        mine = torch.cat([t[start : start + r].reshape(-1) for t in tables])
+        blocks = (mine // BLOCK_ROWS).unique()
+        assert blocks.numel() == -(-mine.numel() // BLOCK_ROWS)
+        start += r
+    others = torch.cat([tables[i].reshape(-1) for i in range(4)])
+    assert (others // BLOCK_ROWS).unique().numel() == sum(
+        -(-r * (2 * k + sum(ns)) // d // BLOCK_ROWS) for r in ranks
+    )

@@ -193,8 +193,8 @@ def test_expand_several_column_blocks(triton_backend, monkeypatch, mode, ns, dty
     check(ranks, 64, ns, 32, dtype, token_lora, segments)
 
 
-def test_meta_given(triton_backend):
-    # A batch grouped once by the caller (as the pager can per step).
+def test_meta_given(triton_backend, by_adapter):
+    # A batch grouped once by the caller (as the pager does per step).
     check(SMALL, 64, [64, 32, 32], 32, torch.float16, decode_batch(len(SMALL), 12, 6), meta=True)
 
 

@@ -604,7 +604,7 @@ def make_groups(
         if seg_start.shape[0] != nseg + 1:
             raise ValueError(f"seg_start has {seg_start.shape[0]} entries, need {nseg + 1}")
         return Groups(SEGMENTS, nseg, seg_start, seg_lora, seg_start)
-    if meta is None and t <= PER_TOKEN_MAX_T:
+    if t <= PER_TOKEN_MAX_T:  # with or without the caller's meta
         return Groups(PER_TOKEN, t, token_lora, token_lora, token_lora)
     if meta is None:
         if not build_meta:
@@ -676,6 +676,8 @@ def _plan(mode, ng, t, k, n_max, s, r_max, d, device_index, dtype, knobs):
         want_e = expand_pps * _num_sms(device_index)
         while nbp < max_nbp and programs >= 2 * nbp * want_e:
             nbp *= 2
+        if nbp * bn < d:  # a program's columns must be whole pages
+            nbp = 1
         if nbp > 1:
             stages_e = expand_stages
     return Plan(bm, tiles, br_s, bk, split, k_split, _pow2(pages_per_split), warps_s, stages_s,

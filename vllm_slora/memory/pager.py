@@ -256,10 +256,11 @@ class Pager:
             rank_a=rank_a,
             segments=_segments(token_lora, dev),
             lora_ids=lora_ids)
-        if dev.type == "cuda":
-            from vllm_slora.kernels import group_by_adapter
+        if dev.type == "cuda" and self.batch.segments is None:
+            from vllm_slora.kernels import grouped
 
-            self.batch.meta = group_by_adapter(self.batch.token_lora, len(lora_ids))
+            if len(token_lora) > grouped.PER_TOKEN_MAX_T:  # else one tile per token
+                self.batch.meta = grouped.group_by_adapter(self.batch.token_lora, len(lora_ids))
 
     def stats(self) -> dict:
         out = dict(self.counters, worker_resident_adapters=len(self.resident))
