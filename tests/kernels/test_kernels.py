@@ -52,6 +52,7 @@ def by_adapter(monkeypatch):
 def force_split(monkeypatch):
     """Split K as much as the shapes allow (split-K partials everywhere)."""
     monkeypatch.setattr(grouped, "PROGRAMS_PER_SM", 10**6)
+    monkeypatch.setattr(grouped, "BIG_TILE_PROGRAMS_PER_SM", 10**6)
 
 
 def check(ranks, k, ns, d, dtype, token_lora, segments=None, device=DEVICE, seed=0,

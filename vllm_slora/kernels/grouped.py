@@ -70,6 +70,8 @@ PER_TOKEN, SEGMENTS, ADAPTERS = 0, 1, 2
 PER_TOKEN_MAX_T = 32
 # Shrink split-K aims at this many programs per SM (see plan()).
 PROGRAMS_PER_SM = 4
+# The same for big tiles (BM >= 32, about 100 KB of shared memory each).
+BIG_TILE_PROGRAMS_PER_SM = 2
 MAX_SPLIT = 16
 # Sum split-K partials inside the expand when one tile's partials are small.
 FUSED_PARTIALS_BYTES = 8 << 10
@@ -83,6 +85,8 @@ EXPAND_BN = 128
 EXPAND_MAX_NBP = 8
 EXPAND_PROGRAMS_PER_SM = 8
 EXPAND_STAGES = 3
+# Warps of the small-tile (BM = 16) shrink and expand programs.
+SMALL_TILE_WARPS = (4, 4)
 
 
 # ---------------------------------------------------------------------------
@@ -622,13 +626,14 @@ def plan(groups: Groups, t: int, k: int, n_max: int, s: int, r_max: int, d: int,
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
     knobs = (PROGRAMS_PER_SM, MAX_SPLIT, SHRINK_STAGES, EXPAND_BN, EXPAND_MAX_NBP,
-             EXPAND_PROGRAMS_PER_SM, EXPAND_STAGES)
+             EXPAND_PROGRAMS_PER_SM, EXPAND_STAGES, SMALL_TILE_WARPS, BIG_TILE_PROGRAMS_PER_SM)
     return _plan(groups.mode, groups.ng, t, k, n_max, s, r_max, d, index, dtype, knobs)
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan(mode, ng, t, k, n_max, s, r_max, d, device_index, dtype, knobs):
-    programs_per_sm, max_split, shrink_stages, expand_bn, max_nbp, expand_pps, expand_stages = knobs
+    (programs_per_sm, max_split, shrink_stages, expand_bn, max_nbp, expand_pps, expand_stages,
+     small_warps, big_pps) = knobs
     if mode == PER_TOKEN:
         bm, est_tiles = 16, t
     else:
@@ -641,15 +646,14 @@ def _plan(mode, ng, t, k, n_max, s, r_max, d, device_index, dtype, knobs):
     r_pow2 = max(16, _pow2(r_max))
     # Shrink: [BM, BK] x [BK, BR] steps. Small tiles stream A in full pages.
     if bm == 16:
-        br_s, bk, warps_s, stages_s = 16, min(d, 256), 4, shrink_stages
+        br_s, bk, warps_s, stages_s = 16, min(d, 256), small_warps[0], shrink_stages
     else:
         br_s, bk, warps_s, stages_s = min(64, r_pow2), min(d, 128), 4, 3
     if dtype == torch.float32:  # fp32 pools (tests): FMA dots, keep tiles small
         br_s, bk = 16, min(d, 64)
     num_r = triton.cdiv(r_max, br_s)
     est = est_tiles * num_r * s
-    # Big tiles (BM >= 32, about 100 KB of shared memory) fit two per SM.
-    per_sm = programs_per_sm if bm == 16 else max(1, programs_per_sm // 2)
+    per_sm = programs_per_sm if bm == 16 else big_pps
     want = per_sm * _num_sms(device_index)
     # Split K in whole pages: nearest power of two (in log scale) of
     # want / est, keeping >= 2 K steps per split where K allows.
@@ -665,7 +669,7 @@ def _plan(mode, ng, t, k, n_max, s, r_max, d, device_index, dtype, knobs):
     # Expand: [BM, BR] x [BR, BN]; one rank step covers ranks up to 64.
     bn = min(d, expand_bn)
     br_e = min(64, r_pow2)
-    warps_e = 8 if bm >= 32 else 4
+    warps_e = 8 if bm >= 32 else small_warps[1]
     if dtype == torch.float32:
         bn, br_e = min(d, 64), 16
     # Several column blocks per program when one rank step covers every
