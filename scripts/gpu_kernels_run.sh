@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on one H100 for the kernels (issue 5): knob variants (tuning),
 # the full sweep (benchmarks/kernels.py: GPU time from CUDA graphs + eager
-# time), then Nsight Compute on three decode cases (ours vs stock kernels).
+# time), the sweep with every page at a random row, then Nsight Compute on
+# three decode cases (ours vs stock kernels); optional: the kernel tests
+# (PARITY=1) and the demo on the GPU (DEMO=1).
 # Everything comes back as one archive, $OUT/kernels.tgz.
 set -u
 source .gpu/activate.sh
@@ -31,6 +33,10 @@ done
 if [ "${PARITY:-0}" = 1 ]; then
   timeout 200 python3 -m pytest -q -rs tests/kernels > /tmp/o/pytest-kernels.txt 2>&1
   echo "pytest rc=$? ${SECONDS}s" >> /tmp/o/steps.txt
+fi
+if [ "${DEMO:-0}" = 1 ]; then  # the engine on the GPU: plugin vs stock, same tokens
+  timeout 240 python3 -m vllm_slora.demo > /tmp/o/demo.txt 2>&1
+  echo "demo rc=$? ${SECONDS}s" >> /tmp/o/steps.txt
 fi
 tar czf "$OUT/kernels.tgz" -C /tmp o
 cat /tmp/o/steps.txt; tail -n 45 /tmp/o/kernels.txt; cat /tmp/o/variants.txt 2>/dev/null | tail -n 14

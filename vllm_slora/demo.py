@@ -38,6 +38,16 @@ def plugin_available() -> bool:
     return bool(MODE_PATCHES)
 
 
+def demo_dtype() -> str:
+    """float32 on CPU: vLLM's dtype "auto" would run the float32 checkpoint in
+    16 bits, where near-ties flip greedy tokens. On a GPU float16, the
+    smallest dtype that stock vLLM's LoRA kernels take (both systems then
+    round alike but not bit-identically: a near-tie may still flip)."""
+    import torch
+
+    return "float16" if torch.cuda.is_available() else "float32"
+
+
 def row(name: str, result: dict | None, n_requests: int, adapters: int, note: str) -> list[str]:
     if result is None:
         return [name, str(n_requests), "-", "-", note]
@@ -63,7 +73,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="slora-demo-"))
-    print(f"tiny model and {args.adapters} adapters of ranks {RANKS} in {workdir}")
+    print(f"tiny model and {args.adapters} adapters of ranks {RANKS} in {workdir} "
+          f"({demo_dtype()})")
     model = make_tiny_llama(workdir / "model")
     ranks = [RANKS[i % len(RANKS)] for i in range(args.adapters)]
     adapters = make_adapters(workdir / "adapters", model, ranks, seed=args.seed, progress=True)
@@ -71,9 +82,7 @@ def main(argv=None) -> None:
     served = len({a for _, a in requests})
     common = dict(model=str(model), requests=requests, max_tokens=args.max_tokens,
                   max_lora_rank=max(RANKS), max_cpu_loras=args.adapters,
-                  # float32 explicitly: vLLM's dtype "auto" runs a float32
-                  # checkpoint in 16 bits, where near-ties flip tokens.
-                  llm_kwargs={"enforce_eager": True, "dtype": "float32"})
+                  llm_kwargs={"enforce_eager": True, "dtype": demo_dtype()})
 
     print(f"stock vLLM, max_loras={args.stock_max_loras} ...", flush=True)
     stock = run_workload(Workload(plugin="none", max_loras=args.stock_max_loras, **common))
