@@ -498,6 +498,11 @@ KNOBS = [
     ("sw8", {"SMALL_TILE_WARPS": (8, 4)}),
     ("ew8", {"SMALL_TILE_WARPS": (4, 8)}),
     ("ew2", {"SMALL_TILE_WARPS": (4, 2)}),
+    ("s32x256", {"SMALL_TILE_SHRINK": (32, 256), "SHRINK_STAGES": 3}),
+    ("s32x128", {"SMALL_TILE_SHRINK": (32, 128)}),
+    ("s64x128", {"SMALL_TILE_SHRINK": (64, 128), "SHRINK_STAGES": 3}),
+    ("s64x64", {"SMALL_TILE_SHRINK": (64, 64)}),
+    ("s16x128", {"SMALL_TILE_SHRINK": (16, 128)}),
     ("nometa", None),  # decode: group_by_adapter inside the call (per token up to 32 tokens)
 ]
 
@@ -545,6 +550,52 @@ def run_variants(sweep, device="cuda", cases=None) -> list[dict]:
         if device == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+def plot(rows, path) -> str | None:
+    """GPU time vs batch for every (model, module): ours, stock, padded bmm,
+    one line style per rank set; decode on top, prefill below. Returns the
+    PNG path, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return None
+    panels = list(dict.fromkeys((r["model"], r["module"]) for r in rows if "us_ours" in r))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(2, len(panels), figsize=(3.3 * len(panels), 6.4), squeeze=False)
+    colors = {"ours": "tab:blue", "stock": "tab:orange", "bmm": "tab:gray"}
+    styles = {"r16": ":", "r64": "--", "mix8-64": "-"}
+    for col, (model, mod) in enumerate(panels):
+        for row_i, mode in enumerate(("decode", "prefill")):
+            ax = axes[row_i][col]
+            for rset, style in styles.items():
+                rs = [r for r in rows if (r["model"], r["module"], r["ranks"], r["mode"])
+                      == (model, mod, rset, mode)]  # fmt: skip
+                for impl, color in colors.items():
+                    pts = [(r["tokens"], r[f"us_{impl}"]) for r in rs if f"us_{impl}" in r]
+                    if pts:
+                        ax.plot(*zip(*pts), style, color=color, marker=".",
+                                label=f"{impl} {rset}")  # fmt: skip
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_title(f"{model} {mod} {mode}", fontsize=9)
+            ax.set_xlabel("tokens in batch", fontsize=8)
+            if col == 0:
+                ax.set_ylabel("GPU us per call", fontsize=8)
+            ax.grid(True, alpha=0.3, which="both")
+            ax.tick_params(labelsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def profile_case(model, mod, rset, mode, size) -> None:
@@ -731,8 +782,15 @@ def main(argv=None):
                    "(default), or every page at a random row")  # fmt: skip
     p.add_argument("--variants-only", action="store_true",
                    help="only the knob variants (tuning), no sweep")  # fmt: skip
+    p.add_argument("--plot-from", metavar="JSON",
+                   help="only draw the plot (PNG next to the JSON) of an earlier run")  # fmt: skip
     args = p.parse_args(argv)
     PAGES["layout"] = args.pages
+    if args.plot_from:
+        with open(args.plot_from) as fh:
+            rows = json.load(fh)["rows"]
+        print(plot(rows, os.path.splitext(args.plot_from)[0] + ".png") or "no matplotlib")
+        return
     if args.profile:
         profile_case(*args.profile)
         return
@@ -755,6 +813,8 @@ def main(argv=None):
         raise SystemExit(f"dry run: relative error {worst:.1e} > 2e-2")
     if out:
         write_json(out, args, rows, wall, variants=None)
+        if not args.dry_run:
+            print(f"plot: {plot(rows, os.path.splitext(out)[0] + '.png') or 'no matplotlib'}")
     if not (args.dry_run or args.quick or args.no_variants):
         variants = run_variants(FULL)
         if out:

@@ -194,6 +194,17 @@ def test_expand_several_column_blocks(triton_backend, monkeypatch, mode, ns, dty
     check(ranks, 64, ns, 32, dtype, token_lora, segments)
 
 
+@pytest.mark.parametrize("tile", [(32, 256), (64, 64)], ids=["br32-bk256", "br64-bk64"])
+@pytest.mark.parametrize("mode", ["per-token", "by-adapter"])
+def test_small_tile_shrink_shapes(triton_backend, monkeypatch, tile, mode):
+    # The tuning knob's other small-tile shrink steps (BR rank-vectors x BK).
+    monkeypatch.setattr(grouped, "SMALL_TILE_SHRINK", tile)
+    if mode == "by-adapter":
+        monkeypatch.setattr(grouped, "PER_TOKEN_MAX_T", 0)
+    ranks = MIXED + [8, 16]
+    check(ranks, 64, [64, 32, 32], 32, torch.float16, decode_batch(len(ranks), 20, 11))
+
+
 def test_meta_given(triton_backend, by_adapter):
     # A batch grouped once by the caller (as the pager does per step).
     check(SMALL, 64, [64, 32, 32], 32, torch.float16, decode_batch(len(SMALL), 12, 6), meta=True)

@@ -91,6 +91,8 @@ EXPAND_PROGRAMS_PER_SM = 2
 EXPAND_STAGES = 3
 # Warps of the small-tile (BM = 16) shrink and expand programs.
 SMALL_TILE_WARPS = (4, 4)
+# Small-tile shrink step: BR rank-vectors x BK columns (BK <= D).
+SMALL_TILE_SHRINK = (16, 256)
 
 
 # ---------------------------------------------------------------------------
@@ -630,14 +632,15 @@ def plan(groups: Groups, t: int, k: int, n_max: int, s: int, r_max: int, d: int,
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
     knobs = (PROGRAMS_PER_SM, MAX_SPLIT, SHRINK_STAGES, EXPAND_BN, EXPAND_MAX_NBP,
-             EXPAND_PROGRAMS_PER_SM, EXPAND_STAGES, SMALL_TILE_WARPS, BIG_TILE_PROGRAMS_PER_SM)
+             EXPAND_PROGRAMS_PER_SM, EXPAND_STAGES, SMALL_TILE_WARPS, BIG_TILE_PROGRAMS_PER_SM,
+             SMALL_TILE_SHRINK)
     return _plan(groups.mode, groups.ng, t, k, n_max, s, r_max, d, index, dtype, knobs)
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan(mode, ng, t, k, n_max, s, r_max, d, device_index, dtype, knobs):
     (programs_per_sm, max_split, shrink_stages, expand_bn, max_nbp, expand_pps, expand_stages,
-     small_warps, big_pps) = knobs
+     small_warps, big_pps, small_shrink) = knobs
     if mode == PER_TOKEN:
         bm, est_tiles = 16, t
     else:
@@ -650,7 +653,8 @@ def _plan(mode, ng, t, k, n_max, s, r_max, d, device_index, dtype, knobs):
     r_pow2 = max(16, _pow2(r_max))
     # Shrink: [BM, BK] x [BK, BR] steps. Small tiles stream A in full pages.
     if bm == 16:
-        br_s, bk, warps_s, stages_s = 16, min(d, 256), small_warps[0], shrink_stages
+        br_s, bk = min(small_shrink[0], r_pow2), min(d, small_shrink[1])
+        warps_s, stages_s = small_warps[0], shrink_stages
     else:
         br_s, bk, warps_s, stages_s = min(64, r_pow2), min(d, 128), 4, 3
     if dtype == torch.float32:  # fp32 pools (tests): FMA dots, keep tiles small
