@@ -84,33 +84,25 @@ class PagedLoRALinear(nn.Module):
         if batch is None or batch.max_rank[self.group] == 0:
             return
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-        token_lora = batch.token_lora
-        t = x2.shape[0]
-        if token_lora.shape[0] != t:  # padded (or trimmed) batches: pad tokens get no LoRA
-            pad = token_lora.new_full((t,), -1)
-            n = min(t, token_lora.shape[0])
-            pad[:n] = token_lora[:n]
-            token_lora = pad
+        # Padded (or trimmed) batches: pad tokens get no LoRA.
+        token_lora, segments, meta = batch.for_tokens(x2.shape[0])
+        if self.tp_size > 1:
+            self._apply_sharded(x2, y2, token_lora, segments, meta, batch)
+            return
         a_rows, b_rows = self.pager.vectors.group_tables[self.group]
         if len(a_rows) == 1:
             a_rows, b_rows = a_rows[0], b_rows[0]
-        same = token_lora is batch.token_lora  # segments and meta describe it
-        if self.tp_size > 1:
-            self._apply_sharded(x2, y2, token_lora, batch, same)
-            return
         paged_lora(x2, y2, self.pager.pools[self.layer_idx], a_rows, b_rows,
                    batch.lora_start, batch.rank[self.group], batch.lora_scale, token_lora,
-                   segments=batch.segments if same else None,
-                   max_rank=batch.max_rank[self.group], meta=batch.meta if same else None)
+                   segments=segments, max_rank=batch.max_rank[self.group], meta=meta)
 
-    def _apply_sharded(self, x, y, token_lora, batch, same: bool) -> None:
+    def _apply_sharded(self, x, y, token_lora, segments, meta, batch) -> None:
         """This rank's part of the LoRA output, with one collective on v."""
         from vllm.distributed import get_tp_group
 
         g, p, world = self.group, self.tp_rank, self.tp_size
         a_rows, b_rows = self.pager.vectors.group_tables[g]
         pool = self.pager.pools[self.layer_idx]
-        segments, meta = (batch.segments, batch.meta) if same else (None, None)
         t, r_max = x.shape[0], batch.max_rank[g]
         if self.row_parallel:
             # x: this rank's input columns; y: the full-width partial sum.

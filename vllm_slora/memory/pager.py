@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -50,6 +50,33 @@ class Batch:
     segments: tuple[torch.Tensor, torch.Tensor] | None
     lora_ids: list[int]
     meta: torch.Tensor | None = None  # kernels.group_by_adapter, once per batch (CUDA)
+    # for_tokens() of other token counts, built once per step for all layers.
+    resized: dict[int, tuple] = field(default_factory=dict)
+
+    def for_tokens(self, t: int) -> tuple[torch.Tensor, tuple | None, torch.Tensor | None]:
+        """(token_lora, segments, meta) for a forward pass of t tokens.
+
+        vLLM pads a batch to a CUDA-graph size (and may trim it): pad tokens
+        get no LoRA. Built on the first layer's call, reused by the others.
+        Padding keeps the segments (tokens after the last one get no LoRA);
+        trimming drops them.
+        """
+        n = self.token_lora.shape[0]
+        if t == n:
+            return self.token_lora, self.segments, self.meta
+        hit = self.resized.get(t)
+        if hit is None:
+            token_lora = self.token_lora.new_full((t,), -1)
+            token_lora[: min(t, n)] = self.token_lora[: min(t, n)]
+            segments = self.segments if t > n else None
+            meta = None
+            if token_lora.is_cuda and segments is None:
+                from vllm_slora.kernels import grouped
+
+                if t > grouped.PER_TOKEN_MAX_T:
+                    meta = grouped.group_by_adapter(token_lora, len(self.lora_ids))
+            hit = self.resized[t] = (token_lora, segments, meta)
+        return hit
 
 
 def block_chunks(kv: torch.Tensor, num_blocks: int) -> tuple[tuple[int, ...], int, int]:
