@@ -503,6 +503,7 @@ KNOBS = [
     ("s64x128", {"SMALL_TILE_SHRINK": (64, 128), "SHRINK_STAGES": 3}),
     ("s64x64", {"SMALL_TILE_SHRINK": (64, 64)}),
     ("s16x128", {"SMALL_TILE_SHRINK": (16, 128)}),
+    ("nopdl", {"PDL": False}),
     ("nometa", None),  # decode: group_by_adapter inside the call (per token up to 32 tokens)
 ]
 

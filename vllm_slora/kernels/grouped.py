@@ -100,6 +100,10 @@ EXPAND_STAGES = 3
 SMALL_TILE_WARPS = (4, 4)
 # Small-tile shrink step: BR rank-vectors x BK columns (BK <= D).
 SMALL_TILE_SHRINK = (16, 256)
+# Programmatic dependent launch of the expand behind the shrink in ``lora``
+# (the expand's prologue and B loads overlap the shrink's tail): None = on
+# Hopper and later, False = off.
+PDL: bool | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -208,7 +212,10 @@ def _shrink_kernel(
     NPG: tl.constexpr,  # power of two >= pages per split
     NGB: tl.constexpr,
     DOT_F32: tl.constexpr,
+    PDL: tl.constexpr,  # let the expand (launched with PDL) start its prologue now
 ):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     # Rank blocks, then splits, then slices vary fastest: the programs that
     # read one x tile run together and find it in L2.
     pid = tl.program_id(0)
@@ -322,7 +329,8 @@ def _load_v(v_rows, offs_r, mask_m, R_MAX, v_stride_c, V_SPLIT: tl.constexpr):
 def _expand_columns(v_rows, pool_ptr, y_ptr, rows_ptr, tok, mask_m, start, rank, scale, col,
                     width, y_col, R_MAX, v_stride_c, rows_stride, pool_stride, y_stride,
                     D: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
-                    NBP: tl.constexpr, V_SPLIT: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+                    NBP: tl.constexpr, V_SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+                    PDL: tl.constexpr):  # fmt: skip
     """Expand of NBP consecutive column blocks of one tile, for rank <= BR.
 
     v is loaded once and the pool rows of the program's NBP * BN columns are
@@ -334,8 +342,6 @@ def _expand_columns(v_rows, pool_ptr, y_ptr, rows_ptr, tok, mask_m, start, rank,
     NPP: tl.constexpr = (NBP * BN) // D  # pages per program, a power of two
     offs_r = tl.arange(0, BR)
     mask_r = offs_r < rank
-    vt = _load_v(v_rows, offs_r, mask_m, R_MAX, v_stride_c, V_SPLIT)
-    vt = tl.where(mask_r[None, :], vt, 0.0).to(pool_ptr.dtype.element_ty)
     p0 = col // D
     offs_p = tl.arange(0, NPP)
     pages = tl.load(
@@ -343,6 +349,10 @@ def _expand_columns(v_rows, pool_ptr, y_ptr, rows_ptr, tok, mask_m, start, rank,
         mask=mask_r[:, None] & (p0 + offs_p < width // D)[None, :],
         other=0,
     )
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    vt = _load_v(v_rows, offs_r, mask_m, R_MAX, v_stride_c, V_SPLIT)
+    vt = tl.where(mask_r[None, :], vt, 0.0).to(pool_ptr.dtype.element_ty)
     offs_n = tl.arange(0, BN)
     for i in range(NBP):
         c = col + i * BN
@@ -397,6 +407,7 @@ def _expand_kernel(
     V_SPLIT: tl.constexpr,
     NBP: tl.constexpr,  # column blocks per program (> 1: rank <= BR, one rank step)
     DOT_F32: tl.constexpr,
+    PDL: tl.constexpr,  # launched with PDL behind the shrink: wait before reading v
 ):
     pid = tl.program_id(0)
     per_tile = NUM_N * NUM_S
@@ -427,7 +438,7 @@ def _expand_kernel(
     if NBP > 1:
         _expand_columns(v_rows, pool_ptr, y_ptr, rows_ptr, tok, mask_m, start, rank, scale,
                         col, width, y_col, R_MAX, v_stride_c, rows_stride, pool_stride, y_stride,
-                        D, BM, BR, BN, NBP, V_SPLIT, DOT_F32)  # fmt: skip
+                        D, BM, BR, BN, NBP, V_SPLIT, DOT_F32, PDL)  # fmt: skip
         return
     in_page = tl.max_contiguous(tl.multiple_of(col % D + offs_n, BN), BN)
     y_tile = y_ptr + tok[:, None] * y_stride + y_col + col + offs_n[None, :]
@@ -450,6 +461,8 @@ def _expand_kernel(
         # v past the rank may be stale or NaN (0 * NaN = NaN): it is loaded
         # (whole rows, vectorised) but zeroed. It is rounded to the weights'
         # dtype for the tensor cores, as punica and vLLM do.
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         vt = _load_v(v_rows, offs_r, mask_m, R_MAX, v_stride_c, V_SPLIT)
         vt = tl.where(mask_r[None, :], vt, 0.0)
         acc = _mma(vt.to(b.dtype), b, acc, DOT_F32)
@@ -708,7 +721,7 @@ def _dot_f32(x: torch.Tensor) -> bool:
 
 
 def launch_shrink(x, pool, tables, lora_start, lora_rank, token_lora, out, groups: Groups,
-                  pl: Plan) -> None:  # fmt: skip
+                  pl: Plan, pdl: bool = False) -> None:  # fmt: skip
     """Run the shrink kernel into ``out``: [S, T, R_MAX] when pl.split == 1,
     else partials [split, S, T, R_MAX]."""
     d = pool.shape[1]
@@ -727,7 +740,7 @@ def launch_shrink(x, pool, tables, lora_start, lora_rank, token_lora, out, group
         groups.ng, k, r_max, pl.k_split, num_r, pl.split, s,
         x.stride(0), pool.stride(0), padded[0].stride(0), stride_c, o_s, o_t,
         MODE=groups.mode, D=d, BM=pl.bm, BR=pl.br_s, BK=pl.bk, NPG=pl.npg, NGB=NGB,
-        DOT_F32=_dot_f32(x), num_warps=pl.warps_s, num_stages=pl.stages_s,
+        DOT_F32=_dot_f32(x), PDL=pdl, num_warps=pl.warps_s, num_stages=pl.stages_s,
     )  # fmt: skip
 
 
@@ -742,8 +755,13 @@ def launch_reduce(ws, out, token_lora, lora_rank) -> None:
 
 
 def launch_expand(v, pool, tables, lora_start, lora_rank, lora_scale, token_lora, y,
-                  groups: Groups, pl: Plan, v_split: int = 1) -> None:  # fmt: skip
-    """Run the expand kernel; v is [S, T, R_MAX] or partials [v_split, S, T, R_MAX]."""
+                  groups: Groups, pl: Plan, v_split: int = 1, pdl: bool = False) -> None:  # fmt: skip
+    """Run the expand kernel; v is [S, T, R_MAX] or partials [v_split, S, T, R_MAX].
+
+    pdl: launch with programmatic dependent launch; only right behind the
+    shrink (or reduce) that writes v, whose other inputs were complete before
+    that kernel started.
+    """
     d = pool.shape[1]
     s, r_max = len(tables), v.shape[-1]
     padded = slice_tables(tables)
@@ -759,8 +777,8 @@ def launch_expand(v, pool, tables, lora_start, lora_rank, lora_scale, token_lora
         groups.ng, *widths, r_max, num_n, s,
         stride_c, v.stride(-3), v.stride(-2), pool.stride(0), y.stride(0),
         MODE=groups.mode, D=d, BM=pl.bm, BR=pl.br_e, BN=pl.bn, NGB=NGB,
-        V_SPLIT=v_split, NBP=pl.nbp, DOT_F32=_dot_f32(y), num_warps=pl.warps_e,
-        num_stages=pl.stages_e,
+        V_SPLIT=v_split, NBP=pl.nbp, DOT_F32=_dot_f32(y), PDL=pdl, num_warps=pl.warps_e,
+        num_stages=pl.stages_e, launch_pdl=pdl,
     )  # fmt: skip
 
 
@@ -845,13 +863,16 @@ def lora(x, y, pool, a_tables, b_tables, lora_start, lora_rank, lora_scale, toke
     groups = make_groups(token_lora, lora_start.shape[0], segments, meta)
     pl = plan(groups, t, k, max(_widths(b_tables, d)), s, r_max, d, x.device, x.dtype)
     dev = x.device
+    # The expand may start (PDL) while the shrink runs when it comes right
+    # behind it; behind a reduce launch it would only wait.
+    pdl = use_pdl(dev) and (pl.split == 1 or fuse_partials(groups, pl, r_max))
     if pl.split == 1:
         v = torch.empty((s, t, r_max), dtype=torch.float32, device=dev)
-        launch_shrink(x, pool, a_tables, lora_start, lora_rank, token_lora, v, groups, pl)
+        launch_shrink(x, pool, a_tables, lora_start, lora_rank, token_lora, v, groups, pl, pdl)
         v_split = 1
     else:
         ws = torch.empty((pl.split, s, t, r_max), dtype=torch.float32, device=dev)
-        launch_shrink(x, pool, a_tables, lora_start, lora_rank, token_lora, ws, groups, pl)
+        launch_shrink(x, pool, a_tables, lora_start, lora_rank, token_lora, ws, groups, pl, pdl)
         if fuse_partials(groups, pl, r_max):
             v, v_split = ws, pl.split
         else:
@@ -859,8 +880,21 @@ def lora(x, y, pool, a_tables, b_tables, lora_start, lora_rank, lora_scale, toke
             launch_reduce(ws, v, token_lora, lora_rank)
             v_split = 1
     launch_expand(
-        v, pool, b_tables, lora_start, lora_rank, lora_scale, token_lora, y, groups, pl, v_split
+        v, pool, b_tables, lora_start, lora_rank, lora_scale, token_lora, y, groups, pl, v_split,
+        pdl,
     )
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper and later, unless PDL is False."""
+    if PDL is not None:
+        return bool(PDL) and device.type == "cuda"
+    return device.type == "cuda" and _capability(device.index) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def interpreter_active() -> bool:
