@@ -92,9 +92,12 @@ class PagedLoRALinear(nn.Module):
         a_rows, b_rows = self.pager.vectors.group_tables[self.group]
         if len(a_rows) == 1:
             a_rows, b_rows = a_rows[0], b_rows[0]
+        # Already inside the opaque op vllm::slora_paged_lora: skip the
+        # kernels' own custom-op dispatch.
         paged_lora(x2, y2, self.pager.pools[self.layer_idx], a_rows, b_rows,
                    batch.lora_start, batch.rank[self.group], batch.lora_scale, token_lora,
-                   segments=segments, max_rank=batch.max_rank[self.group], meta=meta)
+                   segments=segments, max_rank=batch.max_rank[self.group], meta=meta,
+                   dispatch=False)
 
     def _apply_sharded(self, x, y, token_lora, segments, meta, batch) -> None:
         """This rank's part of the LoRA output, with one collective on v."""

@@ -315,6 +315,18 @@ def test_ops_are_registered_custom_ops():
         assert op._schema.is_mutable, name
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_paged_lora_without_dispatch_is_the_same_op(monkeypatch, backend):
+    # dispatch=False (the LoRA layers' path) runs the op's implementation directly.
+    monkeypatch.setattr(kernels, "_FORCED", backend)
+    ad, token_lora, x, y0 = _small_problem()
+    args = (ad.pool, ad.a_rows, ad.b_rows, ad.lora_start, ad.lora_rank, ad.lora_scale, token_lora)
+    got, want = y0.clone(), y0.clone()
+    kernels.paged_lora(x, got, *args, max_rank=16, dispatch=False)
+    kernels.paged_lora(x, want, *args, max_rank=16)
+    assert not torch.equal(want, y0) and torch.equal(got, want)
+
+
 def test_opcheck_paged_lora():
     ad, token_lora, x, y = _small_problem()
     args = (x, y, ad.pool, ad.a_rows, ad.b_rows, ad.lora_start, ad.lora_rank, ad.lora_scale,

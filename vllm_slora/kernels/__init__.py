@@ -310,6 +310,7 @@ def paged_lora(
     segments: Segments = None,
     max_rank: int | None = None,
     meta: torch.Tensor | None = None,
+    dispatch: bool = True,
 ) -> None:
     """y += lora_scale * x @ A^T @ B^T per token: shrink then expand, in place.
 
@@ -319,9 +320,14 @@ def paged_lora(
     reading lora_rank.max() costs; ``meta`` as in ``paged_lora_shrink``.
     This is the fastest path: on the Triton backend the shrink's split-K
     partials are summed by the expand instead of a separate launch.
+    ``dispatch=False`` calls the implementation without going through the
+    registered custom op (no dispatcher: about 8 us less host time per call
+    on the CPU machine), for callers that are themselves inside an opaque
+    op, as the LoRA layers are; torch.compile must not trace such a call.
     """
     seg_start, seg_lora = _split_segments(segments)
-    torch.ops.vllm_slora.paged_lora(
+    op = torch.ops.vllm_slora.paged_lora if dispatch else _lora_impl
+    op(
         x, y, pool, _table_list(a_rows), _table_list(b_rows), lora_start, lora_rank,
         lora_scale, token_lora, seg_start, seg_lora, -1 if max_rank is None else int(max_rank),
         meta,
