@@ -34,8 +34,9 @@ Timing. The "us" columns are GPU time per call: ``graph_us`` captures the
 call REPS times in one CUDA graph, each preceded by a 128 MB write that
 evicts L2 (50 MB), times graph replays with CUDA events, and subtracts the
 same graph without the calls (median of interleaved replays). This is how
-the ops run inside vLLM's CUDA graphs, and it leaves out the host's launch
-cost, which an eager call of a 10-50 us op is bound by. "eager us" is
+stock's ops run inside vLLM's CUDA graphs (ours run between the graph
+pieces: see "eager us"), and it leaves out the host's launch cost, which an
+eager call of a 10-50 us op is bound by. "eager us" is
 ``triton.testing.do_bench`` (median, L2 flushed) of one eager call: what an
 op costs when it runs outside a graph, host launch cost included (stock's
 two launches against our two or three). The targets (ours/stock, HBM%)
@@ -357,11 +358,9 @@ def make_case(torch, model, mod, rset_name, mode, size, sweep, device, gen, ad_a
         model=model, module=mod, K=k, N=ns, ranks=rset_name, mode=mode, batch=size, tokens=t,
         adapters=n, d=sweep.d,
     )  # fmt: skip
-    meta = None
-    if segments is None and device != "cpu":
-        import vllm_slora.kernels as kernels
+    from vllm_slora.kernels import batch_meta
 
-        meta = kernels.group_by_adapter(token_lora, n)
+    meta = batch_meta(token_lora, n, segments)  # as the pager builds it
     row["plan"] = plan_tag(ad, x, ns, token_lora, segments, r_max, sweep.d, meta)
     return Case(row, ad, x, y0, ns, token_lora, segments, r_max,
                 ad.a_rows if fused else ad.a_rows[0], ad.b_rows if fused else ad.b_rows[0],

@@ -84,6 +84,7 @@ from vllm_slora.kernels.reference import gather_adapter
 
 __all__ = [
     "BACKENDS",
+    "batch_meta",
     "gather_adapter",
     "group_by_adapter",
     "paged_lora",
@@ -231,6 +232,22 @@ def group_by_adapter(token_lora: torch.Tensor, num_loras: int) -> torch.Tensor:
     """
     from vllm_slora.kernels import grouped
 
+    return grouped.group_by_adapter(token_lora, num_loras)
+
+
+def batch_meta(token_lora: torch.Tensor, num_loras: int, segments: Segments = None
+               ) -> torch.Tensor | None:  # fmt: skip
+    """``group_by_adapter`` of a batch if the ops will use it, else None.
+
+    They use it only on CUDA, without segments, above
+    ``grouped.PER_TOKEN_MAX_T`` tokens (smaller batches: one tile per token).
+    """
+    if not token_lora.is_cuda or segments is not None:
+        return None
+    from vllm_slora.kernels import grouped
+
+    if token_lora.shape[0] <= grouped.PER_TOKEN_MAX_T:
+        return None
     return grouped.group_by_adapter(token_lora, num_loras)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from vllm_slora import metrics
+from vllm_slora.kernels import batch_meta
 from vllm_slora.memory.host_cache import HostCache
 from vllm_slora.memory.layout import GROUPS, PageGeometry
 from vllm_slora.memory.plan import Evict, Load, PagingPlan
@@ -69,12 +70,7 @@ class Batch:
             token_lora = self.token_lora.new_full((t,), -1)
             token_lora[: min(t, n)] = self.token_lora[: min(t, n)]
             segments = self.segments if t > n else None
-            meta = None
-            if token_lora.is_cuda and segments is None:
-                from vllm_slora.kernels import grouped
-
-                if t > grouped.PER_TOKEN_MAX_T:
-                    meta = grouped.group_by_adapter(token_lora, len(self.lora_ids))
+            meta = batch_meta(token_lora, len(self.lora_ids), segments)
             hit = self.resized[t] = (token_lora, segments, meta)
         return hit
 
@@ -283,11 +279,7 @@ class Pager:
             rank_a=rank_a,
             segments=_segments(token_lora, dev),
             lora_ids=lora_ids)
-        if dev.type == "cuda" and self.batch.segments is None:
-            from vllm_slora.kernels import grouped
-
-            if len(token_lora) > grouped.PER_TOKEN_MAX_T:  # else one tile per token
-                self.batch.meta = grouped.group_by_adapter(self.batch.token_lora, len(lora_ids))
+        self.batch.meta = batch_meta(self.batch.token_lora, len(lora_ids), self.batch.segments)
 
     def stats(self) -> dict:
         out = dict(self.counters, worker_resident_adapters=len(self.resident))
