@@ -53,3 +53,26 @@ def summarize(*, requests: int, elapsed_s: float, ttft: list[float], latency: li
 def not_run(status: str, requests: int, note: str | None = None) -> dict:
     """A measurement that did not happen (failed, skipped, too slow)."""
     return {"status": status, "note": note, "requests": requests, "finished": 0}
+
+
+def steady_state(samples: list[tuple[float, float, float, float]]) -> dict:
+    """Batch occupancy from (time, running, waiting, generated tokens) samples.
+
+    The steady window runs from the first sample to the last one with a
+    non-empty waiting queue: the scheduler had more work than it could run,
+    so the batch was as full as memory and ``max_num_seqs`` allow. Its
+    throughput is generated tokens over that window.
+    """
+    if len(samples) < 2:
+        return {"mean_running": None, "waiting_share": None, "steady_s": None,
+                "steady_tok_per_s": None}
+    running = [s[1] for s in samples]
+    queued = [i for i, s in enumerate(samples) if s[2] > 0]
+    out = {"mean_running": sum(running) / len(running),
+           "waiting_share": len(queued) / len(samples), "steady_s": None, "steady_tok_per_s": None}
+    if queued and queued[-1] > 0:
+        t0, t1 = samples[0], samples[queued[-1]]
+        if t1[0] > t0[0]:
+            out["steady_s"] = round(t1[0] - t0[0], 2)
+            out["steady_tok_per_s"] = (t1[3] - t0[3]) / (t1[0] - t0[0])
+    return out

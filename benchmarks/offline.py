@@ -18,8 +18,23 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.metrics import not_run, summarize
+from benchmarks.metrics import not_run, steady_state, summarize
 from benchmarks.workload import read_trace
+
+
+# Queue samples per second of a measurement (LLM.get_metrics reads vLLM's
+# Prometheus registry: about a millisecond).
+SAMPLE_S = 0.5
+
+
+def queue_sample(llm) -> tuple[float, float, float]:
+    """(running requests, waiting requests, generated tokens so far) from vLLM's metrics."""
+    got = {"vllm:num_requests_running": 0.0, "vllm:num_requests_waiting": 0.0,
+           "vllm:generation_tokens": 0.0}
+    for m in llm.get_metrics():
+        if m.name in got and hasattr(m, "value"):
+            got[m.name] += m.value
+    return tuple(got.values())
 
 
 class Events:
@@ -115,7 +130,8 @@ class Driver:
                           lora_request=[loras[i % len(loras)] for i in range(len(prompts))], use_tqdm=False)
         return time.perf_counter() - start
 
-    def measure(self, point: dict, deadline: float, slo_ttft_s: float) -> dict:
+    def measure(self, point: dict, deadline: float, slo_ttft_s: float,
+                window_s: float | None = None) -> dict:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -131,9 +147,16 @@ class Driver:
         engine = self.llm.llm_engine
         ttft, latency, out_tokens, status = [], [], 0, "ok"
         start = time.perf_counter()
+        window_end = start + window_s if window_s else float("inf")
         ids = self.llm.enqueue(prompts, params, lora_request=lora_requests, use_tqdm=False)
-        last_report = 0.0
+        last_report, samples = 0.0, []
         while engine.has_unfinished_requests():
+            if time.perf_counter() - (samples[-1][0] if samples else -1.0) >= SAMPLE_S:
+                samples.append((time.perf_counter(), *queue_sample(self.llm)))
+            if time.perf_counter() > window_end:
+                engine.abort_request(ids, internal=True)
+                status = "window"
+                break
             if time.time() > deadline:
                 engine.abort_request(ids, internal=True)
                 status = "too slow"
@@ -148,13 +171,16 @@ class Driver:
                 self.events.emit("progress", label=point["label"], done=len(latency))
                 last_report = now
         elapsed = time.perf_counter() - start
+        samples.append((time.perf_counter(), *queue_sample(self.llm)))
         note = None
-        if status != "ok":
+        if status == "too slow":
             note = f"stopped at its time share: {len(latency)}/{len(reqs)} finished in {elapsed:.0f} s"
+        elif status == "window":
+            note = f"fixed {window_s:g} s window: {len(latency)}/{len(reqs)} finished"
         self.events.emit("progress", label=point["label"], done=len(latency))
         return summarize(requests=len(reqs), elapsed_s=elapsed, ttft=ttft, latency=latency,
                          output_tokens=out_tokens, input_tokens=sum(len(r.prompt) for r in reqs),
-                         status=status, slo_ttft_s=slo_ttft_s, note=note)
+                         status=status, slo_ttft_s=slo_ttft_s, note=note) | steady_state(samples)
 
 
 def main(spec_path: str, events_path: str) -> int:
@@ -189,7 +215,8 @@ def main(spec_path: str, events_path: str) -> int:
             continue
         events.emit("point_begin", label=point["label"])
         try:
-            result = driver.measure(point, time.time() + share, spec["slo_ttft_s"])
+            result = driver.measure(point, time.time() + share, spec["slo_ttft_s"],
+                                    spec.get("window_s"))
             if spec["env"].get("VLLM_SLORA") == "1":
                 result["plugin_stats"] = plugin_stats(llm)
         except Exception as e:

@@ -20,8 +20,13 @@ COLUMNS = {
               "start-up failed | start-up too slow | skipped (time budget)",
     "req/s": "finished requests / wall time of the measurement",
     "out tok/s": "generated tokens / wall time",
-    "vs stock": "req/s / req/s of the best stock at that n",
-    "vs base": "req/s / req/s of base (no LoRA; the same requests)",
+    "steady tok/s": "generated tokens / s over the steady window: from the start to the last "
+                    "moment the waiting queue was non-empty (the batch as full as it can be)",
+    "mean batch": "mean running requests over the point (sampled every 0.5 s)",
+    "queue>0": "share of the point's samples with requests waiting",
+    "vs stock": "steady tok/s / steady tok/s of the best stock at that n (req/s where a "
+                "point has no steady window)",
+    "vs base": "the same against base (no LoRA; the same requests)",
     "TTFT p50/p90/p99": "first-token latency percentiles, s (offline: from handing the whole trace "
                         "to the engine, so mostly queueing)",
     "mean lat": "mean request latency (arrival to last token), s",
@@ -38,7 +43,12 @@ def point_at(system: dict, n: int) -> dict | None:
 
 
 def ok_rate(p: dict | None) -> float | None:
-    return p["req_per_s"] if p and p.get("status") == "ok" else None
+    """The point's throughput for ratios: steady tok/s, else req/s of a finished point."""
+    if not p or p.get("status") not in ("ok", "window"):
+        return None
+    if p.get("steady_tok_per_s"):
+        return p["steady_tok_per_s"]
+    return p["req_per_s"] if p.get("status") == "ok" else None
 
 
 def best_stock(results: dict, n: int) -> dict | None:
@@ -53,6 +63,18 @@ def base_system(results: dict) -> dict | None:
 
 def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a is not None and b else "-"
+
+
+def point_ratio(p: dict | None, q: dict | None) -> str:
+    """p's throughput over q's, by the same method on both sides: steady tok/s
+    where both have it, req/s where both finished, else none."""
+    if ok_rate(p) is None or ok_rate(q) is None:
+        return "-"
+    if p.get("steady_tok_per_s") and q.get("steady_tok_per_s"):
+        return ratio(p["steady_tok_per_s"], q["steady_tok_per_s"])
+    if p.get("status") == q.get("status") == "ok":
+        return ratio(p["req_per_s"], q["req_per_s"])
+    return "-"
 
 
 def fmt(x, digits=2) -> str:
@@ -70,28 +92,30 @@ def status_cell(p: dict | None) -> str:
 
 
 def table(results: dict) -> list[str]:
-    head = ["n", "system", "status", "req/s", "out tok/s", "vs stock", "vs base",
+    head = ["n", "system", "status", "req/s", "out tok/s", "steady tok/s", "mean batch", "queue>0",
+            "vs stock", "vs base",
             "TTFT p50/p90/p99 (s)", "mean lat (s)", f"SLO ({results['config']['slo_ttft_s']:g} s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = base_system(results)
     for n in results["config"]["n"]:
         best = best_stock(results, n)
-        stock_rate = ok_rate(point_at(best, n)) if best else None
-        base_rate = ok_rate(point_at(base, n)) if base else None
         for s in results["systems"]:
             p = point_at(s, n)
             label = s["label"] + (" **best**" if s is best else "")
-            rate = ok_rate(p)
-            if rate is None and p and p.get("req_per_s") is not None:
-                shown = f"({p['req_per_s']:.2f})"
+            ok = p is not None and p.get("status") in ("ok", "window")
+            if p and p.get("req_per_s") is not None:
+                shown = fmt(p["req_per_s"]) if p.get("status") == "ok" else f"({p['req_per_s']:.2f})"
             else:
-                shown = fmt(rate)
-            ok = p is not None and p.get("status") == "ok"
+                shown = "-"
+            share = p.get("waiting_share") if p else None
             ttft = "/".join(fmt(p.get(k)) for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s")) if ok else "-"
             lines.append("| " + " | ".join([
                 str(n), label, status_cell(p), shown, fmt(p.get("output_tok_per_s"), 0) if ok else "-",
-                ratio(rate, stock_rate),
-                ratio(rate, base_rate), ttft, fmt(p.get("latency_mean_s")) if ok else "-",
+                fmt(p.get("steady_tok_per_s"), 0) if ok else "-",
+                fmt(p.get("mean_running"), 0) if ok else "-",
+                f"{share:.0%}" if ok and share is not None else "-",
+                point_ratio(p, point_at(best, n) if best else None),
+                point_ratio(p, point_at(base, n) if base else None), ttft, fmt(p.get("latency_mean_s")) if ok else "-",
                 f"{p['slo_attainment']:.0%}" if ok else "-"]) + " |")
     return lines
 
@@ -107,12 +131,12 @@ def summary(results: dict) -> list[str]:
             continue
         parts = []
         for n in ns:
-            rate = ok_rate(point_at(s, n))
+            p = point_at(s, n)
             best = best_stock(results, n)
-            parts.append(f"n={n}: vs stock {ratio(rate, ok_rate(point_at(best, n)) if best else None)}, "
-                         f"vs base {ratio(rate, ok_rate(point_at(base, n)) if base else None)}")
+            parts.append(f"n={n}: vs stock {point_ratio(p, point_at(best, n) if best else None)}, "
+                         f"vs base {point_ratio(p, point_at(base, n) if base else None)}")
         if len(ns) > 1:
-            scale = ratio(ok_rate(point_at(s, max(ns))), ok_rate(point_at(s, min(ns))))
+            scale = point_ratio(point_at(s, max(ns)), point_at(s, min(ns)))
             parts.append(f"n={max(ns)} vs n={min(ns)}: {scale}")
         lines.append(f"- **{s['label']}**: " + "; ".join(parts))
     return lines

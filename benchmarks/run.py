@@ -56,8 +56,9 @@ DEFAULTS = dict(
     mode="offline", arch="llama-2-7b", n=[5, 100, 1000, 2000], requests=160, systems=ALL_SYSTEMS,
     stock_max_loras=[16, 64], ranks=[8, 16, 32, 64], targets="attn", alpha=1.0, rate=6.0, cv=1.0,
     input_range=[8, 512], output_range=[8, 512], seed=0, pool=8, host_lora_cache_gb=32.0,
-    slo_ttft_s=6.0, budget_s=480.0, est_start_s=60.0, est_point_s=10.0, min_point_s=5.0, eager=True,
+    slo_ttft_s=6.0, budget_s=None, est_start_s=100.0, est_point_s=30.0, min_point_s=5.0, eager=False,
     max_num_seqs=None, gpu_memory_utilization=None, warmup=True, tensor_parallel_size=None,
+    max_capture_size=None, window_s=None,
 )
 PRESETS = {
     # One 10-minute call on the H100: 8 min of budget, and at most
@@ -67,7 +68,7 @@ PRESETS = {
     # the batch, ~8-10 s at base speed (the longest output, 512 decode steps,
     # sets the pace). Eager (no torch.compile, no CUDA graphs) for every
     # system: compile + graph capture would make each start-up 55-95 s.
-    "headline": dict(DEFAULTS),
+    "headline": dict(DEFAULTS, requests=1000),
     # Online: fewer configurations (the ablations are throughput questions)
     # and fewer requests, since each measurement lasts requests / rate.
     "headline-online": dict(DEFAULTS, mode="online", requests=96, rate=6.0,
@@ -75,7 +76,8 @@ PRESETS = {
     # CPU (the test suite's run): tiny model, short requests.
     "tiny": dict(DEFAULTS, arch="tiny", n=[2, 5], requests=16, systems=["base", "stock"],
                  stock_max_loras=[4], ranks=[8, 16], input_range=[8, 32], output_range=[4, 16],
-                 pool=2, budget_s=900.0, est_point_s=2.0, min_point_s=2.0, rate=8.0, slo_ttft_s=5.0),
+                 pool=2, budget_s=900.0, est_start_s=60.0, est_point_s=2.0, min_point_s=2.0, rate=8.0,
+                 slo_ttft_s=5.0, eager=True),
 }
 
 
@@ -110,8 +112,15 @@ def parse(argv) -> tuple[argparse.Namespace, dict]:
                    help="engine overhead (process, start-up, warm-up, shutdown) until one is measured")
     p.add_argument("--est-point-s", type=float, help="expected seconds per measurement (stock: twice)")
     p.add_argument("--min-point-s", type=float, help="shortest time share worth a measurement")
-    p.add_argument("--cuda-graphs", dest="eager", action="store_false", default=None,
-                   help="let vLLM compile and capture CUDA graphs (default: enforce_eager for every system)")
+    p.add_argument("--enforce-eager", dest="eager", action="store_true", default=None,
+                   help="every system eager: no torch.compile, no CUDA graphs (default: vLLM's "
+                        "default, compiled with CUDA graphs)")
+    p.add_argument("--max-capture-size", type=int,
+                   help="largest CUDA-graph batch size for every system (vLLM's "
+                        "max_cudagraph_capture_size): a shorter start-up, stated in the table")
+    p.add_argument("--window-s", type=float,
+                   help="stop each measurement after this many seconds and report its steady "
+                        "window (for points that would take too long to finish)")
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--gpu-memory-utilization", type=float)
     p.add_argument("--tensor-parallel-size", type=int,
@@ -265,6 +274,7 @@ class Child:
         spec_path.write_text(json.dumps(dict(
             label=config.label, env=config.env, engine_kwargs=kwargs, deadline=deadline, points=points,
             min_point_s=cfg["min_point_s"], slo_ttft_s=cfg["slo_ttft_s"], warmup=cfg["warmup"],
+            window_s=cfg["window_s"],
             warmup_prompt_len=min(64, cfg["input_range"][1]),
             warmup_adapters=[] if config.system == "base" else prep["warmup_adapters"],
             server_log=str(self.server_log))))
@@ -386,6 +396,8 @@ def git_commit() -> str | None:
 def results_json(name, argv, cfg, workdir, prep, common, records, warnings, used_s) -> dict:
     ready = next((r for r in records if r.get("versions")), {})
     graphs = "enforce_eager (no torch.compile, no CUDA graphs)" if cfg["eager"] else "torch.compile + CUDA graphs"
+    if not cfg["eager"] and cfg["max_capture_size"] is not None:
+        graphs += f" (graphs up to {cfg['max_capture_size']} tokens, for a shorter start-up)"
     return {
         "schema": 1,
         "name": name,
@@ -420,7 +432,12 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, cfg = parse(argv)
     t0 = time.time()
-    end = t0 + cfg["budget_s"]
+    if cfg["budget_s"] is not None and cfg["budget_s"] < cfg["est_start_s"] + cfg["min_point_s"]:
+        print(f"error: --budget-s {cfg['budget_s']:g} cannot cover one engine start-up "
+              f"(--est-start-s {cfg['est_start_s']:g}) and one point (--min-point-s "
+              f"{cfg['min_point_s']:g}); nothing was started", file=sys.stderr)
+        return 2
+    end = t0 + cfg["budget_s"] if cfg["budget_s"] is not None else float("inf")
     name = args.name or f"{args.preset or 'run'}-{cfg['mode']}"
     run_dir = args.workdir / "runs" / name
     prep = prepare(cfg, args.workdir, run_dir)
@@ -433,6 +450,8 @@ def main(argv=None) -> int:
                   max_model_len=cfg["input_range"][1] + cfg["output_range"][1], eager=cfg["eager"],
                   extra={k: cfg[k] for k in ("max_num_seqs", "gpu_memory_utilization", "tensor_parallel_size")
                          if cfg[k] is not None})
+    if cfg["max_capture_size"] is not None and not cfg["eager"]:
+        common["extra"]["compilation_config"] = {"max_cudagraph_capture_size": cfg["max_capture_size"]}
     plan = configs(cfg["systems"], cfg["stock_max_loras"])
     records, overheads = [], []
 
@@ -448,7 +467,7 @@ def main(argv=None) -> int:
         # At least enough for its engine and a short look at each n: the
         # earlier (more important) configurations are never the ones cut.
         floor = overhead + cfg["min_point_s"] * len(points_of(config))
-        share = min(left, max(left * needs[0] / sum(needs), floor))
+        share = left if left == float("inf") else min(left, max(left * needs[0] / sum(needs), floor))
         if share < overhead + cfg["min_point_s"]:
             records.append(not_started(config, kwargs, points_of(config), "skipped", "time budget"))
             continue

@@ -1,23 +1,25 @@
-"""Patch of ``vllm.config.compilation`` (vLLM 0.26.0): paged LoRA between CUDA-graph pieces.
+"""Patch of ``vllm.config.compilation`` (vLLM 0.26.0): paged LoRA between CUDA-graph pieces, on request.
 
-Why: the paged LoRA layers read per-step state (which adapter each token
-uses, the vector tables of the adapters paged in this step) that a captured
-CUDA graph would freeze. vLLM already runs attention, whose metadata also
-changes every step, outside its piecewise CUDA graphs by naming the op in
-``CompilationConfig.splitting_ops``; the paged LoRA op
-(``vllm::slora_paged_lora``, ``vllm_slora.layers``) gets the same treatment,
-so the base model's GEMMs, norms and activations stay in captured graphs.
+By default S-LoRA mode changes nothing here: the paged LoRA layers read
+their per-step metadata from static buffers (``vllm_slora/memory/step.py``)
+and vLLM captures them in its own CUDA graphs, full and piecewise, as it
+captures stock LoRA. This patch is kept as a setting for comparison:
+``VLLM_SLORA_CUDAGRAPH=between-pieces`` runs the op between graph pieces.
 
-What: ``CompilationConfig.set_splitting_ops_for_v1`` (called at the end of
-``VllmConfig.__post_init__``) runs as stock, then, in S-LoRA mode, appends the
-paged LoRA op to the splitting ops and downgrades full CUDA graphs (which
-would capture it) to piecewise ones. If the compilation splits nothing
-(``splitting_ops=[]``), graphs are turned off, with a warning.
+Why (that setting): to measure what capturing the op gains. vLLM runs
+attention, whose metadata also changes every step, outside its piecewise
+CUDA graphs by naming the op in ``CompilationConfig.splitting_ops``.
+
+What (that setting): ``CompilationConfig.set_splitting_ops_for_v1`` (called
+at the end of ``VllmConfig.__post_init__``) runs as stock, then appends the
+paged LoRA op (``vllm::slora_paged_lora``) to the splitting ops and
+downgrades full CUDA graphs (which would capture it) to piecewise ones. If
+the compilation splits nothing (``splitting_ops=[]``), graphs are turned
+off, with a warning.
 
 Guard: vLLM 0.26.x; ``CompilationConfig.set_splitting_ops_for_v1``,
-``CompilationMode.VLLM_COMPILE``, ``CUDAGraphMode.PIECEWISE``. Goes away when
-the paged LoRA layers keep their metadata in static buffers that graphs can
-capture.
+``CompilationMode.VLLM_COMPILE``, ``CUDAGraphMode.PIECEWISE``. Goes away with
+the comparison it serves.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ def place_paged_lora_between_pieces(cc, CompilationMode, CUDAGraphMode) -> None:
 
 def apply() -> None:
     from vllm.config import compilation
+
+    from vllm_slora.config import slora_config
+
+    if slora_config().cudagraph != "between-pieces":
+        return
 
     guard(compilation, "CompilationConfig.set_splitting_ops_for_v1",
           "CompilationMode.VLLM_COMPILE", "CUDAGraphMode.PIECEWISE")

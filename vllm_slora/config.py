@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from vllm_slora.activation import is_enabled
 
 KERNEL_CHOICES = ("auto", "triton", "torch", "bmm")
+CUDAGRAPH_CHOICES = ("captured", "between-pieces")
 
 
 def _flag(name: str, default: bool) -> bool:
@@ -37,6 +38,10 @@ class SLoraConfig:
     # With unify_mem off: the share of KV blocks set aside for adapters at
     # start (VLLM_SLORA_SEPARATE_FRACTION, default 0.25).
     separate_fraction: float = 0.25
+    # "captured": the paged LoRA op inside vLLM's CUDA graphs (full and
+    # piecewise); "between-pieces": run between piecewise graphs, full graphs
+    # off (the comparison; VLLM_SLORA_CUDAGRAPH).
+    cudagraph: str = "captured"
 
     @classmethod
     def from_env(cls) -> "SLoraConfig":
@@ -45,8 +50,13 @@ class SLoraConfig:
             raise ValueError(
                 f"VLLM_SLORA_KERNELS={kernels!r} is not one of {', '.join(KERNEL_CHOICES)}"
             )
+        cudagraph = os.environ.get("VLLM_SLORA_CUDAGRAPH", "captured").strip().lower()
+        if cudagraph not in CUDAGRAPH_CHOICES:
+            raise ValueError(f"VLLM_SLORA_CUDAGRAPH={cudagraph!r} is not one of "
+                             f"{', '.join(CUDAGRAPH_CHOICES)}")
         return cls(
             enabled=is_enabled(),
+            cudagraph=cudagraph,
             kernels=kernels,
             unify_mem=_flag("VLLM_SLORA_UNIFY_MEM", True),
             host_cache_bytes=int(float(os.environ.get("VLLM_SLORA_HOST_CACHE_GB", "4")) * (1 << 30)),

@@ -7,8 +7,9 @@ the vector tables from that model layer's pool. It owns no weights: there is
 no ``max_loras x max_rank`` tensor anywhere.
 
 The LoRA part runs as the custom op ``torch.ops.vllm.slora_paged_lora`` so
-that torch.compile treats it as opaque (its metadata is Python state of the
-pager, set per step).
+that torch.compile treats it as opaque. Its per-step metadata are static
+buffers of the pager (``memory/step.py``), so CUDA graphs capture it: in
+full graphs (uniform decode) and in piecewise ones (mixed batches) alike.
 
 Tensor parallelism (S-LoRA's partition; the math and its communication are
 in ``vllm_slora/tp.py``): on a column-parallel layer the shrink gives this
@@ -27,7 +28,7 @@ import re
 import torch
 from torch import nn
 
-from vllm_slora.kernels import paged_lora, paged_lora_expand, paged_lora_shrink
+from vllm_slora.kernels import batch_meta, paged_lora, paged_lora_expand, paged_lora_shrink
 from vllm_slora.memory.layout import COLUMN_PARALLEL, GROUPS
 
 _LAYERS: dict[str, "PagedLoRALinear"] = {}
@@ -47,6 +48,8 @@ class PagedLoRALinear(nn.Module):
         self.pager = pager
         self.tp_size, self.tp_rank = pager.tp_size, pager.tp_rank
         self.row_parallel = GROUPS[group][0] not in COLUMN_PARALLEL
+        # Set by the worker manager on the first LoRA layer of the forward.
+        self.builds_meta = False
         if self.tp_size > 1 and self.row_parallel and not base_layer.reduce_results:
             raise ValueError(f"vllm_slora: '{name}' does not all-reduce its output; "
                              f"the LoRA output has nowhere to join it")
@@ -79,15 +82,26 @@ class PagedLoRALinear(nn.Module):
         return out, (base.bias if base.skip_bias_add else None)
 
     def apply_lora(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """y += adapters(x), in place; x [T, K], y [T, N] (or with a leading batch dim)."""
+        """y += adapters(x), in place; x [T, K], y [T, N] (or with a leading batch dim).
+
+        Reads only the pager's static step buffers: what it launches depends
+        on T and on whether the step has LoRA at all, never on which adapters
+        it has, so a CUDA graph captured here replays any step of that size.
+        """
         batch = self.pager.batch
-        if batch is None or batch.max_rank[self.group] == 0:
+        if batch is None:
             return
+        step = self.pager.step
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-        # Padded (or trimmed) batches: pad tokens get no LoRA.
-        token_lora, segments, meta = batch.for_tokens(x2.shape[0])
+        t = x2.shape[0]
+        token_lora = step.token_lora[:t]  # past the step's tokens: -1 (padding)
+        limits = step.limits
+        if self.builds_meta:  # the forward's first LoRA layer groups tokens for all
+            self.pager.meta = batch_meta(token_lora, limits.max_loras, out=step.meta_for(t))
+        if batch.max_rank[self.group] == 0:  # eager steps only: captures use R_MAX
+            return
         if self.tp_size > 1:
-            self._apply_sharded(x2, y2, token_lora, segments, meta, batch)
+            self._apply_sharded(x2, y2, token_lora, step)
             return
         a_rows, b_rows = self.pager.vectors.group_tables[self.group]
         if len(a_rows) == 1:
@@ -95,23 +109,22 @@ class PagedLoRALinear(nn.Module):
         # Already inside the opaque op vllm::slora_paged_lora: skip the
         # kernels' own custom-op dispatch.
         paged_lora(x2, y2, self.pager.pools[self.layer_idx], a_rows, b_rows,
-                   batch.lora_start, batch.rank[self.group], batch.lora_scale, token_lora,
-                   segments=segments, max_rank=batch.max_rank[self.group], meta=meta,
-                   dispatch=False)
+                   step.lora_start, step.rank[self.group], step.lora_scale, token_lora,
+                   max_rank=limits.max_rank, meta=self.pager.meta, dispatch=False)
 
-    def _apply_sharded(self, x, y, token_lora, segments, meta, batch) -> None:
+    def _apply_sharded(self, x, y, token_lora, step) -> None:
         """This rank's part of the LoRA output, with one collective on v."""
         from vllm.distributed import get_tp_group
 
         g, p, world = self.group, self.tp_rank, self.tp_size
         a_rows, b_rows = self.pager.vectors.group_tables[g]
-        pool = self.pager.pools[self.layer_idx]
-        t, r_max = x.shape[0], batch.max_rank[g]
+        pool, meta = self.pager.pools[self.layer_idx], self.pager.meta
+        t, r_max = x.shape[0], step.limits.max_rank
         if self.row_parallel:
             # x: this rank's input columns; y: the full-width partial sum.
             v = torch.zeros(1, t, r_max, dtype=torch.float32, device=x.device)
-            paged_lora_shrink(x, pool, a_rows, batch.lora_start, batch.rank_a[g], token_lora, v,
-                              segments, meta)
+            paged_lora_shrink(x, pool, a_rows, step.lora_start, step.rank_a[g], token_lora, v,
+                              None, meta)
             v = get_tp_group().all_reduce(v)
             n_p = y.shape[1] // world
             y = y[:, p * n_p:(p + 1) * n_p]
@@ -119,13 +132,13 @@ class PagedLoRALinear(nn.Module):
             # A-vector j sits on rank j % P at local index j // P.
             local = -(-r_max // world)
             v_p = torch.zeros(len(a_rows), t, local, dtype=torch.float32, device=x.device)
-            paged_lora_shrink(x, pool, a_rows, batch.lora_start, batch.rank_a[g], token_lora,
-                              v_p, segments, meta)
+            paged_lora_shrink(x, pool, a_rows, step.lora_start, step.rank_a[g], token_lora,
+                              v_p, None, meta)
             parts = get_tp_group().all_gather(v_p, dim=0)  # [P * S, T, local]
             v = (parts.view(world, *v_p.shape).permute(1, 2, 3, 0)
                  .reshape(v_p.shape[0], t, local * world).contiguous())
-        paged_lora_expand(v, pool, b_rows, batch.lora_start, batch.rank[g], batch.lora_scale,
-                          token_lora, y, segments, meta)
+        paged_lora_expand(v, pool, b_rows, step.lora_start, step.rank[g], step.lora_scale,
+                          token_lora, y, None, meta)
 
     def extra_repr(self) -> str:
         return f"group={self.group}, layer={self.layer_idx}"

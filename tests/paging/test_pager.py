@@ -36,11 +36,12 @@ def cpu_attn_kv(layers: int):
     return {i: torch.zeros(NUM_BLOCKS, 2, BLOCK, 64) for i in range(layers)}
 
 
-def make_pager(tiny_model, kv):
+def make_pager(tiny_model, kv, max_tokens=64, max_loras=8, max_rank=32):
     from vllm_slora.memory.pager import Pager
+    from vllm_slora.memory.step import StepLimits
 
     pager = Pager(tiny_config(tiny_model), torch.float32, torch.device("cpu"), 1 << 30)
-    pager.bind(kv, NUM_BLOCKS)
+    pager.bind(kv, NUM_BLOCKS, StepLimits(max_tokens, max_loras, max_rank))
     return pager
 
 

@@ -225,30 +225,33 @@ _register()
 # ---- public API --------------------------------------------------------------
 
 
-def group_by_adapter(token_lora: torch.Tensor, num_loras: int) -> torch.Tensor:
+def group_by_adapter(token_lora: torch.Tensor, num_loras: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Per-adapter token lists for a batch, on device (see ``grouped.group_by_adapter``).
 
-    Pass the result as ``meta`` to the ops of every layer of the batch.
+    Pass the result as ``meta`` to the ops of every layer of the batch;
+    ``out``: a static buffer of ``grouped.meta_size(T, num_loras)`` to fill.
     """
     from vllm_slora.kernels import grouped
 
-    return grouped.group_by_adapter(token_lora, num_loras)
+    return grouped.group_by_adapter(token_lora, num_loras, out)
 
 
-def batch_meta(token_lora: torch.Tensor, num_loras: int, segments: Segments = None
-               ) -> torch.Tensor | None:  # fmt: skip
+def batch_meta(token_lora: torch.Tensor, num_loras: int, segments: Segments = None,
+               out: torch.Tensor | None = None) -> torch.Tensor | None:  # fmt: skip
     """``group_by_adapter`` of a batch if the ops will use it, else None.
 
-    They use it only on CUDA, without segments, above
+    They use it only with the Triton backend, without segments, above
     ``grouped.PER_TOKEN_MAX_T`` tokens (smaller batches: one tile per token).
+    The decision depends on shapes and the backend only (CUDA-graph safe).
     """
-    if not token_lora.is_cuda or segments is not None:
+    if _backend(token_lora) != "triton" or segments is not None:
         return None
     from vllm_slora.kernels import grouped
 
     if token_lora.shape[0] <= grouped.PER_TOKEN_MAX_T:
         return None
-    return grouped.group_by_adapter(token_lora, num_loras)
+    return grouped.group_by_adapter(token_lora, num_loras, out)
 
 
 def paged_lora_shrink(

@@ -2,9 +2,9 @@
 
 Vocabulary and layout: see ``vllm_slora/kernels/__init__.py``.
 
-This is the ablation of the S-LoRA paper (section 5): copy every adapter out
-of its pages into a contiguous [L, R_MAX, W] tensor padded with zeros to the
-largest rank, index it per token, and multiply with ``torch.bmm``. It does
+This is the ablation of the S-LoRA paper (section 5): copy each token's
+adapter out of its pages into a contiguous [T, R_MAX, W] tensor padded with
+zeros to the largest rank and multiply with ``torch.bmm``. It does
 max-rank work for every token and copies weights every call, which is what
 MBGMV/MBGMM avoid. No host sync (R_MAX comes from the buffer shapes), so it
 can also run under CUDA graphs.
@@ -25,7 +25,7 @@ def _chunks(t: int, r_max: int, width: int, itemsize: int):
 
 
 def _padded(pool, table, lora_start, lora_rank, r_max):
-    """All adapters' vectors, zero-padded: [L, r_max, W] (pool dtype)."""
+    """Vectors of the given adapters (one per token), zero-padded: [t, r_max, W]."""
     j = torch.arange(r_max, device=pool.device)
     valid = j[None, :] < lora_rank[:, None]
     vec = torch.where(valid, lora_start[:, None] + j[None, :], 0)
@@ -41,9 +41,9 @@ def paged_lora_shrink(x, pool, a_rows: Tables, lora_start, lora_rank, token_lora
     has = (token_lora >= 0)[:, None]
     idx = token_lora.clamp(min=0).long()
     for table, o in zip(tables, outs):
-        padded = _padded(pool, table, lora_start, lora_rank, o.shape[-1])  # [L, R, K]
-        for s in _chunks(x.shape[0], o.shape[-1], padded.shape[2], padded.element_size()):
-            a = padded[idx[s]]  # [t, R, K]
+        width = table.shape[1] * pool.shape[1]
+        for s in _chunks(x.shape[0], o.shape[-1], width, pool.element_size()):
+            a = _padded(pool, table, lora_start[idx[s]], lora_rank[idx[s]], o.shape[-1])
             v = torch.bmm(a, x[s].unsqueeze(2)).squeeze(2).float()
             o[s].copy_(torch.where(has[s], v, o[s]))
 
@@ -62,11 +62,10 @@ def paged_lora_expand(
     scale = lora_scale[idx][:, None]
     col = 0
     for table, vv in zip(tables, vs):
-        padded = _padded(pool, table, lora_start, lora_rank, r_max)  # [L, R, N]
         vv = torch.where(live, vv, 0.0).to(y.dtype)
-        width = padded.shape[2]
-        for s in _chunks(y.shape[0], r_max, width, padded.element_size()):
-            b = padded[idx[s]]  # [t, R, N]
+        width = table.shape[1] * pool.shape[1]
+        for s in _chunks(y.shape[0], r_max, width, pool.element_size()):
+            b = _padded(pool, table, lora_start[idx[s]], lora_rank[idx[s]], r_max)  # [t, R, N]
             delta = torch.bmm(vv[s].unsqueeze(1), b).squeeze(1).float() * scale[s]
             cols = y[s, col : col + width]
             cols.copy_(torch.where(has[s, None], (cols.float() + delta).to(y.dtype), cols))

@@ -127,6 +127,10 @@ def _tile(p, token_lora_ptr, bounds_ptr, glora_ptr, NG,
     else:
         # g = number of groups whose tiles all come before p; prev = how many
         # tiles those are. Groups' tile counts are cumulated NGB at a time.
+        if MODE == 2:
+            # Groups past the last adapter with tokens are empty: scan only
+            # up to it (group_by_adapter stores that count after the lists).
+            NG = tl.load(glora_ptr)
         g = 0
         prev = 0
         base = 0
@@ -190,7 +194,7 @@ def _shrink_kernel(
     lora_rank_ptr,  # int32 [L]
     token_lora_ptr,  # int32 [T]
     bounds_ptr,  # group bounds [NG + 1] (SEGMENTS, ADAPTERS)
-    glora_ptr,  # adapter per group [NG] (SEGMENTS)
+    glora_ptr,  # adapter per group [NG] (SEGMENTS); groups to scan [1] (ADAPTERS)
     idx_ptr,  # group-ordered tokens [T] (ADAPTERS)
     NG,
     K,
@@ -474,7 +478,7 @@ def _expand_kernel(
 @triton.jit(do_not_specialize=["T", "L"])
 def _group_by_adapter_kernel(
     token_lora_ptr,  # int32 [T]
-    meta_ptr,  # int32 [L + 1 + T + L + T]
+    meta_ptr,  # int32 [L + 1 + T + L + T + 1]
     T,
     L,
     LB: tl.constexpr,
@@ -507,7 +511,9 @@ def _group_by_adapter_kernel(
         tl.debug_barrier()
         first = tl.load(bounds + tl.where(ok, lora, 0), mask=ok, other=0, cache_modifier=".cg")
         tl.store(idx + first + r, offs, mask=ok)
+        tl.store(rnk + T, tl.max(tl.where(ok, lora + 1, 0), 0))
     else:
+        used = 0
         for t0 in range(0, T, CH):
             offs = t0 + tl.arange(0, CH)
             lora = tl.load(token_lora_ptr + offs, mask=offs < T, other=-1)
@@ -515,6 +521,8 @@ def _group_by_adapter_kernel(
             one = tl.full([CH], 1, dtype=tl.int32)
             r = tl.atomic_add(cnt + tl.where(ok, lora, 0), one, mask=ok, sem="relaxed")
             tl.store(rnk + offs, r, mask=ok)
+            used = tl.maximum(used, tl.max(tl.where(ok, lora + 1, 0), 0))
+        tl.store(rnk + T, used)
         tl.debug_barrier()
         counts = tl.load(cnt + offs_l, mask=mask_l, other=0, cache_modifier=".cg")
         ends = tl.cumsum(counts, 0)
@@ -580,22 +588,33 @@ class Plan:
 
 
 def meta_size(t: int, num_loras: int) -> int:
-    return 2 * num_loras + 2 * t + 1
+    return 2 * num_loras + 2 * t + 2
 
 
-def group_by_adapter(token_lora: torch.Tensor, num_loras: int) -> torch.Tensor:
+def group_by_adapter(token_lora: torch.Tensor, num_loras: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Tokens listed by adapter, on device, one launch, no host sync.
 
-    Returns int32 meta [L + 1 + T + L + T]: meta[:L+1] are the bounds (adapter
-    l owns positions bounds[l]..bounds[l+1]-1), meta[L+1:L+1+T] the token
-    index at each position; the rest is scratch. Tokens with adapter -1 (or
-    >= num_loras) are in no group. Build it once per batch and pass it as
-    ``meta`` to every layer's call to skip this launch there.
+    Returns int32 meta [L + 1 + T + L + T + 1]: meta[:L+1] are the bounds
+    (adapter l owns positions bounds[l]..bounds[l+1]-1), meta[L+1:L+1+T] the
+    token index at each position, meta[-1] one past the last adapter that
+    has tokens (the groups the kernels scan); the rest is scratch. Tokens
+    with adapter -1 (or >= num_loras) are in no group. Build it once per
+    batch and pass it as ``meta`` to every layer's call to skip this launch
+    there. ``out``: a buffer of ``meta_size(T, L)`` int32 to fill instead of
+    a new tensor (static per-step buffers, CUDA graphs).
     """
     t = token_lora.shape[0]
-    meta = torch.empty(meta_size(t, num_loras), dtype=torch.int32, device=token_lora.device)
+    size = meta_size(t, num_loras)
+    if out is None:
+        meta = torch.empty(size, dtype=torch.int32, device=token_lora.device)
+    elif out.dtype != torch.int32 or out.shape != (size,):
+        raise ValueError(f"meta buffer must be int32 [{size}], got {out.dtype} {tuple(out.shape)}")
+    else:
+        meta = out
     if t == 0:
         meta[: num_loras + 1].zero_()
+        meta[-1] = 0
         return meta
     if not token_lora.is_cuda and not interpreter_active():
         # CPU without the interpreter: the same result with torch (host sync).
@@ -606,6 +625,7 @@ def group_by_adapter(token_lora: torch.Tensor, num_loras: int) -> torch.Tensor:
         meta[0] = 0
         meta[1 : num_loras + 1] = counts.cumsum(0)
         meta[num_loras + 1 : num_loras + 1 + t] = order.int()
+        meta[-1] = int(torch.where(ok, token_lora + 1, 0).max())
         return meta
     lb = max(16, _pow2(num_loras))
     ch = max(16, min(_pow2(t), 2048))
@@ -641,9 +661,10 @@ def make_groups(
         if not build_meta:
             return Groups(ADAPTERS, num_loras, token_lora, token_lora, token_lora)
         meta = group_by_adapter(token_lora, num_loras)
-    elif meta.dtype != torch.int32 or meta.numel() < num_loras + 1 + t:
+    elif meta.dtype != torch.int32 or meta.numel() != meta_size(t, num_loras):
         raise ValueError("meta must come from group_by_adapter(token_lora, num_loras)")
-    return Groups(ADAPTERS, num_loras, meta, meta, meta[num_loras + 1 :])
+    return Groups(ADAPTERS, num_loras, meta, meta[meta_size(t, num_loras) - 1 :],
+                  meta[num_loras + 1 :])
 
 
 def plan(groups: Groups, t: int, k: int, n_max: int, s: int, r_max: int, d: int,

@@ -3,7 +3,8 @@
 The ``Pager`` views each layer's KV buffer as a pool ``[num_rows, D]`` (same
 storage, no copy), applies the scheduler's plan (copies a packed adapter into
 the pool rows of the blocks the scheduler chose; drops evicted ones), keeps
-the vector tables, and builds each step's batch metadata for the layers.
+the vector tables, and writes each step's batch metadata into the static
+buffers the layers read (``step.py``).
 Vocabulary: ``vllm_slora/memory/layout.py``.
 """
 
@@ -11,17 +12,17 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from vllm_slora import metrics
-from vllm_slora.kernels import batch_meta
 from vllm_slora.memory.host_cache import HostCache
 from vllm_slora.memory.layout import GROUPS, PageGeometry
 from vllm_slora.memory.plan import Evict, Load, PagingPlan
-from vllm_slora.memory.vectors import VectorSpace
+from vllm_slora.memory.step import StepBuffers, StepLimits
+from vllm_slora.memory.vectors import VectorSpace, vector_capacity
 
 
 @dataclass
@@ -38,41 +39,13 @@ class Resident:
 
 @dataclass
 class Batch:
-    """Per-step metadata the layers pass to ``vllm_slora.kernels.paged_lora``."""
+    """The adapters of one step; their tensors are the pager's ``StepBuffers``."""
 
-    token_lora: torch.Tensor  # int32 [T], -1 = no LoRA
-    lora_start: torch.Tensor  # int32 [L]
-    lora_scale: torch.Tensor  # fp32 [L]
-    rank: dict[str, torch.Tensor]  # per layer group: int32 [L], 0 = adapter lacks it
-    max_rank: dict[str, int]
-    # A-vectors this TP rank holds per adapter (the shrink's ranks): ``rank``
-    # itself without TP and on row-parallel groups.
-    rank_a: dict[str, torch.Tensor]
-    segments: tuple[torch.Tensor, torch.Tensor] | None
     lora_ids: list[int]
-    meta: torch.Tensor | None = None  # kernels.group_by_adapter, once per batch (CUDA)
-    # for_tokens() of other token counts, built once per step for all layers.
-    resized: dict[int, tuple] = field(default_factory=dict)
-
-    def for_tokens(self, t: int) -> tuple[torch.Tensor, tuple | None, torch.Tensor | None]:
-        """(token_lora, segments, meta) for a forward pass of t tokens.
-
-        vLLM pads a batch to a CUDA-graph size (and may trim it): pad tokens
-        get no LoRA. Built on the first layer's call, reused by the others.
-        Padding keeps the segments (tokens after the last one get no LoRA);
-        trimming drops them.
-        """
-        n = self.token_lora.shape[0]
-        if t == n:
-            return self.token_lora, self.segments, self.meta
-        hit = self.resized.get(t)
-        if hit is None:
-            token_lora = self.token_lora.new_full((t,), -1)
-            token_lora[: min(t, n)] = self.token_lora[: min(t, n)]
-            segments = self.segments if t > n else None
-            meta = batch_meta(token_lora, len(self.lora_ids), segments)
-            hit = self.resized[t] = (token_lora, segments, meta)
-        return hit
+    # Largest rank per layer group this step (0: no adapter has the group, so
+    # an eager forward skips it). For a capture, the static R_MAX everywhere:
+    # a captured graph must launch every group's kernels.
+    max_rank: dict[str, int]
 
 
 def block_chunks(kv: torch.Tensor, num_blocks: int) -> tuple[tuple[int, ...], int, int]:
@@ -120,6 +93,10 @@ class Pager:
         self.kv_tensors: list[torch.Tensor] = []
         self.resident: dict[int, Resident] = {}
         self.batch: Batch | None = None
+        self.step: StepBuffers | None = None
+        # This forward's kernels.group_by_adapter view of step.meta (or None),
+        # set by the forward's first LoRA layer, read by all.
+        self.meta: torch.Tensor | None = None
         self.scheduler_stats: dict = {}
         self.counters = dict(loads=0, evictions=0, pages_written=0)
         self._chunk_rows: torch.Tensor | None = None  # int64 [rows_per_block], block 0
@@ -131,8 +108,10 @@ class Pager:
     def bound(self) -> bool:
         return bool(self.pools)
 
-    def bind(self, kv_by_layer: dict[int, torch.Tensor], num_blocks: int) -> None:
-        """View every layer's KV buffer as a pool; fix the page geometry."""
+    def bind(self, kv_by_layer: dict[int, torch.Tensor], num_blocks: int,
+             limits: StepLimits) -> None:
+        """View every layer's KV buffer as a pool; fix the page geometry;
+        allocate the vector tables and the per-step buffers (once)."""
         num_layers = self.hf_config.num_hidden_layers
         if sorted(kv_by_layer) != list(range(num_layers)):
             raise ValueError(f"vllm_slora found KV caches for layers {sorted(kv_by_layer)}, "
@@ -159,7 +138,8 @@ class Pager:
         assert len(rows) == self.geo.rows_per_block
         self._chunk_rows = torch.tensor(rows, dtype=torch.int64, device=self.device)
         self._block_stride_rows = stride // row_bytes
-        self.vectors = VectorSpace(self.geo, self.device)
+        self.vectors = VectorSpace(self.geo, self.device, vector_capacity(self.geo, num_blocks))
+        self.step = StepBuffers(limits, self.device)
         self.host = HostCache(self.geo, self.host_budget_bytes, pin=self.device.type == "cuda")
 
     def check_scheduler_geometry(self, stats: dict) -> None:
@@ -200,6 +180,10 @@ class Pager:
                                f"{len(event.block_ids)} blocks = {rows.numel()} pages")
         rows = rows[:n]
         copied = self._copy_in(packed, rows)
+        if self.vectors.find(meta.rank) is None and self.vectors.fits(meta.rank):
+            moves = self.vectors.compact()
+            for res in self.resident.values():
+                res.start = moves[res.start]
         start = self.vectors.add(meta, rows)
         self.resident[event.lora_id] = Resident(event.path, start, meta.rank, meta.kinds,
                                                 meta.scale, rows, list(event.block_ids), copied)
@@ -239,15 +223,22 @@ class Pager:
     def _evict(self, lora_id: int) -> None:
         res = self.resident.pop(lora_id)
         self._wait_copied(res)
-        self.vectors.remove(res.start, res.rank)
+        self.vectors.remove(res.start)
         self.counters["evictions"] += 1
 
     # -- per step -----------------------------------------------------------
     def set_batch(self, token_ids: np.ndarray, ignore: set[int]) -> None:
-        """Batch metadata from the per-token LoRA ids the runner gives (0 = none)."""
+        """Batch metadata from the per-token LoRA ids the runner gives (0 = none).
+
+        Ids in ``ignore`` are the runner's dummy adapters (warm-up, CUDA-graph
+        capture): their tokens get no LoRA, but the step still counts as a
+        LoRA step, so that a capture records every layer's kernels.
+        """
+        self.meta = None
         uniq, inverse = np.unique(token_ids, return_inverse=True)
         lora_ids = [int(i) for i in uniq if i > 0 and int(i) not in ignore]
-        if not lora_ids:
+        dummy = any(int(i) in ignore for i in uniq if i > 0)
+        if not lora_ids and not dummy:
             self.batch = None
             return
         missing = [i for i in lora_ids if i not in self.resident]
@@ -256,44 +247,26 @@ class Pager:
                                f"the scheduler's paging plan did not reach this worker")
         index = {lid: l for l, lid in enumerate(lora_ids)}
         lut = np.array([index.get(int(i), -1) for i in uniq], dtype=np.int32)
-        token_lora = lut[inverse.reshape(-1)]
         res = [self.resident[i] for i in lora_ids]
         for r in res:
             self._wait_copied(r)
         ranks = {g: [r.rank if kinds[0] in r.kinds else 0 for r in res]
                  for g, kinds in GROUPS.items()}
-        dev = self.device
-        rank = {g: torch.tensor(v, dtype=torch.int32, device=dev) for g, v in ranks.items()}
-        rank_a = dict(rank)
+        ranks_a = ranks
         if self.tp_size > 1:
-            for g, kinds in GROUPS.items():
-                local = [self.geo.a_vectors(kinds[0], r) for r in ranks[g]]
-                if local != ranks[g]:
-                    rank_a[g] = torch.tensor(local, dtype=torch.int32, device=dev)
-        self.batch = Batch(
-            token_lora=torch.from_numpy(token_lora).to(dev),
-            lora_start=torch.tensor([r.start for r in res], dtype=torch.int32, device=dev),
-            lora_scale=torch.tensor([r.scale for r in res], dtype=torch.float32, device=dev),
-            rank=rank,
-            max_rank={g: max(v) for g, v in ranks.items()},
-            rank_a=rank_a,
-            segments=_segments(token_lora, dev),
-            lora_ids=lora_ids)
-        self.batch.meta = batch_meta(self.batch.token_lora, len(lora_ids), self.batch.segments)
+            ranks_a = {g: [self.geo.a_vectors(kinds[0], r) for r in ranks[g]]
+                       for g, kinds in GROUPS.items()}
+        self.step.write(lut[inverse.reshape(-1)], [r.start for r in res], ranks, ranks_a,
+                        [r.scale for r in res])
+        if dummy:
+            max_rank = {g: self.step.limits.max_rank for g in GROUPS}
+        else:
+            max_rank = {g: max(v) for g, v in ranks.items()}
+        self.batch = Batch(lora_ids, max_rank)
 
     def stats(self) -> dict:
         out = dict(self.counters, worker_resident_adapters=len(self.resident))
         if self.bound:
             out.update(vector_capacity=self.vectors.capacity, **self.host.stats())
         return out
-
-
-def _segments(token_lora: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Runs of tokens sharing an adapter, for MBGMM; None when every run is one token."""
-    change = np.flatnonzero(np.diff(token_lora)) + 1
-    if len(change) + 1 == len(token_lora):
-        return None
-    starts = np.concatenate([[0], change, [len(token_lora)]]).astype(np.int32)
-    return (torch.from_numpy(starts).to(device),
-            torch.from_numpy(token_lora[starts[:-1]].copy()).to(device))
 

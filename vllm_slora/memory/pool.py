@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from vllm_slora import metrics
 from vllm_slora.memory.layout import PageGeometry, read_adapter_meta
 from vllm_slora.memory.plan import Evict, Load, PagingPlan
+from vllm_slora.memory.vectors import vector_capacity
 
 
 @dataclass
 class Resident:
     path: str
     blocks: list  # KVCacheBlock
+    rank: int  # rank-vectors it takes in the workers' vector tables
     requests: set[str] = field(default_factory=set)
 
 
@@ -61,6 +63,8 @@ class AdapterPool:
         self.block_pool = block_pool
         self.unified = not isinstance(block_pool, SeparateRegion)
         self.geo = geometry
+        # The workers' vector tables hold this many resident rank-vectors.
+        self.vector_capacity = vector_capacity(geometry, block_pool.num_gpu_blocks)
         self.resident: dict[int, Resident] = {}
         self.unreferenced: OrderedDict[int, None] = OrderedDict()  # LRU, oldest first
         self.request_lora: dict[str, int] = {}
@@ -135,9 +139,19 @@ class AdapterPool:
         finally:
             self.pinned -= wanted
 
+    @property
+    def resident_vectors(self) -> int:
+        return sum(r.rank for r in self.resident.values())
+
     def _page_in(self, lora_id: int, path: str) -> Resident:
+        rank = read_adapter_meta(path).rank
+        while self.resident_vectors + rank > self.vector_capacity:
+            if not self.evict_one():
+                raise RuntimeError(f"adapter '{path}' (rank {rank}) does not fit the vector "
+                                   f"tables: {self.resident_vectors} of {self.vector_capacity} "
+                                   f"rank-vectors are held by running requests")
         blocks = self.block_pool.get_new_blocks(self.blocks_for(path))
-        res = self.resident[lora_id] = Resident(path, blocks)
+        res = self.resident[lora_id] = Resident(path, blocks, rank)
         self.events.append(Load(lora_id, path, [b.block_id for b in blocks]))
         self.counters["loads"] += 1
         self.counters["reloads"] += lora_id in self.ever_evicted

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from vllm_slora.layers import PagedLoRALinear, register_op
 from vllm_slora.memory.layout import GROUPS
 from vllm_slora.memory.pager import Pager
 from vllm_slora.memory.plan import PagingPlan
+from vllm_slora.memory.step import StepLimits
 
 # Under "vllm." so that vLLM's log handler prints it in every process.
 logger = init_logger("vllm.plugins.vllm_slora")
@@ -43,15 +45,6 @@ class PagedLoRAWorkerManager:
             from vllm.distributed import get_tensor_model_parallel_rank
 
             tp_rank = get_tensor_model_parallel_rank()
-        graphs = vllm_config.compilation_config.cudagraph_mode
-        if self.device.type == "cuda" and graphs is not None and graphs.has_full_cudagraphs():
-            # The per-step batch metadata are fresh tensors and the layers
-            # branch in Python, which a full graph would freeze; the patch of
-            # vllm.config.compilation keeps the layers between graph pieces.
-            raise NotImplementedError(
-                f"vllm_slora's paged LoRA layers cannot run inside full CUDA graphs "
-                f"(cudagraph_mode={graphs.name}); use -cc.cudagraph_mode=PIECEWISE "
-                f"or --enforce-eager")
         self.pager = Pager(vllm_config.model_config.hf_text_config, self.lora_config.lora_dtype,
                            self.device, slora_config().host_cache_bytes, tp_size, tp_rank)
         self.layers: list[PagedLoRALinear] = []
@@ -73,16 +66,68 @@ class PagedLoRAWorkerManager:
                 f"vllm_slora wrapped {len(self.layers)} projections of "
                 f"{type(model).__name__}, expected {expected} ({', '.join(GROUPS)} per layer); "
                 f"only Llama-style models are supported")
+        self.layers[0].builds_meta = True  # layers.0.qkv_proj: the forward's first
         logger.info("vllm_slora: %d projections read adapters from KV-cache pages "
                     "(no LoRA slots, no stacked LoRA weights)", len(self.layers))
         return model
 
     # -- per step -----------------------------------------------------------
     def apply_plan(self, plan: PagingPlan) -> None:
-        if not self.pager.bound:
-            self.pager.bind(self._kv_caches(), plan.stats["num_gpu_blocks"])
-            self.pager.host.prefetch(list(self._registered.values()))
+        if not self._bind():
+            raise RuntimeError("vllm_slora got a paging plan before the KV cache exists")
         self.pager.apply(plan)
+
+    def _bind(self) -> bool:
+        """Bind the pager once the KV cache exists (before CUDA-graph capture,
+        which must record the LoRA kernels on the pager's static buffers)."""
+        if self.pager.bound:
+            return True
+        num_blocks = self.vllm_config.cache_config.num_gpu_blocks
+        kv = self._kv_caches()
+        if not num_blocks or not kv:
+            return False
+        self.pager.bind(kv, num_blocks, self._step_limits())
+        self.pager.host.prefetch(list(self._registered.values()))
+        self._compile_eager_variants()
+        return True
+
+    def _compile_eager_variants(self) -> None:
+        """Run once every kernel variant a step outside the CUDA graphs can
+        launch, so that no Triton compilation happens while serving (graph
+        capture compiles those of the captured sizes)."""
+        from vllm_slora.kernels import batch_meta, paged_lora, variants
+
+        cc = self.vllm_config.compilation_config
+        captured = max(cc.cudagraph_capture_sizes or [0]) if cc.cudagraph_mode else 0
+        step, geo, pager = self.pager.step, self.pager.geo, self.pager
+        if not variants.compiled_backend(step.token_lora):
+            return
+        started, runs = time.perf_counter(), 0
+        for group, kinds in GROUPS.items():
+            k = geo.width(kinds[0])[0]
+            widths = [geo.width(kind)[1] for kind in kinds]
+            for t in variants.representative_sizes(captured + 1, step.limits, k, max(widths),
+                                                   len(kinds), geo.page_width, geo.dtype,
+                                                   self.device):
+                x = torch.zeros(t, k, dtype=geo.dtype, device=self.device)
+                y = torch.zeros(t, sum(widths), dtype=geo.dtype, device=self.device)
+                token_lora = step.token_lora[:t]  # all -1 before the first step
+                meta = batch_meta(token_lora, step.limits.max_loras, out=step.meta_for(t))
+                a_rows, b_rows = pager.vectors.group_tables[group]
+                paged_lora(x, y, pager.pools[0], a_rows, b_rows, step.lora_start,
+                           step.rank[group], step.lora_scale, token_lora,
+                           max_rank=step.limits.max_rank, meta=meta, dispatch=False)
+                runs += 1
+        torch.cuda.synchronize(self.device)
+        logger.info("vllm_slora: compiled the paged LoRA kernels of steps over %d tokens "
+                    "(%d variants) in %.1f s", captured, runs, time.perf_counter() - started)
+
+    def _step_limits(self) -> StepLimits:
+        sched = self.vllm_config.scheduler_config
+        sizes = self.vllm_config.compilation_config.cudagraph_capture_sizes or [0]
+        return StepLimits(max_tokens=max(sched.max_num_batched_tokens, max(sizes)),
+                          max_loras=sched.max_num_seqs,
+                          max_rank=self.lora_config.max_lora_rank)
 
     def _kv_caches(self) -> dict[int, torch.Tensor]:
         context = self.vllm_config.compilation_config.static_forward_context
@@ -98,7 +143,7 @@ class PagedLoRAWorkerManager:
         if mapping is None or mapping.type.name != "LANGUAGE":
             return
         ids = np.asarray(mapping.index_mapping, dtype=np.int64)
-        if not self.pager.bound:
+        if not self._bind():
             # Warm-up and profiling runs before the KV cache exists use dummy ids.
             unknown = set(np.unique(ids[ids > 0]).tolist()) - self._dummy
             if unknown:

@@ -124,6 +124,7 @@ def _child(spec_path: str, out_path: str) -> None:
         "elapsed_s": elapsed,
         "output_tokens": sum(len(o["token_ids"]) for o in outputs),
         "stats": stats,
+        "cudagraph_mode": str(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode),
     }))
 
 

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One call on one H200 for the CUDA-graphs work (issues 13, 14). Stages, each
+# under its own timeout, everything archived in $OUT/graphs.tgz:
+#   TESTS=1   GPU tests: the plugin in full + piecewise graphs vs stock and vs
+#             itself eager (tests/gpu), and the kernel tests of the grouping
+#   BENCH=... arguments for `python -m benchmarks.run` (the headline workload
+#             with CUDA graphs on), e.g. "--systems base,slora,stock --n 5,1000"
+set -u
+source .gpu/activate.sh
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+O=/tmp/o; mkdir -p $O/results && nvidia-smi -L > $O/gpus.txt
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
+SECONDS=0
+if [ "${TESTS:-1}" = 1 ]; then
+  timeout "${TESTS_S:-300}" python3 -m pytest -q -rs -s tests/gpu > $O/pytest-gpu.txt 2>&1
+  echo "pytest gpu rc=$? ${SECONDS}s" | tee -a $O/steps.txt
+  timeout 120 python3 -m pytest -q -rs tests/kernels -k "group_by_adapter or meta or per_token" \
+    > $O/pytest-kernels.txt 2>&1
+  echo "pytest kernels rc=$? ${SECONDS}s" | tee -a $O/steps.txt
+fi
+if [ -n "${BENCH:-}" ]; then
+  timeout "${BENCH_S:-480}" python3 -m benchmarks.run --preset headline --results-dir $O/results \
+    $BENCH > $O/bench.txt 2>&1
+  echo "bench rc=$? ${SECONDS}s" | tee -a $O/steps.txt
+  cp -r /tmp/slora-bench/runs/*/logs $O/bench-logs 2>/dev/null
+fi
+tail -5 $O/pytest-gpu.txt 2>/dev/null; tail -40 $O/bench.txt 2>/dev/null
+tar czf $OUT/graphs.tgz -C $O .
