@@ -2,7 +2,8 @@
 # One call on one H200 for the CUDA-graphs work (issues 13, 14). Stages, each
 # under its own timeout, everything archived in $OUT/graphs.tgz:
 #   TESTS=1   GPU tests: the plugin in full + piecewise graphs vs stock and vs
-#             itself eager (tests/gpu), and the kernel tests of the grouping
+#             itself eager (tests/gpu; GPU_K selects, pytest -k), and the
+#             kernel tests of the grouping (KERNEL_TESTS=0 skips them)
 #   BENCH=... arguments for `python -m benchmarks.run` (the headline workload
 #             with CUDA graphs on), e.g. "--systems base,slora,stock --n 5,1000"
 set -u
@@ -12,11 +13,14 @@ O=/tmp/o; mkdir -p $O/results && nvidia-smi -L > $O/gpus.txt
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
 SECONDS=0
 if [ "${TESTS:-1}" = 1 ]; then
-  timeout "${TESTS_S:-300}" python3 -m pytest -q -rs -s tests/gpu > $O/pytest-gpu.txt 2>&1
+  timeout "${TESTS_S:-300}" python3 -m pytest -q -rs -s tests/gpu ${GPU_K:+-k "$GPU_K"} \
+    > $O/pytest-gpu.txt 2>&1
   echo "pytest gpu rc=$? ${SECONDS}s" | tee -a $O/steps.txt
-  timeout 120 python3 -m pytest -q -rs tests/kernels -k "group_by_adapter or meta or per_token" \
-    > $O/pytest-kernels.txt 2>&1
-  echo "pytest kernels rc=$? ${SECONDS}s" | tee -a $O/steps.txt
+  if [ "${KERNEL_TESTS:-1}" = 1 ]; then
+    timeout 120 python3 -m pytest -q -rs tests/kernels -k "group_by_adapter or meta or per_token" \
+      > $O/pytest-kernels.txt 2>&1
+    echo "pytest kernels rc=$? ${SECONDS}s" | tee -a $O/steps.txt
+  fi
 fi
 if [ -n "${BENCH:-}" ]; then
   timeout "${BENCH_S:-480}" python3 -m benchmarks.run --preset headline --results-dir $O/results \

@@ -144,8 +144,42 @@ def test_presets_and_overrides():
     _, cfg = parse(["--preset", "headline"])
     assert cfg["n"] == [5, 100, 1000, 2000] and cfg["arch"] == "llama-2-7b" and cfg["mode"] == "offline"
     assert set(cfg["systems"]) == {"base", "stock", "slora", "slora-bmm", "slora-no-unifymem"}
-    _, cfg = parse(["--preset", "tiny", "--n", "7,3", "--cuda-graphs", "--mode", "online"])
-    assert cfg["n"] == [3, 7] and cfg["eager"] is False and cfg["mode"] == "online"
+    assert cfg["eager"] is False and cfg["budget_s"] is None and cfg["requests"] == 1000
+    _, cfg = parse(["--preset", "tiny", "--n", "7,3", "--mode", "online"])
+    assert cfg["n"] == [3, 7] and cfg["eager"] is True and cfg["mode"] == "online"
+    _, cfg = parse(["--preset", "headline", "--enforce-eager", "--max-capture-size", "64"])
+    assert cfg["eager"] is True and cfg["max_capture_size"] == 64
+
+
+def test_budget_that_cannot_cover_one_engine_starts_nothing(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--preset", "tiny", "--budget-s", "30",
+         "--est-start-s", "60", "--workdir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "cannot cover one engine start-up" in proc.stderr
+    assert not (tmp_path / "w").exists() and not (tmp_path / "r").exists()
+
+
+def test_steady_state_window_ends_with_the_queue():
+    from benchmarks.metrics import steady_state
+
+    # (time, running, waiting, generated tokens): queue empties at t=3, then drains.
+    samples = [(0, 0, 50, 0), (1, 8, 40, 100), (2, 8, 20, 300), (3, 8, 5, 500), (4, 4, 0, 560),
+               (5, 0, 0, 580)]
+    got = steady_state(samples)
+    assert got["steady_s"] == 3 and got["steady_tok_per_s"] == pytest.approx(500 / 3)
+    assert got["waiting_share"] == pytest.approx(4 / 6) and got["mean_running"] == pytest.approx(28 / 6)
+    assert steady_state(samples[:1])["steady_tok_per_s"] is None
+    assert steady_state([(0, 4, 0, 0), (1, 4, 0, 50)])["steady_tok_per_s"] is None  # never queued
+
+
+def test_ratios_never_mix_methods():
+    steady = {"status": "ok", "req_per_s": 2.0, "steady_tok_per_s": 300.0}
+    window = {"status": "window", "req_per_s": 1.0, "steady_tok_per_s": 100.0}
+    finished_only = {"status": "ok", "req_per_s": 4.0, "steady_tok_per_s": None}
+    assert report.point_ratio(steady, window) == "3.00x"  # tok/s on both sides
+    assert report.point_ratio(steady, finished_only) == "0.50x"  # req/s on both sides
+    assert report.point_ratio(window, finished_only) == "-"  # nothing comparable
 
 
 def test_percentile_matches_numpy():

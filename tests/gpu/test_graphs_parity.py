@@ -26,6 +26,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """``runs[name]``: the workload's result under stock, the plugin with
+    graphs, or the plugin eager; each engine runs on first use."""
     from vllm_slora.testing.adapters import make_adapters
     from vllm_slora.testing.models import make_tiny_llama
 
@@ -40,12 +42,19 @@ def runs(tmp_path_factory):
     common = dict(model=str(model), requests=reqs, max_tokens=24, logprobs=2, max_lora_rank=32,
                   max_cpu_loras=12)
     kw = {"gpu_memory_utilization": 0.3}
-    return {
-        "stock": run_workload(Workload(plugin="none", max_loras=12, llm_kwargs=kw, **common)),
-        "graphs": run_workload(Workload(plugin="on", max_loras=1, llm_kwargs=kw, **common)),
-        "eager": run_workload(Workload(plugin="on", max_loras=1,
-                                       llm_kwargs=dict(kw, enforce_eager=True), **common)),
+    workloads = {
+        "stock": Workload(plugin="none", max_loras=12, llm_kwargs=kw, **common),
+        "graphs": Workload(plugin="on", max_loras=1, llm_kwargs=kw, **common),
+        "eager": Workload(plugin="on", max_loras=1, llm_kwargs=dict(kw, enforce_eager=True),
+                          **common),
     }
+
+    class Runs(dict):
+        def __missing__(self, name):
+            self[name] = run_workload(workloads[name])
+            return self[name]
+
+    return Runs()
 
 
 @pytest.mark.parametrize("a,b", [("graphs", "stock"), ("graphs", "eager")])
@@ -59,5 +68,4 @@ def test_outputs_equal_or_near_ties(runs, a, b):
 
 def test_plugin_ran_with_full_graphs(runs):
     assert "FULL_AND_PIECEWISE" in runs["graphs"]["cudagraph_mode"]
-    assert "NONE" in runs["eager"]["cudagraph_mode"]
     assert runs["graphs"]["stats"]["loads"] >= 12

@@ -142,3 +142,42 @@ def test_launches_depend_on_the_token_count_only(tiny_model, adapters, monkeypat
             layers[1](layers[0](x)[:, :256] @ torch.zeros(256, 256))
         records.append(list(log))
     assert records[0] and records[0] == records[1] == records[2]
+
+
+def test_start_up_sizes_cover_every_variant_of_larger_steps(monkeypatch):
+    """Running the representative sizes launches every kernel variant (the
+    compile-time constants) that any step size of the range launches."""
+    import vllm_slora.kernels as kernels
+    from vllm_slora.kernels import grouped, variants
+    from vllm_slora.memory.step import StepLimits
+
+    monkeypatch.setattr(kernels, "_FORCED", "triton")
+    monkeypatch.setattr(grouped, "_num_sms", lambda index: 132)  # an H100/H200's plans
+    grouped._plan.cache_clear()
+    log = []
+    for name in ("_shrink_kernel", "_expand_kernel", "_reduce_kernel"):
+        monkeypatch.setattr(grouped, name, Recorder(log, name))
+    limits = StepLimits(max_tokens=2048, max_loras=64, max_rank=64)
+    d, k, widths = 64, 512, [1408, 1408]  # a gate_up-like module
+    pool = torch.zeros(4096, d)
+    tables = [torch.zeros(16, k // d, dtype=torch.int32)], [torch.zeros(16, w // d, dtype=torch.int32)
+                                                             for w in widths]
+    lora = [torch.zeros(limits.max_loras, dtype=torch.int32)] * 2 + [torch.ones(limits.max_loras)]
+
+    def constants(t):
+        log.clear()
+        token_lora = torch.full((t,), -1, dtype=torch.int32)
+        meta = kernels.batch_meta(token_lora, limits.max_loras)
+        kernels.paged_lora(torch.zeros(t, k), torch.zeros(t, sum(widths)), pool, tables[0] * 2,
+                           tables[1], *lora, token_lora, max_rank=limits.max_rank, meta=meta,
+                           dispatch=False)
+        return {(name, kw) for name, _, _, kw in log}
+
+    sizes = variants.representative_sizes(1, limits, k, max(widths), 2, d, torch.float32,
+                                          torch.device("cpu"))
+    assert 1 < len(sizes) < 40
+    covered = set().union(*(constants(t) for t in sizes))
+    rng = np.random.default_rng(1)
+    for t in sorted(set(rng.integers(1, limits.max_tokens + 1, 60).tolist()) | {33, 2048}):
+        assert constants(t) <= covered, t
+    grouped._plan.cache_clear()

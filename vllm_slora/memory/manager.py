@@ -11,6 +11,7 @@ scheduler, which then preempts or waits exactly as stock.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 from vllm.v1.core.kv_cache_manager import KVCacheManager
@@ -20,7 +21,9 @@ from vllm_slora.config import slora_config
 from vllm_slora.memory.layout import PageGeometry
 from vllm_slora.memory.pool import AdapterPool, SeparateRegion
 
-_ALLOCATE = inspect.signature(KVCacheManager.allocate_slots)
+if "reserved_blocks" not in inspect.signature(KVCacheManager.allocate_slots).parameters:
+    raise ImportError("vllm_slora needs KVCacheManager.allocate_slots(..., reserved_blocks=...) "
+                      "of vLLM 0.26")
 
 
 class PagedKVCacheManager(KVCacheManager):
@@ -43,21 +46,21 @@ class PagedKVCacheManager(KVCacheManager):
         self.adapters = AdapterPool(source, geo)
         return self.adapters
 
-    def allocate_slots(self, request, *args, **kwargs):
-        call = _ALLOCATE.bind(self, request, *args, **kwargs)
-        call.apply_defaults()
+    def allocate_slots(self, request, *args, reserved_blocks: int = 0, **kwargs):
         pool, lora = self.adapters, request.lora_request
+        stock = functools.partial(super().allocate_slots, request, *args, **kwargs)
         if pool is None:
-            return super().allocate_slots(*call.args[1:], **call.kwargs)
+            return stock(reserved_blocks=reserved_blocks)
         if lora is None or lora.lora_int_id <= 0 or pool.holds(request.request_id):
-            return self._allocate_evicting(call, lambda: 0)
+            return self._allocate_evicting(stock, reserved_blocks, lambda: 0)
         lora_id, path = lora.lora_int_id, lora.lora_path
         pool.pin(lora_id)  # a resident adapter must survive its own request's admission
         try:
             if pool.unified:
-                blocks = self._allocate_evicting(call, lambda: pool.blocks_missing(lora_id, path))
+                blocks = self._allocate_evicting(stock, reserved_blocks,
+                                                 lambda: pool.blocks_missing(lora_id, path))
             elif self._room_in_region(lora_id, path):
-                blocks = self._allocate_evicting(call, lambda: 0)
+                blocks = self._allocate_evicting(stock, reserved_blocks, lambda: 0)
             else:
                 blocks = None
             if blocks is not None:
@@ -66,13 +69,11 @@ class PagedKVCacheManager(KVCacheManager):
         finally:
             pool.unpin(lora_id)
 
-    def _allocate_evicting(self, call, adapter_blocks):
+    def _allocate_evicting(self, stock, reserved: int, adapter_blocks):
         """Stock ``allocate_slots`` leaving ``adapter_blocks()`` free for the
         adapter; while it says no, evict the LRU cached adapter and retry."""
-        reserved = call.arguments["reserved_blocks"]
         while True:
-            call.arguments["reserved_blocks"] = reserved + adapter_blocks()
-            blocks = super().allocate_slots(*call.args[1:], **call.kwargs)
+            blocks = stock(reserved_blocks=reserved + adapter_blocks())
             if blocks is not None or not self.adapters.unified or not self.adapters.evict_one():
                 return blocks
 

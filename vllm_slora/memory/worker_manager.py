@@ -73,9 +73,12 @@ class PagedLoRAWorkerManager:
 
     # -- per step -----------------------------------------------------------
     def apply_plan(self, plan: PagingPlan) -> None:
-        if not self._bind():
-            raise RuntimeError("vllm_slora got a paging plan before the KV cache exists")
-        self.pager.apply(plan)
+        # The pager's tensors are made where the runner binds it, in inference
+        # mode (CUDA-graph capture, the first step): update them there too.
+        with torch.inference_mode():
+            if not self._bind():
+                raise RuntimeError("vllm_slora got a paging plan before the KV cache exists")
+            self.pager.apply(plan)
 
     def _bind(self) -> bool:
         """Bind the pager once the KV cache exists (before CUDA-graph capture,
