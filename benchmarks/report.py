@@ -3,6 +3,12 @@
 CDF). Re-render from a JSON, e.g. one brought back from the GPU machine:
 
     python -m benchmarks.report benchmarks/results/headline-offline.json
+
+Runs of one workload split over several device calls (``--systems`` or
+``--n`` subsets) merge into one file whose table marks each row's call and
+computes ratios only between points of the same call:
+
+    python -m benchmarks.report --merge OUT.json A.json B.json
 """
 
 from __future__ import annotations
@@ -51,23 +57,53 @@ def ok_rate(p: dict | None) -> float | None:
     return p["req_per_s"] if p.get("status") == "ok" else None
 
 
-def best_stock(results: dict, n: int) -> dict | None:
-    rated = [(ok_rate(point_at(s, n)), s) for s in results["systems"] if s["system"] == "stock"]
+def merge(paths: list[Path], out: Path) -> dict:
+    """One results file from runs of the same workload split over device calls
+    (``--systems`` / ``--n`` subsets): every system keeps the call that
+    measured it, and the table compares points of one call only."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    first = runs[0]
+    for r in runs[1:]:
+        if r["workload"] != first["workload"] or r["config"]["arch"] != first["config"]["arch"]:
+            raise ValueError(f"{r['name']} ran another workload than {first['name']}; "
+                             f"only runs of one workload merge")
+    merged = dict(first, name=out.stem, command=" ; ".join(r["command"] for r in runs),
+                  calls=[{"id": r["created"], "device": r.get("device"), "command": r["command"],
+                          "file": Path(p).name} for p, r in zip(paths, runs)],
+                  systems=[dict(s, call=s.get("call") or r["created"]) for r in runs
+                           for s in r["systems"]])
+    merged["config"] = dict(first["config"],
+                            n=sorted({n for r in runs for n in r["config"]["n"]}))
+    out.write_text(json.dumps(merged, indent=1))
+    return merged
+
+
+def best_stock(results: dict, n: int, call: str | None = None) -> dict | None:
+    """The stock configuration with the highest throughput at n (of one call, if given)."""
+    rated = [(ok_rate(point_at(s, n)), s) for s in results["systems"]
+             if s["system"] == "stock" and (call is None or call_of(s) == call)]
     rated = [(r, s) for r, s in rated if r is not None]
     return max(rated, key=lambda x: x[0])[1] if rated else None
 
 
-def base_system(results: dict) -> dict | None:
-    return next((s for s in results["systems"] if s["system"] == "base"), None)
+def base_system(results: dict, call: str | None = None) -> dict | None:
+    return next((s for s in results["systems"]
+                 if s["system"] == "base" and (call is None or call_of(s) == call)), None)
 
 
 def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a is not None and b else "-"
 
 
+def call_of(system: dict | None) -> str | None:
+    """The device call that measured a system (a merged file holds several)."""
+    return None if system is None else system.get("call")
+
+
 def point_ratio(p: dict | None, q: dict | None) -> str:
     """p's throughput over q's, by the same method on both sides: steady tok/s
-    where both have it, req/s where both finished, else none."""
+    where both have it, req/s where both finished, else none. (Callers pass
+    points of one device call only.)"""
     if ok_rate(p) is None or ok_rate(q) is None:
         return "-"
     if p.get("steady_tok_per_s") and q.get("steady_tok_per_s"):
@@ -91,12 +127,19 @@ def status_cell(p: dict | None) -> str:
     return text.replace("|", "/")
 
 
+def call_labels(results: dict) -> dict[str | None, str]:
+    """Short labels (A, B, ...) of the device calls of a merged file."""
+    calls = [c["id"] for c in results.get("calls") or []]
+    return {c: chr(ord("A") + i) for i, c in enumerate(calls)}
+
+
 def table(results: dict) -> list[str]:
-    head = ["n", "system", "status", "req/s", "out tok/s", "steady tok/s", "mean batch", "queue>0",
-            "vs stock", "vs base",
-            "TTFT p50/p90/p99 (s)", "mean lat (s)", f"SLO ({results['config']['slo_ttft_s']:g} s)"]
+    labels = call_labels(results)
+    head = (["call"] if labels else []) + [
+        "n", "system", "status", "req/s", "out tok/s", "steady tok/s", "mean batch", "queue>0",
+        "vs stock", "vs base", "TTFT p50/p90/p99 (s)", "mean lat (s)",
+        f"SLO ({results['config']['slo_ttft_s']:g} s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = base_system(results)
     for n in results["config"]["n"]:
         best = best_stock(results, n)
         for s in results["systems"]:
@@ -109,13 +152,15 @@ def table(results: dict) -> list[str]:
                 shown = "-"
             share = p.get("waiting_share") if p else None
             ttft = "/".join(fmt(p.get(k)) for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s")) if ok else "-"
-            lines.append("| " + " | ".join([
+            mine = call_of(s)
+            stock_here, base_here = best_stock(results, n, mine), base_system(results, mine)
+            lines.append("| " + " | ".join(([labels.get(call_of(s), "?")] if labels else []) + [
                 str(n), label, status_cell(p), shown, fmt(p.get("output_tok_per_s"), 0) if ok else "-",
                 fmt(p.get("steady_tok_per_s"), 0) if ok else "-",
                 fmt(p.get("mean_running"), 0) if ok else "-",
                 f"{share:.0%}" if ok and share is not None else "-",
-                point_ratio(p, point_at(best, n) if best else None),
-                point_ratio(p, point_at(base, n) if base else None), ttft, fmt(p.get("latency_mean_s")) if ok else "-",
+                point_ratio(p, point_at(stock_here, n) if stock_here else None),
+                point_ratio(p, point_at(base_here, n) if base_here else None), ttft, fmt(p.get("latency_mean_s")) if ok else "-",
                 f"{p['slo_attainment']:.0%}" if ok else "-"]) + " |")
     return lines
 
@@ -124,7 +169,6 @@ def summary(results: dict) -> list[str]:
     """The headline ratios: each plugin system vs best stock and vs base at each
     n, and its throughput at the largest n vs the smallest."""
     ns = results["config"]["n"]
-    base = base_system(results)
     lines = []
     for s in results["systems"]:
         if not s["system"].startswith("slora"):
@@ -132,23 +176,29 @@ def summary(results: dict) -> list[str]:
         parts = []
         for n in ns:
             p = point_at(s, n)
-            best = best_stock(results, n)
+            best, base = best_stock(results, n, call_of(s)), base_system(results, call_of(s))
             parts.append(f"n={n}: vs stock {point_ratio(p, point_at(best, n) if best else None)}, "
                          f"vs base {point_ratio(p, point_at(base, n) if base else None)}")
         if len(ns) > 1:
             scale = point_ratio(point_at(s, max(ns)), point_at(s, min(ns)))
             parts.append(f"n={max(ns)} vs n={min(ns)}: {scale}")
-        lines.append(f"- **{s['label']}**: " + "; ".join(parts))
+        lines.append(f"- **{named(results, s)}**: " + "; ".join(parts))
     return lines
 
 
-def engine_line(s: dict) -> str:
+def named(results: dict, s: dict) -> str:
+    """A system's label, with its call in a merged file."""
+    labels = call_labels(results)
+    return s["label"] + (f" (call {labels.get(call_of(s), '?')})" if labels else "")
+
+
+def engine_line(results: dict, s: dict) -> str:
     if s.get("start_s") is None:
-        return f"- {s['label']}: {s.get('status', 'not run')}" + (
+        return f"- {named(results, s)}: {s.get('status', 'not run')}" + (
             f" after {s['wall_s']:.0f} s" if s.get("wall_s") else "")
     engine = ", ".join(f"{k} {v}" for k, v in (s.get("engine") or {}).items())
-    return (f"- {s['label']}: start-up {s['start_s']:.0f} s, warm-up {s.get('warmup_s') or 0:.1f} s, "
-            f"{s['wall_s']:.0f} s in all; {engine}")
+    return (f"- {named(results, s)}: start-up {s['start_s']:.0f} s, warm-up "
+            f"{s.get('warmup_s') or 0:.1f} s, {s['wall_s']:.0f} s in all; {engine}")
 
 
 def markdown(results: dict, stem: str) -> str:
@@ -166,11 +216,15 @@ def markdown(results: dict, stem: str) -> str:
            f"- adapters: {results['adapters']['note']}"]
     out += [f"- **warning**: {w}" for w in results.get("warnings") or []] + [""]
     out += table(results)
+    if results.get("calls"):
+        out += ["", "## Calls (ratios only within one)", ""]
+        out += [f"- {call_labels(results)[c['id']]}: {c['id']} on {c.get('device') or '?'}: "
+                f"`{c['command']}`" for c in results["calls"]]
     out += ["", "## Plugin vs stock and base", ""] + (summary(results) or ["- no plugin system in this run"])
-    out += ["", "## Engines", ""] + [engine_line(s) for s in results["systems"]]
+    out += ["", "## Engines", ""] + [engine_line(results, s) for s in results["systems"]]
     failures = [s for s in results["systems"] if s.get("error")]
     if failures:
-        out += ["", "## Errors", ""] + [f"- {s['label']}: {s['error']}" for s in failures]
+        out += ["", "## Errors", ""] + [f"- {named(results, s)}: {s['error']}" for s in failures]
     out += ["", "## Systems", ""] + [f"- `{k}`: {v}" for k, v in SYSTEMS.items()]
     out += ["", "## Columns", ""] + [f"- {k}: {v}" for k, v in COLUMNS.items()]
     plots = results.get("plots") or []
@@ -197,20 +251,26 @@ def plots(results: dict, out_dir: Path, stem: str) -> tuple[list[str], str | Non
     color = {s["label"]: ("black" if s["system"] == "base" else cycle[i % len(cycle)])
              for i, s in enumerate(results["systems"])}
 
+    # One unit for every curve: steady tok/s where every measured point has it.
+    measured = [point_at(s, n) for s in results["systems"] for n in ns
+                if ok_rate(point_at(s, n)) is not None]
+    steady = bool(measured) and all(p.get("steady_tok_per_s") for p in measured)
+    rate = (lambda p: p["steady_tok_per_s"]) if steady else (lambda p: p["req_per_s"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in results["systems"]:
-        xs = [n for n in ns if ok_rate(point_at(s, n)) is not None]
-        ys = [ok_rate(point_at(s, n)) for n in xs]
+        xs = [n for n in ns if ok_rate(point_at(s, n)) is not None
+              and (steady or point_at(s, n)["status"] == "ok")]
+        ys = [rate(point_at(s, n)) for n in xs]
         if not xs:
             continue
         style = {"base": ":", "stock": "--"}.get(s["system"], "-")
-        ax.plot(xs, ys, style, color=color[s["label"]], marker="o", label=s["label"])
+        ax.plot(xs, ys, style, color=color[s["label"]], marker="o", label=named(results, s))
     ax.set_xscale("log")
     ax.set_xticks(ns, [str(n) for n in ns])
     ax.minorticks_off()
     ax.set_ylim(bottom=0)
     ax.set_xlabel("number of adapters (n)")
-    ax.set_ylabel("throughput (req/s)")
+    ax.set_ylabel("steady-state output tokens/s" if steady else "throughput (req/s)")
     ax.set_title(f"{results['config']['arch']}, {results['config']['mode']} ({results.get('device') or '?'})")
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -256,5 +316,9 @@ def render(json_path: Path) -> str:
 
 
 if __name__ == "__main__":
-    for arg in sys.argv[1:]:
-        print(render(Path(arg)))
+    if sys.argv[1:2] == ["--merge"]:  # --merge OUT.json A.json B.json ...
+        merge([Path(a) for a in sys.argv[3:]], Path(sys.argv[2]))
+        print(render(Path(sys.argv[2])))
+    else:
+        for arg in sys.argv[1:]:
+            print(render(Path(arg)))

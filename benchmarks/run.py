@@ -1,29 +1,35 @@
 """Stock vLLM vs the plugin on S-LoRA's synthetic workload, side by side in one run.
 
-    python -m benchmarks.run --preset headline          # H100: Llama-2-7B shape, n in {5,100,1000,2000}
+    python -m benchmarks.run --preset headline          # GPU: Llama-2-7B shape, n in {5,100,1000,2000}
     python -m benchmarks.run --preset headline-online   # the same through `vllm serve` + async client
     python -m benchmarks.run --preset tiny              # CPU: tiny model, base and stock (the test's run)
 
 Every configuration (base, stock per max_loras tried, slora, slora-bmm,
 slora-no-unifymem) is one engine in a child process, started once and reused
-for all its measurements, one per n. Any preset value can be overridden
-(``--n 5,100 --systems base,stock,slora``). Output, under ``--results-dir``:
-``NAME.json`` (config, versions, device, every figure), ``NAME.md`` (the
-table with ratios vs stock and base), ``NAME-throughput.png``,
-``NAME-ttft-cdf.png``.
+for all its measurements, one per n. Engines run as users run vLLM
+(torch.compile and CUDA graphs; ``--enforce-eager`` for none). Any preset
+value can be overridden (``--n 5,100 --systems base,stock,slora``). Output,
+under ``--results-dir``: ``NAME.json`` (config, versions, device, every
+figure), ``NAME.md`` (the table with ratios vs stock and base),
+``NAME-throughput.png``, ``NAME-ttft-cdf.png``.
 
-Time budget: ``--budget-s`` covers everything from set-up to the last
-measurement. Each configuration gets a share of the time left proportional to
-its expected need among the configurations left (engine overhead plus its
-measurements, stock's counted double), but at least enough for its engine and
-a short look at each n, so unused time rolls over to later ones and, when time
-runs short, the last configurations (the ablations) are the ones cut. Each
-measurement gets an equal share of its configuration's time left, but at
-least ``--min-point-s`` (the largest n are the ones cut).
-A configuration whose share cannot cover an engine start-up is "skipped (time
-budget)", a measurement that outruns its share is stopped and reported "too
-slow", and an engine that is not up within its share is killed and reported
-"start-up too slow".
+Each point runs to completion, or for ``--window-s`` seconds; its steady
+figures (mean running batch, share of time with requests waiting, tokens/s
+while the queue was non-empty) come from vLLM's own gauges (``metrics.py``).
+
+Time budget, only with ``--budget-s``: it covers everything from set-up to
+the last measurement, and a budget that cannot cover one engine start-up and
+one point is refused before anything starts. Each configuration gets a share
+of the time left proportional to its expected need among the configurations
+left (engine overhead plus its measurements, stock's counted double), but at
+least enough for its engine and a short look at each n, so unused time rolls
+over to later ones and, when time runs short, the last configurations (the
+ablations) are the ones cut. Each measurement gets an equal share of its
+configuration's time left, but at least ``--min-point-s`` (the largest n are
+the ones cut). A configuration whose share cannot cover an engine start-up
+is "skipped (time budget)", a measurement that outruns its share is stopped
+and reported "too slow", and an engine that is not up within its share is
+killed and reported "start-up too slow".
 """
 
 from __future__ import annotations
@@ -61,13 +67,10 @@ DEFAULTS = dict(
     max_capture_size=None, window_s=None,
 )
 PRESETS = {
-    # One 10-minute call on the H100: 8 min of budget, and at most
-    # GRACE_S + 15 s of overrun, leave ~1 min for pip install and the bundle.
-    # 6 engines x ~40-60 s (process, eager start-up, warm-up, shutdown) is
-    # 4-6 min; 21 measurements share the rest: 160 requests are one wave of
-    # the batch, ~8-10 s at base speed (the longest output, 512 decode steps,
-    # sets the pace). Eager (no torch.compile, no CUDA graphs) for every
-    # system: compile + graph capture would make each start-up 55-95 s.
+    # As users run vLLM: compiled, CUDA graphs on, 1,000 requests per point
+    # (several waves of a full batch), every point to completion. A 7B
+    # engine takes 100-150 s to start on an H200: split long tables over
+    # device calls (--systems / --n subsets, report --merge).
     "headline": dict(DEFAULTS, requests=1000),
     # Online: fewer configurations (the ablations are throughput questions)
     # and fewer requests, since each measurement lasts requests / rate.
@@ -215,6 +218,8 @@ def child_env(config, cfg: dict, prep: dict) -> dict:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         env["VLLM_LORA_RESOLVER_CACHE_DIR"] = str(prep["adapters_root"])
     env.update(config.env)
+    if config.system.startswith("slora"):  # the same host memory for adapters as stock's CPU cache
+        env["VLLM_SLORA_HOST_CACHE_GB"] = f"{cfg['host_lora_cache_gb']:g}"
     return env
 
 
@@ -395,6 +400,9 @@ def git_commit() -> str | None:
 
 def results_json(name, argv, cfg, workdir, prep, common, records, warnings, used_s) -> dict:
     ready = next((r for r in records if r.get("versions")), {})
+    created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    for record in records:  # which device call measured it (report.merge keeps it)
+        record["call"] = created
     graphs = "enforce_eager (no torch.compile, no CUDA graphs)" if cfg["eager"] else "torch.compile + CUDA graphs"
     if not cfg["eager"] and cfg["max_capture_size"] is not None:
         graphs += f" (graphs up to {cfg['max_capture_size']} tokens, for a shorter start-up)"
@@ -402,7 +410,7 @@ def results_json(name, argv, cfg, workdir, prep, common, records, warnings, used
         "schema": 1,
         "name": name,
         "command": "python -m benchmarks.run " + shlex.join(argv),
-        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "created": created,
         "git_commit": git_commit(),
         "device": ready.get("device"),
         "versions": ready.get("versions"),
@@ -413,7 +421,8 @@ def results_json(name, argv, cfg, workdir, prep, common, records, warnings, used
                      "seed": cfg["seed"], "vocab_size": prep["mconf"]["vocab_size"]},
         "engine_note": (f"{graphs}, prefix caching off, max_model_len {common['max_model_len']}, max_lora_rank "
                         f"{common['max_lora_rank']}, stock max_cpu_loras {prep['max_cpu_loras']} (bounded by "
-                        f"{cfg['host_lora_cache_gb']:g} GB of rank-{max(cfg['ranks'])} adapters); the plugin "
+                        f"{cfg['host_lora_cache_gb']:g} GB of rank-{max(cfg['ranks'])} adapters; the plugin's "
+                        f"host cache {cfg['host_lora_cache_gb']:g} GB); the plugin "
                         f"ignores max_loras (given {common['slora_max_loras']}); one engine per configuration; "
                         f"LoRA ids fresh per measurement (cold adapter caches), a short warm-up first"),
         "adapters": {"root": str(prep["adapters_root"]), "pool_per_rank": cfg["pool"],

@@ -13,7 +13,7 @@ O=/tmp/o; mkdir -p $O/results && nvidia-smi -L > $O/gpus.txt
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
 SECONDS=0
 if [ "${TESTS:-1}" = 1 ]; then
-  timeout "${TESTS_S:-300}" python3 -m pytest -q -rs -s tests/gpu ${GPU_K:+-k "$GPU_K"} \
+  timeout "${TESTS_S:-420}" python3 -m pytest -q -rs -s tests/gpu ${GPU_K:+-k "$GPU_K"} \
     > $O/pytest-gpu.txt 2>&1
   echo "pytest gpu rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   if [ "${KERNEL_TESTS:-1}" = 1 ]; then

@@ -237,6 +237,26 @@ def test_report_ratios_best_stock_and_failures(tmp_path):
     assert (tmp_path / "t-throughput.png").stat().st_size > 0 and (tmp_path / "t-ttft-cdf.png").exists()
 
 
+def test_merged_calls_compare_points_of_one_call_only(tmp_path):
+    one, two = fake_results(), fake_results()
+    one["created"], two["created"] = "call-1", "call-2"
+    one["systems"] = [s for s in one["systems"] if s["system"] != "slora"]  # base, stock, bmm
+    two["systems"] = [s for s in two["systems"] if s["system"] in ("slora", "base")]
+    two["config"] = dict(two["config"], n=[5, 100, 1000])
+    paths = [tmp_path / "one.json", tmp_path / "two.json"]
+    for path, run in zip(paths, (one, two)):
+        path.write_text(json.dumps(run))
+    report.merge(paths, tmp_path / "m.json")
+    md = report.render(tmp_path / "m.json")
+    rows = [line for line in md.splitlines() if line.startswith("| B | 5 | slora |")]
+    assert len(rows) == 1 and "| - | 0.75x |" in rows[0]  # stock is call A's; base also in B
+    assert "- A: call-1" in md and "- B: call-2" in md and "slora (call B)" in md
+    two["workload"] = dict(two["workload"], seed=1)
+    paths[1].write_text(json.dumps(two))
+    with pytest.raises(ValueError, match="another workload"):
+        report.merge(paths, tmp_path / "bad.json")
+
+
 # --- end to end -------------------------------------------------------------
 
 def plugin_systems() -> list[str]:

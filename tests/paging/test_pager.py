@@ -134,3 +134,17 @@ def test_paged_layer_equals_dense_lora(tiny_model, adapters, group, kinds, width
             want[i] += dense_lora(x[i:i + 1], path, 1, kinds, meta.scale, widths)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got[0], base(x)[0]) and torch.equal(got[4], base(x)[4])
+
+
+def test_host_cache_reads_many_adapters_at_once_as_one_by_one(tiny_model, adapters):
+    from vllm_slora.memory.host_cache import HostCache
+
+    pager = make_pager(tiny_model, cpu_attn_kv(2))
+    one = HostCache(pager.geo, 1 << 30, pin=False, workers=1)
+    many = HostCache(pager.geo, 1 << 30, pin=False, workers=4)
+    many.prefetch(adapters)  # all four read concurrently
+    for path in adapters:
+        want_meta, want = one.get(path)
+        meta, got = many.get(path)
+        assert meta == want_meta and torch.equal(got, want)
+    assert many.stats()["disk_reads"] == len(adapters) and many.stats()["host_adapters"] == 4

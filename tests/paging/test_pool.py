@@ -198,3 +198,19 @@ def test_separate_region_when_unify_mem_is_off(tiny_model, adapters, monkeypatch
     # The region is full: the next adapter evicts within it (LRU), never KV.
     assert manager.allocate_slots(make_request("r9", adapters[3], 4), 10) is not None
     assert 1 not in pool.resident and pool.counters["evictions"] == 1
+
+
+def test_pins_are_counted(tiny_model, adapters):
+    """An adapter pinned twice (admission inside a load-ahead) stays safe from
+    eviction until both pins are gone."""
+    manager = make_manager(64, tiny_model)
+    pool = manager.adapters
+    req = make_request("r0", adapters[0], 1)
+    assert manager.allocate_slots(req, 20) is not None
+    manager.free(req)  # cached, unreferenced: evictable
+    pool.pin(1)
+    pool.pin(1)
+    pool.unpin(1)
+    assert not pool.evict_one() and 1 in pool.resident
+    pool.unpin(1)
+    assert pool.evict_one() and 1 not in pool.resident

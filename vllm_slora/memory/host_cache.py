@@ -4,12 +4,14 @@ Adapters wait here (pinned memory on CUDA, so copies to the device can be
 asynchronous) until the scheduler pages them in. An entry is a packed adapter
 (``layout.pack_adapter``) read from a PEFT folder with ``safetensors``. Least
 recently used entries are dropped when the budget is exceeded; a dropped
-adapter is simply read from disk again. ``prefetch`` reads folders on a
-background thread so a cold adapter's disk read overlaps the current step.
+adapter is simply read from disk again. ``prefetch`` reads folders on
+background threads, several at once, so that cold adapters' disk reads
+overlap the current step and each other.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,7 +23,8 @@ from vllm_slora.memory.layout import ADAPTER_FILE, AdapterMeta, PageGeometry, pa
 
 
 class HostCache:
-    def __init__(self, geometry: PageGeometry, budget_bytes: int, pin: bool):
+    def __init__(self, geometry: PageGeometry, budget_bytes: int, pin: bool,
+                 workers: int | None = None):
         self.geo = geometry
         self.budget = budget_bytes
         self.pin = pin
@@ -29,7 +32,11 @@ class HostCache:
         self.bytes = 0
         self.lock = threading.Lock()
         self.pending: dict[str, Future] = {}
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slora-prefetch")
+        # Reading and packing an adapter is mostly memory copies that release
+        # the GIL: several run at once (a step that pages in hundreds of cold
+        # adapters waits for the slowest of a few batches, not for all in turn).
+        workers = workers or min(8, max(1, (os.cpu_count() or 2) // 2))
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slora-prefetch")
         self.counters = dict(disk_reads=0, hits=0, misses=0, prefetched=0, dropped=0)
 
     def get(self, path: str, _count: bool = True) -> tuple[AdapterMeta, torch.Tensor]:
@@ -71,7 +78,8 @@ class HostCache:
     def _prefetch_one(self, path: str) -> None:
         try:
             self._load(path)
-            self.counters["prefetched"] += 1
+            with self.lock:
+                self.counters["prefetched"] += 1
         finally:
             with self.lock:
                 self.pending.pop(path, None)

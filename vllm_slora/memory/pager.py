@@ -158,6 +158,9 @@ class Pager:
     def apply(self, plan: PagingPlan) -> None:
         self.check_scheduler_geometry(plan.stats)
         self.scheduler_stats = plan.stats
+        # Read every adapter this plan pages in at once (background threads);
+        # the events below then wait for each in order.
+        self.host.prefetch([e.path for e in plan.events if isinstance(e, Load)])
         for event in plan.events:
             if isinstance(event, Evict):
                 self._evict(event.lora_id)

@@ -10,7 +10,7 @@ its blocks. Every change is recorded as a plan event for the workers.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from vllm_slora import metrics
@@ -68,7 +68,8 @@ class AdapterPool:
         self.resident: dict[int, Resident] = {}
         self.unreferenced: OrderedDict[int, None] = OrderedDict()  # LRU, oldest first
         self.request_lora: dict[str, int] = {}
-        self.pinned: set[int] = set()
+        # Pin counts: an adapter pinned by two callers stays pinned until both unpin.
+        self.pinned: Counter[int] = Counter()
         self.ever_evicted: set[int] = set()
         self.seen: set[int] = set()
         self.events: list[Load | Evict] = []
@@ -122,7 +123,8 @@ class AdapterPool:
         wanted = {lora_id for lora_id, _ in upcoming}
         for lora_id in wanted & self.unreferenced.keys():
             self.unreferenced.move_to_end(lora_id)
-        self.pinned |= wanted
+        for lora_id in wanted:
+            self.pin(lora_id)
         try:
             room = self.block_pool.get_num_free_blocks() + sum(
                 len(self.resident[i].blocks) for i in self.unreferenced if i not in self.pinned)
@@ -137,7 +139,8 @@ class AdapterPool:
                 self.counters["loaded_ahead"] += 1
                 room -= need
         finally:
-            self.pinned -= wanted
+            for lora_id in wanted:
+                self.unpin(lora_id)
 
     @property
     def resident_vectors(self) -> int:
@@ -169,10 +172,12 @@ class AdapterPool:
             self.unreferenced[lora_id] = None
 
     def pin(self, lora_id: int) -> None:
-        self.pinned.add(lora_id)
+        self.pinned[lora_id] += 1
 
     def unpin(self, lora_id: int) -> None:
-        self.pinned.discard(lora_id)
+        self.pinned[lora_id] -= 1
+        if self.pinned[lora_id] <= 0:
+            del self.pinned[lora_id]
 
     # -- eviction ------------------------------------------------------------
     def evict_one(self) -> bool:
