@@ -105,8 +105,7 @@ def apply() -> None:
             # Under pressure (this step had to evict or preempt) early loads
             # would only compete with admission: skip them.
             if pool.counters["evictions"] == evictions and not output.preempted_req_ids:
-                pool.load_ahead(upcoming[:LOAD_AHEAD],
-                                int(KEEP_FREE * pool.block_pool.num_gpu_blocks))
+                pool.load_ahead(upcoming[:LOAD_AHEAD], pool.kv_reserve(KEEP_FREE))
             hints = [path for lora_id, path in upcoming if lora_id not in pool.resident]
             setattr(output, ATTR, pool.take_plan(hints, _distinct_adapters(self, output)))
         return output

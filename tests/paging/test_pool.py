@@ -214,3 +214,21 @@ def test_pins_are_counted(tiny_model, adapters):
     assert not pool.evict_one() and 1 in pool.resident
     pool.unpin(1)
     assert pool.evict_one() and 1 not in pool.resident
+
+
+def test_separate_region_loads_ahead(tiny_model, adapters, monkeypatch):
+    """Early loads (prefetch) keep no KV reserve in a region that holds no KV.
+    With the default region (a quarter of the blocks) a reserve of a quarter
+    of the whole pool would leave no early load possible."""
+    from vllm_slora import config
+
+    monkeypatch.setenv("VLLM_SLORA_UNIFY_MEM", "0")
+    config.slora_config.cache_clear()
+    try:
+        manager = make_manager(32, tiny_model)  # default fraction: 8 blocks for adapters
+    finally:
+        config.slora_config.cache_clear()
+    pool = manager.adapters
+    assert pool.kv_reserve(0.25) == 0
+    pool.load_ahead([(5, adapters[0])], pool.kv_reserve(0.25))  # rank 4: 4 of the 8 blocks
+    assert 5 in pool.resident and pool.counters["loaded_ahead"] == 1

@@ -146,6 +146,12 @@ class AdapterPool:
     def resident_vectors(self) -> int:
         return sum(r.rank for r in self.resident.values())
 
+    def kv_reserve(self, fraction: float) -> int:
+        """Blocks that early loads must leave free for KV: ``fraction`` of the
+        whole pool when adapters share it (unified paging), none in a
+        separate region, which holds adapters only."""
+        return int(fraction * self.block_pool.num_gpu_blocks) if self.unified else 0
+
     def _page_in(self, lora_id: int, path: str) -> Resident:
         rank = read_adapter_meta(path).rank
         while self.resident_vectors + rank > self.vector_capacity:
