@@ -4,6 +4,8 @@
 #   TESTS=1   GPU tests: the plugin in full + piecewise graphs vs stock and vs
 #             itself eager (tests/gpu; GPU_K selects, pytest -k), and the
 #             kernel tests of the grouping (KERNEL_TESTS=0 skips them)
+#   STEPS=... arguments for `python -m benchmarks.step_time` (decode step
+#             time of base, stock, plugin at fixed batches), e.g. "--systems base,slora"
 #   BENCH=... arguments for `python -m benchmarks.run` (the headline workload
 #             with CUDA graphs on), e.g. "--systems base,slora,stock --n 5,1000"
 set -u
@@ -22,11 +24,16 @@ if [ "${TESTS:-1}" = 1 ]; then
     echo "pytest kernels rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   fi
 fi
+if [ -n "${STEPS:-}" ]; then  # decode step time at fixed batches, e.g. "--systems base,stock,slora"
+  timeout "${STEPS_S:-420}" python3 -m benchmarks.step_time $STEPS --out $O/results/step-time.json \
+    > $O/step-time.txt 2>&1
+  echo "step time rc=$? ${SECONDS}s" | tee -a $O/steps.txt
+fi
 if [ -n "${BENCH:-}" ]; then
   timeout "${BENCH_S:-480}" python3 -m benchmarks.run --preset headline --results-dir $O/results \
     $BENCH > $O/bench.txt 2>&1
   echo "bench rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   cp -r /tmp/slora-bench/runs/*/logs $O/bench-logs 2>/dev/null
 fi
-tail -5 $O/pytest-gpu.txt 2>/dev/null; tail -40 $O/bench.txt 2>/dev/null
+tail -5 $O/pytest-gpu.txt 2>/dev/null; tail -12 $O/step-time.txt 2>/dev/null; tail -40 $O/bench.txt 2>/dev/null
 tar czf $OUT/graphs.tgz -C $O .
