@@ -154,13 +154,14 @@ def table(results: dict) -> list[str]:
             ttft = "/".join(fmt(p.get(k)) for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s")) if ok else "-"
             mine = call_of(s)
             stock_here, base_here = best_stock(results, n, mine), base_system(results, mine)
-            lines.append("| " + " | ".join(([labels.get(call_of(s), "?")] if labels else []) + [
+            lines.append("| " + " | ".join(([labels.get(mine, "?")] if labels else []) + [
                 str(n), label, status_cell(p), shown, fmt(p.get("output_tok_per_s"), 0) if ok else "-",
                 fmt(p.get("steady_tok_per_s"), 0) if ok else "-",
                 fmt(p.get("mean_running"), 0) if ok else "-",
                 f"{share:.0%}" if ok and share is not None else "-",
                 point_ratio(p, point_at(stock_here, n) if stock_here else None),
-                point_ratio(p, point_at(base_here, n) if base_here else None), ttft, fmt(p.get("latency_mean_s")) if ok else "-",
+                point_ratio(p, point_at(base_here, n) if base_here else None), ttft,
+                fmt(p.get("latency_mean_s")) if ok else "-",
                 f"{p['slo_attainment']:.0%}" if ok else "-"]) + " |")
     return lines
 

@@ -591,6 +591,12 @@ def meta_size(t: int, num_loras: int) -> int:
     return 2 * num_loras + 2 * t + 2
 
 
+def meta_chunk(t: int) -> int:
+    """Tokens ``_group_by_adapter_kernel`` reads per chunk (CH) for a batch of t;
+    with t <= CH the whole batch is one chunk (ONE_CHUNK)."""
+    return max(16, min(_pow2(t), 2048))
+
+
 def group_by_adapter(token_lora: torch.Tensor, num_loras: int,
                      out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Tokens listed by adapter, on device, one launch, no host sync.
@@ -628,7 +634,7 @@ def group_by_adapter(token_lora: torch.Tensor, num_loras: int,
         meta[-1] = int(torch.where(ok, token_lora + 1, 0).max())
         return meta
     lb = max(16, _pow2(num_loras))
-    ch = max(16, min(_pow2(t), 2048))
+    ch = meta_chunk(t)
     _group_by_adapter_kernel[(1,)](
         token_lora, meta, t, num_loras, LB=lb, CH=ch, ONE_CHUNK=t <= ch, num_warps=4
     )
@@ -661,10 +667,10 @@ def make_groups(
         if not build_meta:
             return Groups(ADAPTERS, num_loras, token_lora, token_lora, token_lora)
         meta = group_by_adapter(token_lora, num_loras)
-    elif meta.dtype != torch.int32 or meta.numel() != meta_size(t, num_loras):
+    size = meta_size(t, num_loras)
+    if meta.dtype != torch.int32 or meta.numel() != size:
         raise ValueError("meta must come from group_by_adapter(token_lora, num_loras)")
-    return Groups(ADAPTERS, num_loras, meta, meta[meta_size(t, num_loras) - 1 :],
-                  meta[num_loras + 1 :])
+    return Groups(ADAPTERS, num_loras, meta, meta[size - 1 :], meta[num_loras + 1 :])
 
 
 def plan(groups: Groups, t: int, k: int, n_max: int, s: int, r_max: int, d: int,

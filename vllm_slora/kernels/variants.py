@@ -28,15 +28,14 @@ def representative_sizes(lo: int, limits, k: int, n_max: int, s: int, d: int,
     static R_MAX and adapter slots, as the LoRA layers call the ops)."""
     seen: dict[tuple, int] = {}
     r_max, num_loras = limits.max_rank, limits.max_loras
+    token_lora = torch.empty(limits.max_tokens, dtype=torch.int32)  # shapes only
     for t in range(max(lo, 1), limits.max_tokens + 1):
-        mode = grouped.PER_TOKEN if t <= grouped.PER_TOKEN_MAX_T else grouped.ADAPTERS
-        groups = grouped.Groups(mode, t if mode == grouped.PER_TOKEN else num_loras,
-                                None, None, None)  # planning only
+        groups = grouped.make_groups(token_lora[:t], num_loras, None, None, build_meta=False)
         pl = grouped.plan(groups, t, k, n_max, s, r_max, d, device, dtype)
         fused = grouped.fuse_partials(groups, pl, r_max)
-        meta_chunk = min(max(16, grouped._pow2(t)), 2048) if mode == grouped.ADAPTERS else 0
-        key = (mode, pl.bm, pl.br_s, pl.bk, pl.npg, pl.warps_s, pl.stages_s, pl.bn, pl.br_e,
-               pl.warps_e, pl.stages_e, pl.nbp, pl.split > 1, pl.split if fused else 1,
-               meta_chunk, t <= meta_chunk)
+        chunk = grouped.meta_chunk(t) if groups.mode == grouped.ADAPTERS else 0
+        key = (groups.mode, pl.bm, pl.br_s, pl.bk, pl.npg, pl.warps_s, pl.stages_s, pl.bn,
+               pl.br_e, pl.warps_e, pl.stages_e, pl.nbp, pl.split > 1, pl.split if fused else 1,
+               chunk, t <= chunk)
         seen.setdefault(key, t)
     return sorted(seen.values())
