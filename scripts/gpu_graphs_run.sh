@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One call on one H200 for the CUDA-graphs work (issues 13, 14). Stages, each
-# under its own timeout, everything archived in $OUT/graphs.tgz:
-#   TESTS=1   GPU tests: the plugin in full + piecewise graphs vs stock and vs
+# One call on one H200 for the CUDA-graphs work (issues 13, 14). Stages, in
+# this order, each under its own timeout, everything archived in $OUT/graphs.tgz:
+#   STEPS=... arguments for `python -m benchmarks.step_time` (decode step
+#             time of base, stock, plugin at fixed batches; --profile K adds
+#             the anatomy), e.g. "--systems base,slora"
+#   TESTS=1   GPU tests (TESTS_S, default: what is left of CALL_S=570 s): the plugin in full + piecewise graphs vs stock and vs
 #             itself eager (tests/gpu; GPU_K selects, pytest -k), and the
 #             kernel tests of the grouping (KERNEL_TESTS=0 skips them)
-#   STEPS=... arguments for `python -m benchmarks.step_time` (decode step
-#             time of base, stock, plugin at fixed batches), e.g. "--systems base,slora"
 #   BENCH=... arguments for `python -m benchmarks.run` (the headline workload
 #             with CUDA graphs on), e.g. "--systems base,slora,stock --n 5,1000"
 set -u
@@ -14,8 +15,13 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 O=/tmp/o; mkdir -p $O/results && nvidia-smi -L > $O/gpus.txt
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
 SECONDS=0
+if [ -n "${STEPS:-}" ]; then  # decode step time at fixed batches, e.g. "--systems base,stock,slora"
+  timeout "${STEPS_S:-420}" python3 -m benchmarks.step_time $STEPS --out $O/results/step-time.json \
+    > $O/step-time.txt 2>&1
+  echo "step time rc=$? ${SECONDS}s" | tee -a $O/steps.txt
+fi
 if [ "${TESTS:-1}" = 1 ]; then
-  timeout "${TESTS_S:-420}" python3 -m pytest -q -rs -s tests/gpu ${GPU_K:+-k "$GPU_K"} \
+  timeout "${TESTS_S:-$((${CALL_S:-570} - SECONDS))}" python3 -m pytest -q -rs -s tests/gpu ${GPU_K:+-k "$GPU_K"} \
     > $O/pytest-gpu.txt 2>&1
   echo "pytest gpu rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   if [ "${KERNEL_TESTS:-1}" = 1 ]; then
@@ -23,11 +29,6 @@ if [ "${TESTS:-1}" = 1 ]; then
       > $O/pytest-kernels.txt 2>&1
     echo "pytest kernels rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   fi
-fi
-if [ -n "${STEPS:-}" ]; then  # decode step time at fixed batches, e.g. "--systems base,stock,slora"
-  timeout "${STEPS_S:-420}" python3 -m benchmarks.step_time $STEPS --out $O/results/step-time.json \
-    > $O/step-time.txt 2>&1
-  echo "step time rc=$? ${SECONDS}s" | tee -a $O/steps.txt
 fi
 if [ -n "${BENCH:-}" ]; then
   timeout "${BENCH_S:-480}" python3 -m benchmarks.run --preset headline --results-dir $O/results \

@@ -41,7 +41,10 @@ def runs(tmp_path_factory):
              None if i % 7 == 0 else str(adapters[i % len(adapters)])) for i in range(96)]
     common = dict(model=str(model), requests=reqs, max_tokens=24, logprobs=2, max_lora_rank=32,
                   max_cpu_loras=12)
-    kw = {"gpu_memory_utilization": 0.3}
+    # Graph sizes up to 64 (11 sizes, for a short start); a bigger
+    # decode batch would run piecewise.
+    kw = {"gpu_memory_utilization": 0.3, "max_num_seqs": 64,
+          "compilation_config": {"max_cudagraph_capture_size": 64}}
     workloads = {
         "stock": Workload(plugin="none", max_loras=12, llm_kwargs=kw, **common),
         "graphs": Workload(plugin="on", max_loras=1, llm_kwargs=kw, **common),
