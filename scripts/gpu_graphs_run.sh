@@ -6,7 +6,8 @@
 #             the anatomy), e.g. "--systems base,slora"
 #   TESTS=1   GPU tests (TESTS_S, default: what is left of CALL_S=570 s): the plugin in full + piecewise graphs vs stock and vs
 #             itself eager (tests/gpu; GPU_K selects, pytest -k), and the
-#             kernel tests of the grouping (KERNEL_TESTS=0 skips them)
+#             kernel tests of the grouping (KERNEL_K selects, KERNEL_S limits,
+#             KERNEL_TESTS=0 skips them)
 #   BENCH=... arguments for `python -m benchmarks.run` (the headline workload
 #             with CUDA graphs on), e.g. "--systems base,slora,stock --n 5,1000"
 set -u
@@ -25,7 +26,8 @@ if [ "${TESTS:-1}" = 1 ]; then
     > $O/pytest-gpu.txt 2>&1
   echo "pytest gpu rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   if [ "${KERNEL_TESTS:-1}" = 1 ]; then
-    timeout 120 python3 -m pytest -q -rs tests/kernels -k "group_by_adapter or meta or per_token" \
+    timeout "${KERNEL_S:-120}" python3 -m pytest -q -rs tests/kernels \
+      -k "${KERNEL_K:-group_by_adapter or meta or per_token or few_adapters}" \
       > $O/pytest-kernels.txt 2>&1
     echo "pytest kernels rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   fi

@@ -221,6 +221,23 @@ def test_group_by_adapter(triton_backend):
         for lora in range(num_loras):
             got = idx[bounds[lora] : bounds[lora + 1]].sort().values
             assert torch.equal(got, (token_lora == lora).nonzero().squeeze(1).int())
+        # The groups to scan and the tiles of 16, 32, 64 tokens (the kernels' work).
+        assert meta[-4] == int(token_lora.max()) + 1
+        for i, bm in enumerate(grouped.TILE_BMS):
+            assert meta[-3 + i] == int(((counts + bm - 1) // bm).sum()), (t, bm)
+
+
+@pytest.mark.parametrize("resident", [1, 64])
+def test_few_adapters_in_many_slots(triton_backend, by_adapter, monkeypatch, resident):
+    # As in a CUDA graph captured for 64 adapter slots: a step of 3 adapters
+    # in slots 3, 17 and 60 (their tile count comes from the grouping), on a
+    # persistent grid of 8 programs (each loops over many work items) or of
+    # one program per item.
+    monkeypatch.setattr(grouped, "RESIDENT_PROGRAMS_PER_SM", resident)
+    ranks = [MIXED[i % len(MIXED)] or 8 for i in range(64)]
+    gen = torch.Generator().manual_seed(5)
+    token_lora = torch.tensor([3, 17, 60, -1], dtype=torch.int32)[torch.randint(0, 4, (45,), generator=gen)]
+    check(ranks, 64, [64, 32, 32], 32, torch.float16, token_lora, meta=True)
 
 
 def test_many_adapters(triton_backend):

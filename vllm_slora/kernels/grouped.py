@@ -19,14 +19,23 @@ ways to form groups (``MODE``), picked on the host from shapes only:
     one group per adapter: ``group_by_adapter`` (one small Triton launch)
     lists each adapter's tokens, like vLLM's LoRAKernelMeta but without
     sorting or host sync: ``meta`` int32 = [bounds (L+1) | token index (T) |
-    scratch (L + T)]; adapter l owns token_index[bounds[l]:bounds[l+1]].
-    Callers may build it once per batch and pass it to every layer.
+    scratch (L + T) | groups to scan (1) | tiles of BM = 16, 32, 64 (3)];
+    adapter l owns token_index[bounds[l]:bounds[l+1]]. Callers may build it
+    once per batch and pass it to every layer.
 
-Tile map, no host sync: program p of the tile axis finds its group from the
-groups' sizes (a cumulative sum of ceil(size / BM) over the group bounds, in
-registers), so the grid depends only on T, the number of groups and the
-widths: ``min(T, ceil(T / BM) + groups)`` tiles bound the real count and the
-spare programs return at once. This is CUDA-graph safe.
+Tile map, no host sync: tile p finds its group from the groups' sizes (a
+cumulative sum of ceil(size / BM) over the group bounds, in registers).
+
+Persistent programs: the grid depends only on shapes (T, the adapter slots,
+the widths; CUDA-graph safe) and is capped at RESIDENT_PROGRAMS_PER_SM
+programs per SM; each program loops over the work items (tile x rank block
+x split x slice, or tile x column block x slice) from its id in steps of
+the grid. The number of items comes from the step: in ADAPTERS mode from
+the tile count that ``group_by_adapter`` stores, so a step of 5 adapters in
+a graph captured for 256 adapter slots runs its ~20 tiles' items and no
+empty program for the other ~236 possible tiles (an empty program costs a
+block launch and the tile-map scan: ~10 us per launch over tens of
+thousands of them, measured in decode steps of a 7B model).
 
 Work is rank-exact: shrink programs whose rank block starts past the
 group's rank return at once; expand loops over rank blocks only up to the
@@ -41,7 +50,10 @@ decode expands of 512 tokens by 5-10% (``benchmarks/kernels.py`` variants).
 
 Shrink split-K: with few tiles (small batches, few long segments) or a wide
 K (``down``, K = 11008) the K loop is cut into SPLIT page-aligned chunks, each
-a program, writing fp32 partial sums to a workspace [SPLIT, S, T, R_MAX].
+a work item, writing fp32 partial sums to a workspace [SPLIT, S, T, R_MAX].
+Plans count tiles as if a step had at most FEW_GROUPS adapters (the steady
+state of few popular adapters): many-adapter steps then split more than
+they need, which costs partial sums, not idle programs.
 The partials are summed in a fixed order (deterministic, no atomics, no
 zeroing): by the expand kernel while it loads v (``paged_lora``, when the
 partials are small) or by ``_reduce_kernel`` (standalone shrink; large ones).
@@ -84,6 +96,14 @@ MAX_SPLIT = 16
 FUSED_PARTIALS_BYTES = 8 << 10
 # Groups scanned per step by the tile map (any count works, in chunks).
 NGB = 128
+# Persistent grids: at most this many programs per SM, each looping over
+# work items.
+RESIDENT_PROGRAMS_PER_SM = 4
+# Plans (split-K, expand column streaming) size the work as if a step in
+# ADAPTERS mode had at most this many adapters.
+FEW_GROUPS = 8
+# Tile sizes whose tile counts group_by_adapter stores (meta[-3:]).
+TILE_BMS = (16, 32, 64)
 # Pipeline depth of the small-tile (BM = 16) shrink; expand column block.
 SHRINK_STAGES = 4
 EXPAND_BN = 128
@@ -173,6 +193,22 @@ def _tile_tokens(lo, hi, idx_ptr, MODE: tl.constexpr, BM: tl.constexpr):
 
 
 @triton.jit
+def _num_tiles(glora_ptr, TILES, MODE: tl.constexpr, BM: tl.constexpr):
+    """Tiles with work: ADAPTERS mode reads group_by_adapter's count for BM
+    (stored after the groups to scan); otherwise TILES (the grid's bound)."""
+    if MODE == 2:
+        if BM == 16:
+            n = tl.load(glora_ptr + 1)
+        elif BM == 32:
+            n = tl.load(glora_ptr + 2)
+        else:
+            n = tl.load(glora_ptr + 3)
+    else:
+        n = TILES
+    return n
+
+
+@triton.jit
 def _mma(a, b, acc, DOT_F32: tl.constexpr):
     # DOT_F32: fp32 operands (fp32 pools, and the CPU interpreter, whose
     # tl.dot is wrong for bf16); otherwise fp16/bf16 tensor cores.
@@ -182,7 +218,7 @@ def _mma(a, b, acc, DOT_F32: tl.constexpr):
         return tl.dot(a, b, acc)
 
 
-@triton.jit(do_not_specialize=["NG", "K", "R_MAX", "K_SPLIT", "NUM_R", "SPLIT", "NUM_S"])
+@triton.jit(do_not_specialize=["NG", "TILES", "K", "R_MAX", "K_SPLIT", "NUM_R", "SPLIT", "NUM_S"])
 def _shrink_kernel(
     x_ptr,  # [T, K]
     pool_ptr,  # [num_rows, D]
@@ -194,9 +230,10 @@ def _shrink_kernel(
     lora_rank_ptr,  # int32 [L]
     token_lora_ptr,  # int32 [T]
     bounds_ptr,  # group bounds [NG + 1] (SEGMENTS, ADAPTERS)
-    glora_ptr,  # adapter per group [NG] (SEGMENTS); groups to scan [1] (ADAPTERS)
+    glora_ptr,  # adapter per group [NG] (SEGMENTS); groups to scan, tiles [4] (ADAPTERS)
     idx_ptr,  # group-ordered tokens [T] (ADAPTERS)
     NG,
+    TILES,  # tiles bound (the tile count is read from meta in ADAPTERS mode)
     K,
     R_MAX,
     K_SPLIT,  # K elements per split: NPG pages or fewer
@@ -221,22 +258,34 @@ def _shrink_kernel(
 ):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    # Rank blocks, then splits, then slices vary fastest: the programs that
+    # Rank blocks, then splits, then slices vary fastest: the items that
     # read one x tile run together and find it in L2.
-    pid = tl.program_id(0)
     per_tile = NUM_R * SPLIT * NUM_S
-    p = pid // per_tile
-    q = pid % per_tile
-    rb = q % NUM_R
-    c = (q // NUM_R) % SPLIT
-    s = q // (NUM_R * SPLIT)
-    lora, lo, hi = _tile(p, token_lora_ptr, bounds_ptr, glora_ptr, NG, MODE, BM, NGB)
-    if lora < 0:
-        return
-    rank = tl.minimum(tl.load(lora_rank_ptr + lora), R_MAX)
+    n_items = _num_tiles(glora_ptr, TILES, MODE, BM) * per_tile
+    for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        p = item // per_tile
+        q = item % per_tile
+        rb = q % NUM_R
+        c = (q // NUM_R) % SPLIT
+        s = q // (NUM_R * SPLIT)
+        lora, lo, hi = _tile(p, token_lora_ptr, bounds_ptr, glora_ptr, NG, MODE, BM, NGB)
+        rank = tl.load(lora_rank_ptr + tl.maximum(lora, 0))
+        rank = tl.where(lora >= 0, tl.minimum(rank, R_MAX), 0)
+        if rb * BR < rank:
+            _shrink_item(x_ptr, pool_ptr, out_ptr, rows0_ptr, rows1_ptr, rows2_ptr, lora_start_ptr,
+                         idx_ptr, lora, lo, hi, rank, rb, c, s, K, K_SPLIT, x_stride, pool_stride,
+                         rows_stride, out_stride_c, out_stride_s, out_stride_t, MODE, D, BM, BR,
+                         BK, NPG, DOT_F32)  # fmt: skip
+
+
+@triton.jit
+def _shrink_item(x_ptr, pool_ptr, out_ptr, rows0_ptr, rows1_ptr, rows2_ptr, lora_start_ptr,
+                 idx_ptr, lora, lo, hi, rank, rb, c, s, K, K_SPLIT, x_stride, pool_stride,
+                 rows_stride, out_stride_c, out_stride_s, out_stride_t, MODE: tl.constexpr,
+                 D: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+                 NPG: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+    """One work item: rank block rb of split c of slice s of one tile."""
     r0 = rb * BR
-    if r0 >= rank:
-        return
     start = tl.load(lora_start_ptr + lora)
     rows_ptr = pick(s, rows0_ptr, rows1_ptr, rows2_ptr)
     tok, mask_m = _tile_tokens(lo, hi, idx_ptr, MODE, BM)
@@ -376,7 +425,7 @@ def _expand_columns(v_rows, pool_ptr, y_ptr, rows_ptr, tok, mask_m, start, rank,
         tl.store(y_tile, y, mask=mask_m[:, None] & live)
 
 
-@triton.jit(do_not_specialize=["NG", "n0", "n1", "n2", "NUM_N", "NUM_S"])
+@triton.jit(do_not_specialize=["NG", "TILES", "n0", "n1", "n2", "NUM_N", "NUM_S"])
 def _expand_kernel(
     v_ptr,  # fp32 [S, T, R_MAX], or partials [V_SPLIT, S, T, R_MAX]
     pool_ptr,  # [num_rows, D]
@@ -392,6 +441,7 @@ def _expand_kernel(
     glora_ptr,
     idx_ptr,
     NG,
+    TILES,  # tiles bound (the tile count is read from meta in ADAPTERS mode)
     n0,  # width of slice 0, 1, 2
     n1,
     n2,
@@ -414,22 +464,33 @@ def _expand_kernel(
     DOT_F32: tl.constexpr,
     PDL: tl.constexpr,  # launched with PDL behind the shrink: wait before reading v
 ):
-    pid = tl.program_id(0)
     per_tile = NUM_N * NUM_S
-    p = pid // per_tile
-    q = pid % per_tile
-    nb = q % NUM_N
-    s = q // NUM_N
-    width = tl.where(s == 0, n0, tl.where(s == 1, n1, n2))
-    col = nb * BN * NBP
-    if col >= width:
-        return
-    lora, lo, hi = _tile(p, token_lora_ptr, bounds_ptr, glora_ptr, NG, MODE, BM, NGB)
-    if lora < 0:
-        return
-    rank = tl.minimum(tl.load(lora_rank_ptr + lora), R_MAX)
-    if rank <= 0:
-        return
+    n_items = _num_tiles(glora_ptr, TILES, MODE, BM) * per_tile
+    for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        p = item // per_tile
+        q = item % per_tile
+        nb = q % NUM_N
+        s = q // NUM_N
+        width = tl.where(s == 0, n0, tl.where(s == 1, n1, n2))
+        col = nb * BN * NBP
+        lora, lo, hi = _tile(p, token_lora_ptr, bounds_ptr, glora_ptr, NG, MODE, BM, NGB)
+        rank = tl.load(lora_rank_ptr + tl.maximum(lora, 0))
+        rank = tl.where((lora >= 0) & (col < width), tl.minimum(rank, R_MAX), 0)
+        if rank > 0:
+            _expand_item(v_ptr, pool_ptr, y_ptr, rows0_ptr, rows1_ptr, rows2_ptr, lora_start_ptr,
+                         lora_scale_ptr, idx_ptr, lora, lo, hi, rank, s, col, width, n0, n1, R_MAX,
+                         v_stride_c, v_stride_s, v_stride_t, pool_stride, y_stride, MODE, D, BM, BR,
+                         BN, V_SPLIT, NBP, DOT_F32, PDL)  # fmt: skip
+
+
+@triton.jit
+def _expand_item(v_ptr, pool_ptr, y_ptr, rows0_ptr, rows1_ptr, rows2_ptr, lora_start_ptr,
+                 lora_scale_ptr, idx_ptr, lora, lo, hi, rank, s, col, width, n0, n1, R_MAX,
+                 v_stride_c, v_stride_s, v_stride_t, pool_stride, y_stride, MODE: tl.constexpr,
+                 D: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
+                 V_SPLIT: tl.constexpr, NBP: tl.constexpr, DOT_F32: tl.constexpr,
+                 PDL: tl.constexpr):  # fmt: skip
+    """One work item: column block(s) col of slice s of one tile."""
     start = tl.load(lora_start_ptr + lora)
     scale = tl.load(lora_scale_ptr + lora)
     rows_ptr = pick(s, rows0_ptr, rows1_ptr, rows2_ptr)
@@ -437,48 +498,47 @@ def _expand_kernel(
     y_col = tl.multiple_of(tl.where(s == 0, 0, tl.where(s == 1, n0, n0 + n1)), D)
     rows_stride = width // D
     tok, mask_m = _tile_tokens(lo, hi, idx_ptr, MODE, BM)
-
-    offs_n = tl.arange(0, BN)
     v_rows = v_ptr + s * v_stride_s + tok[:, None] * v_stride_t
     if NBP > 1:
         _expand_columns(v_rows, pool_ptr, y_ptr, rows_ptr, tok, mask_m, start, rank, scale,
                         col, width, y_col, R_MAX, v_stride_c, rows_stride, pool_stride, y_stride,
                         D, BM, BR, BN, NBP, V_SPLIT, DOT_F32, PDL)  # fmt: skip
-        return
-    in_page = tl.max_contiguous(tl.multiple_of(col % D + offs_n, BN), BN)
-    y_tile = y_ptr + tok[:, None] * y_stride + y_col + col + offs_n[None, :]
-    # Issued before the rank loop so that its latency overlaps the B loads.
-    y = tl.load(y_tile, mask=mask_m[:, None], other=0.0)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for j0 in range(0, rank, BR):
-        offs_r = j0 + tl.arange(0, BR)
-        mask_r = offs_r < rank
-        page = tl.load(
-            rows_ptr + (start + offs_r).to(tl.int64) * rows_stride + col // D,
-            mask=mask_r,
-            other=0,
-        ).to(tl.int64)
-        b = tl.load(
-            pool_ptr + page[:, None] * pool_stride + in_page[None, :],
-            mask=mask_r[:, None],
-            other=0.0,
-        )
-        # v past the rank may be stale or NaN (0 * NaN = NaN): it is loaded
-        # (whole rows, vectorised) but zeroed. It is rounded to the weights'
-        # dtype for the tensor cores, as punica and vLLM do.
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        vt = _load_v(v_rows, offs_r, mask_m, R_MAX, v_stride_c, V_SPLIT)
-        vt = tl.where(mask_r[None, :], vt, 0.0)
-        acc = _mma(vt.to(b.dtype), b, acc, DOT_F32)
-    y = (y.to(tl.float32) + acc * scale).to(y_ptr.dtype.element_ty)
-    tl.store(y_tile, y, mask=mask_m[:, None])
+    else:
+        offs_n = tl.arange(0, BN)
+        in_page = tl.max_contiguous(tl.multiple_of(col % D + offs_n, BN), BN)
+        y_tile = y_ptr + tok[:, None] * y_stride + y_col + col + offs_n[None, :]
+        # Issued before the rank loop so that its latency overlaps the B loads.
+        y = tl.load(y_tile, mask=mask_m[:, None], other=0.0)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for j0 in range(0, rank, BR):
+            offs_r = j0 + tl.arange(0, BR)
+            mask_r = offs_r < rank
+            page = tl.load(
+                rows_ptr + (start + offs_r).to(tl.int64) * rows_stride + col // D,
+                mask=mask_r,
+                other=0,
+            ).to(tl.int64)
+            b = tl.load(
+                pool_ptr + page[:, None] * pool_stride + in_page[None, :],
+                mask=mask_r[:, None],
+                other=0.0,
+            )
+            # v past the rank may be stale or NaN (0 * NaN = NaN): it is loaded
+            # (whole rows, vectorised) but zeroed. It is rounded to the weights'
+            # dtype for the tensor cores, as punica and vLLM do.
+            if PDL:
+                tl.extra.cuda.gdc_wait()
+            vt = _load_v(v_rows, offs_r, mask_m, R_MAX, v_stride_c, V_SPLIT)
+            vt = tl.where(mask_r[None, :], vt, 0.0)
+            acc = _mma(vt.to(b.dtype), b, acc, DOT_F32)
+        y = (y.to(tl.float32) + acc * scale).to(y_ptr.dtype.element_ty)
+        tl.store(y_tile, y, mask=mask_m[:, None])
 
 
 @triton.jit(do_not_specialize=["T", "L"])
 def _group_by_adapter_kernel(
     token_lora_ptr,  # int32 [T]
-    meta_ptr,  # int32 [L + 1 + T + L + T + 1]
+    meta_ptr,  # int32 [L + 1 + T + L + T + 4]
     T,
     L,
     LB: tl.constexpr,
@@ -512,6 +572,7 @@ def _group_by_adapter_kernel(
         first = tl.load(bounds + tl.where(ok, lora, 0), mask=ok, other=0, cache_modifier=".cg")
         tl.store(idx + first + r, offs, mask=ok)
         tl.store(rnk + T, tl.max(tl.where(ok, lora + 1, 0), 0))
+        _store_tile_counts(rnk + T + 1, counts)
     else:
         used = 0
         for t0 in range(0, T, CH):
@@ -528,6 +589,7 @@ def _group_by_adapter_kernel(
         ends = tl.cumsum(counts, 0)
         tl.store(bounds + offs_l, ends - counts, mask=mask_l)
         tl.store(bounds + L, tl.sum(counts, 0))
+        _store_tile_counts(rnk + T + 1, counts)
         tl.debug_barrier()
         for t0 in range(0, T, CH):
             offs = t0 + tl.arange(0, CH)
@@ -536,6 +598,14 @@ def _group_by_adapter_kernel(
             r = tl.load(rnk + offs, mask=ok, other=0, cache_modifier=".cg")
             first = tl.load(bounds + tl.where(ok, lora, 0), mask=ok, other=0, cache_modifier=".cg")
             tl.store(idx + first + r, offs, mask=ok)
+
+
+@triton.jit
+def _store_tile_counts(ptr, counts):
+    """Tiles of BM = 16, 32, 64 tokens the groups of ``counts`` make (TILE_BMS)."""
+    tl.store(ptr, tl.sum((counts + 15) // 16, 0))
+    tl.store(ptr + 1, tl.sum((counts + 31) // 32, 0))
+    tl.store(ptr + 2, tl.sum((counts + 63) // 64, 0))
 
 
 # ---------------------------------------------------------------------------
@@ -588,7 +658,7 @@ class Plan:
 
 
 def meta_size(t: int, num_loras: int) -> int:
-    return 2 * num_loras + 2 * t + 2
+    return 2 * num_loras + 2 * t + 2 + len(TILE_BMS)
 
 
 def meta_chunk(t: int) -> int:
@@ -601,10 +671,12 @@ def group_by_adapter(token_lora: torch.Tensor, num_loras: int,
                      out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Tokens listed by adapter, on device, one launch, no host sync.
 
-    Returns int32 meta [L + 1 + T + L + T + 1]: meta[:L+1] are the bounds
+    Returns int32 meta [L + 1 + T + L + T + 4]: meta[:L+1] are the bounds
     (adapter l owns positions bounds[l]..bounds[l+1]-1), meta[L+1:L+1+T] the
-    token index at each position, meta[-1] one past the last adapter that
-    has tokens (the groups the kernels scan); the rest is scratch. Tokens
+    token index at each position, meta[-4] one past the last adapter that
+    has tokens (the groups the kernels scan), meta[-3:] the tiles of BM =
+    16, 32 and 64 tokens the groups make (the kernels' work); the rest is
+    scratch. Tokens
     with adapter -1 (or >= num_loras) are in no group. Build it once per
     batch and pass it as ``meta`` to every layer's call to skip this launch
     there. ``out``: a buffer of ``meta_size(T, L)`` int32 to fill instead of
@@ -620,7 +692,7 @@ def group_by_adapter(token_lora: torch.Tensor, num_loras: int,
         meta = out
     if t == 0:
         meta[: num_loras + 1].zero_()
-        meta[-1] = 0
+        meta[-4:] = 0
         return meta
     if not token_lora.is_cuda and not interpreter_active():
         # CPU without the interpreter: the same result with torch (host sync).
@@ -631,7 +703,9 @@ def group_by_adapter(token_lora: torch.Tensor, num_loras: int,
         meta[0] = 0
         meta[1 : num_loras + 1] = counts.cumsum(0)
         meta[num_loras + 1 : num_loras + 1 + t] = order.int()
-        meta[-1] = int(torch.where(ok, token_lora + 1, 0).max())
+        meta[-4] = int(torch.where(ok, token_lora + 1, 0).max())
+        for i, bm in enumerate(TILE_BMS):
+            meta[len(meta) - 3 + i] = int(((counts + bm - 1) // bm).sum())
         return meta
     lb = max(16, _pow2(num_loras))
     ch = meta_chunk(t)
@@ -670,7 +744,7 @@ def make_groups(
     size = meta_size(t, num_loras)
     if meta.dtype != torch.int32 or meta.numel() != size:
         raise ValueError("meta must come from group_by_adapter(token_lora, num_loras)")
-    return Groups(ADAPTERS, num_loras, meta, meta[size - 1 :], meta[num_loras + 1 :])
+    return Groups(ADAPTERS, num_loras, meta, meta[size - 1 - len(TILE_BMS) :], meta[num_loras + 1 :])
 
 
 def plan(groups: Groups, t: int, k: int, n_max: int, s: int, r_max: int, d: int,
@@ -681,22 +755,26 @@ def plan(groups: Groups, t: int, k: int, n_max: int, s: int, r_max: int, d: int,
         index = device.index if device.index is not None else torch.cuda.current_device()
     knobs = (PROGRAMS_PER_SM, MAX_SPLIT, SHRINK_STAGES, EXPAND_BN, EXPAND_MAX_NBP,
              EXPAND_PROGRAMS_PER_SM, EXPAND_STAGES, SMALL_TILE_WARPS, BIG_TILE_PROGRAMS_PER_SM,
-             SMALL_TILE_SHRINK)
+             SMALL_TILE_SHRINK, FEW_GROUPS)
     return _plan(groups.mode, groups.ng, t, k, n_max, s, r_max, d, index, dtype, knobs)
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan(mode, ng, t, k, n_max, s, r_max, d, device_index, dtype, knobs):
     (programs_per_sm, max_split, shrink_stages, expand_bn, max_nbp, expand_pps, expand_stages,
-     small_warps, big_pps, small_shrink) = knobs
+     small_warps, big_pps, small_shrink, few_groups) = knobs
     if mode == PER_TOKEN:
         bm, est_tiles = 16, t
     else:
-        # Average tokens per non-empty group, assuming all groups are used.
+        # Tile size: average tokens per non-empty group, assuming all
+        # groups are used; work: tiles as if FEW_GROUPS groups were.
         ng = max(1, min(ng, t))
         avg = t / ng
         bm = 64 if avg >= 48 else (32 if avg >= 24 else 16)
-        est_tiles = max(ng, triton.cdiv(t, bm))
+        if mode == ADAPTERS:
+            est_tiles = triton.cdiv(t, bm) + min(ng, few_groups)
+        else:
+            est_tiles = max(ng, triton.cdiv(t, bm))
     tiles = t if mode == PER_TOKEN else min(t, triton.cdiv(t, bm) + ng)
     r_pow2 = max(16, _pow2(r_max))
     # Shrink: [BM, BK] x [BK, BR] steps. Small tiles stream A in full pages.
@@ -748,6 +826,14 @@ def _dot_f32(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 or not x.is_cuda
 
 
+def resident(items: int, device: torch.device) -> int:
+    """Programs of a persistent grid for at most ``items`` work items."""
+    index = device.index if device.type == "cuda" else None
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    return min(items, RESIDENT_PROGRAMS_PER_SM * _num_sms(index))
+
+
 def launch_shrink(x, pool, tables, lora_start, lora_rank, token_lora, out, groups: Groups,
                   pl: Plan, pdl: bool = False) -> None:  # fmt: skip
     """Run the shrink kernel into ``out``: [S, T, R_MAX] when pl.split == 1,
@@ -757,7 +843,7 @@ def launch_shrink(x, pool, tables, lora_start, lora_rank, token_lora, out, group
     s, r_max = len(tables), out.shape[-1]
     padded = slice_tables(tables)
     num_r = triton.cdiv(r_max, pl.br_s)
-    grid = (pl.tiles * num_r * pl.split * s,)
+    grid = (resident(pl.tiles * num_r * pl.split * s, x.device),)
     if grid[0] == 0:
         return
     stride_c = out.stride(0) if pl.split > 1 else 0
@@ -765,7 +851,7 @@ def launch_shrink(x, pool, tables, lora_start, lora_rank, token_lora, out, group
     _shrink_kernel[grid](
         x, pool, out, *padded, lora_start, lora_rank, token_lora,
         groups.bounds, groups.glora, groups.idx,
-        groups.ng, k, r_max, pl.k_split, num_r, pl.split, s,
+        groups.ng, pl.tiles, k, r_max, pl.k_split, num_r, pl.split, s,
         x.stride(0), pool.stride(0), padded[0].stride(0), stride_c, o_s, o_t,
         MODE=groups.mode, D=d, BM=pl.bm, BR=pl.br_s, BK=pl.bk, NPG=pl.npg, NGB=NGB,
         DOT_F32=_dot_f32(x), PDL=pdl, num_warps=pl.warps_s, num_stages=pl.stages_s,
@@ -795,14 +881,14 @@ def launch_expand(v, pool, tables, lora_start, lora_rank, lora_scale, token_lora
     padded = slice_tables(tables)
     widths = [tb.shape[1] * d for tb in tables] + [0] * (MAX_SLICES - s)
     num_n = triton.cdiv(triton.cdiv(max(widths), pl.bn), pl.nbp)
-    grid = (pl.tiles * num_n * s,)
+    grid = (resident(pl.tiles * num_n * s, y.device),)
     if grid[0] == 0:
         return
     stride_c = v.stride(0) if v_split > 1 else 0
     _expand_kernel[grid](
         v, pool, y, *padded, lora_start, lora_rank, lora_scale, token_lora,
         groups.bounds, groups.glora, groups.idx,
-        groups.ng, *widths, r_max, num_n, s,
+        groups.ng, pl.tiles, *widths, r_max, num_n, s,
         stride_c, v.stride(-3), v.stride(-2), pool.stride(0), y.stride(0),
         MODE=groups.mode, D=d, BM=pl.bm, BR=pl.br_e, BN=pl.bn, NGB=NGB,
         V_SPLIT=v_split, NBP=pl.nbp, DOT_F32=_dot_f32(y), PDL=pdl, num_warps=pl.warps_e,
