@@ -24,14 +24,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """``runs[name]``: the workload's result under stock, the plugin with
-    graphs, or the plugin eager; each engine runs on first use."""
+def workloads(work) -> dict:
+    """The tiny fp16 model, its adapters and the three runs (also used by
+    ``scripts/gpu_parity_diag.py``)."""
     from vllm_slora.testing.adapters import make_adapters
     from vllm_slora.testing.models import make_tiny_llama
 
-    work = tmp_path_factory.mktemp("graphs")
     model = make_tiny_llama(work / "model", hidden=256, heads=4, kv_heads=2, intermediate=512,
                             layers=2, dtype="float16")
     adapters = make_adapters(work / "adapters", model, [(4, 8, 16, 32)[i % 4] for i in range(12)])
@@ -45,16 +43,23 @@ def runs(tmp_path_factory):
     # decode batch would run piecewise.
     kw = {"gpu_memory_utilization": 0.3, "max_num_seqs": 64,
           "compilation_config": {"max_cudagraph_capture_size": 64}}
-    workloads = {
+    return {
         "stock": Workload(plugin="none", max_loras=12, llm_kwargs=kw, **common),
         "graphs": Workload(plugin="on", max_loras=1, llm_kwargs=kw, **common),
         "eager": Workload(plugin="on", max_loras=1, llm_kwargs=dict(kw, enforce_eager=True),
                           **common),
     }
 
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """``runs[name]``: the workload's result under stock, the plugin with
+    graphs, or the plugin eager; each engine runs on first use."""
+    loads = workloads(tmp_path_factory.mktemp("graphs"))
+
     class Runs(dict):
         def __missing__(self, name):
-            self[name] = run_workload(workloads[name])
+            self[name] = run_workload(loads[name])
             return self[name]
 
     return Runs()
