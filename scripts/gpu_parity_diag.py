@@ -3,9 +3,10 @@
     python scripts/gpu_parity_diag.py OUT_DIR [--deadline-s 480]
 
 Runs the parity test's workload (``tests/gpu/test_graphs_parity.py``) under
-variants, each in its own process, until the deadline: the plugin with
-graphs (as the test), with graphs and async scheduling off, with the LoRA
-op between graph pieces (``VLLM_SLORA_CUDAGRAPH=between-pieces``), eager,
+variants, each in its own process, until the deadline (``--only`` picks):
+the plugin with graphs (as the test), with graphs and async scheduling
+off, with graphs and no programmatic dependent launch (``VLLM_SLORA_PDL=0``),
+with the LoRA op between graph pieces (``VLLM_SLORA_CUDAGRAPH=between-pieces``), eager,
 and stock with graphs. Writes ``OUT_DIR/diag.json`` (per variant: ok or the
 error's tail; outputs compared with the plugin eager and with stock) and
 each failing variant's stderr tail to ``OUT_DIR/<variant>.err``.
@@ -34,6 +35,7 @@ def variants(base: dict) -> dict:
     return {
         "graphs": g,
         "graphs-sync": dataclasses.replace(g, llm_kwargs=dict(g.llm_kwargs, async_scheduling=False)),
+        "graphs-nopdl": dataclasses.replace(g, env={"VLLM_SLORA_PDL": "0"}),
         "eager": base["eager"],
         "between-pieces": dataclasses.replace(g, env={"VLLM_SLORA_CUDAGRAPH": "between-pieces"}),
         "stock": base["stock"],

@@ -122,9 +122,10 @@ SMALL_TILE_WARPS = (4, 8)
 # Small-tile shrink step: BR rank-vectors x BK columns (BK <= D).
 SMALL_TILE_SHRINK = (16, 256)
 # Programmatic dependent launch of the expand behind the shrink in ``lora``
-# (the expand's prologue and B loads overlap the shrink's tail): None = on
-# Hopper and later, False = off.
-PDL: bool | None = None
+# (the expand's prologue and B-page lookups overlap the shrink's tail): None
+# = on Hopper and later, False = off (also ``VLLM_SLORA_PDL=0``, read at
+# import: for telling a PDL race from other faults on a GPU).
+PDL: bool | None = None if os.environ.get("VLLM_SLORA_PDL", "") != "0" else False
 
 
 # ---------------------------------------------------------------------------
@@ -510,6 +511,14 @@ def _expand_item(v_ptr, pool_ptr, y_ptr, rows0_ptr, rows1_ptr, rows2_ptr, lora_s
         # Issued before the rank loop so that its latency overlaps the B loads.
         y = tl.load(y_tile, mask=mask_m[:, None], other=0.0)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
+        # Wait for the shrink (PDL) before the rank loop, not inside it: the
+        # software pipeliner hoists the loop's first v loads into its
+        # prologue, ahead of a wait placed in the body, and they would read
+        # v before the shrink wrote it (triton-lang/triton#11905). The
+        # plugin inside CUDA graphs died of that: NaN logits, then sampled
+        # ids out of the vocabulary (GPU parity test, 2026-12-02).
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         for j0 in range(0, rank, BR):
             offs_r = j0 + tl.arange(0, BR)
             mask_r = offs_r < rank
@@ -526,8 +535,6 @@ def _expand_item(v_ptr, pool_ptr, y_ptr, rows0_ptr, rows1_ptr, rows2_ptr, lora_s
             # v past the rank may be stale or NaN (0 * NaN = NaN): it is loaded
             # (whole rows, vectorised) but zeroed. It is rounded to the weights'
             # dtype for the tensor cores, as punica and vLLM do.
-            if PDL:
-                tl.extra.cuda.gdc_wait()
             vt = _load_v(v_rows, offs_r, mask_m, R_MAX, v_stride_c, V_SPLIT)
             vt = tl.where(mask_r[None, :], vt, 0.0)
             acc = _mma(vt.to(b.dtype), b, acc, DOT_F32)
