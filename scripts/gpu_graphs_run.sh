@@ -15,6 +15,9 @@ source .gpu/activate.sh
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 O=/tmp/o; mkdir -p $O/results && nvidia-smi -L > $O/gpus.txt
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
+# The op inside vLLM's graphs unless the caller says otherwise (the plugin's
+# default is between-pieces until the GPU parity test passes captured).
+export VLLM_SLORA_CUDAGRAPH=${VLLM_SLORA_CUDAGRAPH:-captured}
 SECONDS=0
 if [ -n "${STEPS:-}" ]; then  # decode step time at fixed batches, e.g. "--systems base,stock,slora"
   timeout "${STEPS_S:-420}" python3 -m benchmarks.step_time $STEPS --out $O/results/step-time.json \

@@ -35,9 +35,9 @@ def variants(base: dict) -> dict:
     return {
         "graphs": g,
         "graphs-sync": dataclasses.replace(g, llm_kwargs=dict(g.llm_kwargs, async_scheduling=False)),
-        "graphs-nopdl": dataclasses.replace(g, env={"VLLM_SLORA_PDL": "0"}),
+        "graphs-nopdl": dataclasses.replace(g, env=dict(g.env, VLLM_SLORA_PDL="0")),
         "eager": base["eager"],
-        "between-pieces": dataclasses.replace(g, env={"VLLM_SLORA_CUDAGRAPH": "between-pieces"}),
+        "between-pieces": base["pieces"],
         "stock": base["stock"],
     }
 

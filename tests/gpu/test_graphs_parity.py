@@ -1,9 +1,11 @@
 """The plugin inside vLLM's CUDA graphs (GPU only): the same outputs as stock.
 
 A tiny fp16 Llama with mixed-rank adapters on all seven projections, run by
-stock vLLM's LoRA and by the plugin with vLLM's default graph mode on the V2
-runner (FULL_AND_PIECEWISE: full graphs for decode steps, piecewise ones for
-mixed steps, both holding the paged LoRA op), and by the plugin eager. Every
+stock vLLM's LoRA, by the plugin with vLLM's default graph mode on the V2
+runner and the op captured (``VLLM_SLORA_CUDAGRAPH=captured``,
+FULL_AND_PIECEWISE: full graphs for decode steps, piecewise ones for mixed
+steps, both holding the paged LoRA op), by the plugin with the op between
+piecewise graphs (the default for now), and by the plugin eager. Every
 greedy output must equal the other run's or differ first at a near-tie
 (both top-2 margins < 0.05 nats, ``vllm_slora.testing.compare``): a LoRA op
 captured without its adapters, or replaying a stale step, gives clear
@@ -45,7 +47,10 @@ def workloads(work) -> dict:
           "compilation_config": {"max_cudagraph_capture_size": 64}}
     return {
         "stock": Workload(plugin="none", max_loras=12, llm_kwargs=kw, **common),
-        "graphs": Workload(plugin="on", max_loras=1, llm_kwargs=kw, **common),
+        "graphs": Workload(plugin="on", max_loras=1, llm_kwargs=kw,
+                           env={"VLLM_SLORA_CUDAGRAPH": "captured"}, **common),
+        "pieces": Workload(plugin="on", max_loras=1, llm_kwargs=kw,
+                           env={"VLLM_SLORA_CUDAGRAPH": "between-pieces"}, **common),
         "eager": Workload(plugin="on", max_loras=1, llm_kwargs=dict(kw, enforce_eager=True),
                           **common),
     }
@@ -54,7 +59,7 @@ def workloads(work) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """``runs[name]``: the workload's result under stock, the plugin with
-    graphs, or the plugin eager; each engine runs on first use."""
+    the op captured, between pieces, or eager; each engine runs on first use."""
     loads = workloads(tmp_path_factory.mktemp("graphs"))
 
     class Runs(dict):
@@ -65,7 +70,7 @@ def runs(tmp_path_factory):
     return Runs()
 
 
-@pytest.mark.parametrize("a,b", [("graphs", "stock"), ("graphs", "eager")])
+@pytest.mark.parametrize("a,b", [("graphs", "stock"), ("graphs", "eager"), ("pieces", "eager")])
 def test_outputs_equal_or_near_ties(runs, a, b):
     got = compare_runs(runs[a]["outputs"], runs[b]["outputs"])
     print(f"{a} vs {b}: {got['identical']}/{got['requests']} identical, "
