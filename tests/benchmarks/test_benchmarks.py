@@ -20,6 +20,7 @@ from benchmarks import report  # noqa: E402
 from benchmarks.adapter_pool import make_folders  # noqa: E402
 from benchmarks.metrics import percentile, summarize  # noqa: E402
 from benchmarks.run import error_from_log, parse  # noqa: E402
+from benchmarks.step_time import is_lora_kernel, kernel_anatomy  # noqa: E402
 from benchmarks.systems import Config, configs, engine_kwargs, serve_flags  # noqa: E402
 from benchmarks.workload import ATTN, WorkloadSpec, generate, read_trace, write_trace  # noqa: E402
 
@@ -180,6 +181,26 @@ def test_ratios_never_mix_methods():
     assert report.point_ratio(steady, window) == "3.00x"  # tok/s on both sides
     assert report.point_ratio(steady, finished_only) == "0.50x"  # req/s on both sides
     assert report.point_ratio(window, finished_only) == "-"  # nothing comparable
+
+
+def test_step_anatomy_sorts_lora_kernels_and_divides_by_steps():
+    # Ours, stock vLLM's punica ops, and base kernels (GEMM, attention, norm).
+    for name in ("_shrink_kernel", "_expand_kernel", "_group_by_adapter_kernel", "_reduce_kernel",
+                 "_lora_shrink_kernel", "_lora_expand_kernel_fp8"):
+        assert is_lora_kernel(name), name
+    for name in ("nvjet_sm90_hsh_168x64_64x7_2x1_v_bz_TNN", "triton_red_fused_fused_add_rms_norm_2",
+                 "void cutlass::device_kernel<flash::FlashAttnFwdSm90<...>>"):
+        assert not is_lora_kernel(name), name
+    kernels = {"_shrink_kernel": (800.0, 256), "_expand_kernel": (1200.0, 256),
+               "nvjet_gemm": (9000.0, 128), "flash_attn": (3000.0, 64)}
+    a = kernel_anatomy(kernels, steps=2, step_ms=7.5)
+    assert a["gpu_busy_ms"] == pytest.approx(7.0)
+    assert a["lora_ms"] == pytest.approx(1.0)
+    assert a["lora_launches"] == 256
+    assert a["host_gap_ms"] == pytest.approx(0.5)
+    assert [k["kernel"] for k in a["top"]] == ["nvjet_gemm", "flash_attn", "_expand_kernel", "_shrink_kernel"]
+    assert a["top"][0]["ms_per_step"] == pytest.approx(4.5) and a["top"][0]["calls_per_step"] == 64
+    assert kernel_anatomy(kernels, steps=2, step_ms=6.0)["host_gap_ms"] == 0.0  # floored
 
 
 def test_percentile_matches_numpy():
