@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_slora.memory.layout import ADAPTER_FILE, KINDS, PageGeometry, module_widths, split_key
-
-CONFIG_FILE = "adapter_config.json"
+from vllm_slora.memory.layout import (ADAPTER_FILE, CONFIG_FILE, KINDS, PageGeometry, file_version,
+                                      module_widths, split_key)
 
 
 class AdapterError(ValueError):
@@ -82,14 +80,7 @@ def _version(path: str, name: str | None) -> tuple:
     if not folder.is_dir():
         raise AdapterError(name, path, "was not found: no such folder; check the path",
                            not_found=True)
-    out = [str(folder.resolve())]
-    for f in (CONFIG_FILE, ADAPTER_FILE):
-        try:
-            st = os.stat(folder / f)
-            out += [st.st_size, st.st_mtime_ns, st.st_ino]
-        except FileNotFoundError:
-            out += [None]
-    return tuple(out)
+    return (str(folder.resolve()), *file_version(path))
 
 
 # hf_config objects are not hashable: key the cache by the widths and layers.

@@ -136,6 +136,27 @@ def test_paged_layer_equals_dense_lora(tiny_model, adapters, group, kinds, width
     assert torch.equal(got[0], base(x)[0]) and torch.equal(got[4], base(x)[4])
 
 
+def test_adapter_replaced_in_place_is_read_again(tiny_model, tmp_path):
+    """A folder rewritten with another rank: the metadata (what the scheduler
+    budgets) and the host cache's packing (what the worker pages in) both
+    follow the files on disk, never the first read."""
+    from vllm_slora.memory.host_cache import HostCache
+    from vllm_slora.memory.layout import read_adapter_meta
+    from vllm_slora.testing.adapters import make_peft_adapter
+
+    path = str(make_peft_adapter(tmp_path / "a", tiny_model, 4, seed=1))
+    cache = HostCache(make_pager(tiny_model, cpu_attn_kv(2)).geo, 1 << 30, pin=False, workers=1)
+    assert read_adapter_meta(path).rank == 4
+    meta, packed = cache.get(path)
+    assert meta.rank == 4
+    make_peft_adapter(path, tiny_model, 8, seed=2)  # replaced under the same path
+    assert read_adapter_meta(path).rank == 8
+    meta, packed8 = cache.get(path)
+    assert meta.rank == 8 and packed8.shape[1] == 2 * packed.shape[1]
+    assert cache.stats()["disk_reads"] == 2 and cache.stats()["host_bytes"] == packed8.nbytes
+    assert cache.get(path)[0].rank == 8 and cache.stats()["disk_reads"] == 2  # unchanged: a hit
+
+
 def test_host_cache_reads_many_adapters_at_once_as_one_by_one(tiny_model, adapters):
     from vllm_slora.memory.host_cache import HostCache
 

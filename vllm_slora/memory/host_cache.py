@@ -4,7 +4,9 @@ Adapters wait here (pinned memory on CUDA, so copies to the device can be
 asynchronous) until the scheduler pages them in. An entry is a packed adapter
 (``layout.pack_adapter``) read from a PEFT folder with ``safetensors``. Least
 recently used entries are dropped when the budget is exceeded; a dropped
-adapter is simply read from disk again. ``prefetch`` reads folders on
+adapter is simply read from disk again, and so is one whose files changed
+on disk since it was read (``layout.file_version``): a folder replaced in
+place is never served from its old packing. ``prefetch`` reads folders on
 background threads, several at once, so that cold adapters' disk reads
 overlap the current step and each other.
 """
@@ -19,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_slora.memory.layout import ADAPTER_FILE, AdapterMeta, PageGeometry, pack_adapter, read_adapter_meta
+from vllm_slora.memory.layout import (ADAPTER_FILE, AdapterMeta, PageGeometry, file_version,
+                                      pack_adapter, read_adapter_meta)
 
 
 class HostCache:
@@ -47,6 +50,9 @@ class HostCache:
         """
         with self.lock:
             entry = self.entries.get(path)
+            if entry is not None and entry[0].version != file_version(path):
+                self.bytes -= self.entries.pop(path)[1].nbytes  # replaced on disk: stale
+                entry = None
             if entry is not None:
                 self.entries.move_to_end(path)
                 if _count:
@@ -95,9 +101,11 @@ class HostCache:
         entry = (meta, packed)
         with self.lock:
             self.counters["disk_reads"] += 1
-            if path not in self.entries:
-                self.entries[path] = entry
-                self.bytes += packed.nbytes
+            old = self.entries.pop(path, None)
+            if old is not None:
+                self.bytes -= old[1].nbytes
+            self.entries[path] = entry
+            self.bytes += packed.nbytes
             self._shrink(keep=path)
         return entry
 

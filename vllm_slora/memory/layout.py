@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ GROUPS = {"qkv_proj": PACKED["qkv_proj"], "o_proj": ("o_proj",),
 COLUMN_PARALLEL = frozenset(PACKED["qkv_proj"] + PACKED["gate_up_proj"])
 MAX_PAGE_WIDTH = 256
 ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
 _KEY = re.compile(r"layers\.(\d+)\.(?:[\w.]+\.)?(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 
 
@@ -155,6 +157,7 @@ class AdapterMeta:
     rank: int
     kinds: tuple[str, ...]  # module kinds the adapter has, in KINDS order
     scale: float  # lora_alpha / r (or / sqrt(r) with rslora)
+    version: tuple = ()  # file_version of the folder when it was read
 
     def offsets(self, geo: PageGeometry) -> dict[str, tuple[int, int]]:
         """Row offset of each kind's A vectors and B vectors in the packed adapter."""
@@ -176,13 +179,32 @@ def split_key(key: str) -> tuple[int, str, str] | None:
     return (int(m.group(1)), m.group(2), m.group(3)) if m else None
 
 
-@functools.lru_cache(maxsize=65536)
+def file_version(path: str) -> tuple:
+    """(size, mtime_ns, inode) of an adapter folder's two files, None for a
+    missing one: a folder rewritten or replaced in place gets a new version."""
+    out = []
+    for name in (CONFIG_FILE, ADAPTER_FILE):
+        try:
+            st = os.stat(Path(path) / name)
+            out.append((st.st_size, st.st_mtime_ns, st.st_ino))
+        except FileNotFoundError:
+            out.append(None)
+    return tuple(out)
+
+
 def read_adapter_meta(path: str) -> AdapterMeta:
-    """Rank, module kinds and scale of a PEFT folder (reads only headers)."""
+    """Rank, module kinds and scale of a PEFT folder (reads only headers),
+    cached per file version: an adapter replaced on disk is read again, so
+    every part of the engine budgets and packs the files as they are now."""
+    return _read_adapter_meta(str(path), file_version(path))
+
+
+@functools.lru_cache(maxsize=65536)
+def _read_adapter_meta(path: str, version: tuple) -> AdapterMeta:
     from safetensors import safe_open
 
     folder = Path(path)
-    cfg_file, weights = folder / "adapter_config.json", folder / ADAPTER_FILE
+    cfg_file, weights = folder / CONFIG_FILE, folder / ADAPTER_FILE
     if not cfg_file.exists() or not weights.exists():
         raise FileNotFoundError(f"adapter folder '{path}' needs adapter_config.json and "
                                 f"{ADAPTER_FILE} (save it with PEFT's save_pretrained)")
@@ -215,7 +237,8 @@ def read_adapter_meta(path: str) -> AdapterMeta:
     alpha = cfg.get("lora_alpha", rank)
     scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     return AdapterMeta(path=str(path), rank=rank,
-                       kinds=tuple(k for k in KINDS if k in kinds), scale=float(scale))
+                       kinds=tuple(k for k in KINDS if k in kinds), scale=float(scale),
+                       version=version)
 
 
 def pack_adapter(meta: AdapterMeta, geo: PageGeometry, tensors: dict) -> torch.Tensor:
