@@ -121,6 +121,40 @@ def test_cached_adapters_are_evicted_lru_before_no_room(tiny_model, adapters):
     assert pool.counters["reloads"] == 1
 
 
+def test_no_eviction_for_a_request_that_cannot_fit_anyway(tiny_model, adapters):
+    # Two cached adapters (4 + 2 blocks), 5 blocks free. A request needing 12
+    # blocks cannot fit even with the cache emptied: the cache is kept (no
+    # thrash, step after step). One needing 8 evicts just the LRU adapter.
+    manager = make_manager(12, tiny_model)
+    pool = manager.adapters
+    for i, lora_id in ((0, 1), (3, 2)):
+        req = make_request(f"r{lora_id}", adapters[i], lora_id)
+        assert manager.allocate_slots(req, 10) is not None
+        manager.free(req)
+    assert manager.block_pool.get_num_free_blocks() == 5 and pool.evictable_blocks() == 6
+    too_big = make_request("big", None, 0, tokens=16 * 12)
+    for _ in range(3):  # the scheduler retries every step
+        assert manager.blocks_required(too_big, 16 * 12) == 12
+        assert manager.allocate_slots(too_big, 16 * 12) is None
+    assert pool.counters["evictions"] == 0 and set(pool.resident) == {1, 2}
+    assert pool.counters["evictions_spared"] == 3
+    fits = make_request("fits", None, 0, tokens=16 * 8)
+    assert manager.blocks_required(fits, 16 * 8) == 8
+    blocks = manager.allocate_slots(fits, 16 * 8)
+    assert blocks is not None and len(blocks.get_block_ids()[0]) == 8
+    assert pool.counters["evictions"] == 1 and set(pool.resident) == {2}
+
+
+def test_blocks_required_is_what_stock_allocates(tiny_model):
+    manager = make_manager(64, tiny_model)
+    req = make_request("r", None, 0, tokens=40)
+    for new_tokens, computed in ((40, 0), (1, 40), (16, 41), (100, 57)):
+        req.num_computed_tokens = computed
+        want = manager.blocks_required(req, new_tokens)
+        blocks = manager.allocate_slots(req, new_tokens)
+        assert blocks is not None and len(blocks.get_block_ids()[0]) == want, (new_tokens, computed)
+
+
 def test_referenced_adapters_are_never_evicted(tiny_model, adapters):
     manager = make_manager(12, tiny_model)
     user = make_request("user", adapters[0], 1)  # 1 KV block + 4 adapter blocks

@@ -5,8 +5,12 @@ only if its adapter's missing blocks fit beside them (stock ``allocate_slots``
 with ``reserved_blocks`` raised by that many), and then takes the adapter's
 blocks. Pressure: whenever stock ``allocate_slots`` says no (admission or a
 running request's growth) the least recently used unreferenced adapter is
-evicted and the call retried; only when none is left does ``None`` reach the
-scheduler, which then preempts or waits exactly as stock.
+evicted and the call retried, but only if evicting every cached adapter
+would make the request fit (``blocks_required``: the blocks stock asks for,
+computed as stock does); otherwise ``None`` reaches the scheduler at once,
+which then preempts or waits exactly as stock, and the cache keeps its
+adapters (no thrash: a request that cannot fit does not empty the cache
+step after step).
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ import inspect
 
 from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.kv_cache_interface import AttentionSpec
+from vllm.v1.request import RequestStatus
 
 from vllm_slora.config import slora_config
 from vllm_slora.memory.layout import PageGeometry
 from vllm_slora.memory.pool import AdapterPool, SeparateRegion
 
-if "reserved_blocks" not in inspect.signature(KVCacheManager.allocate_slots).parameters:
+_ALLOCATE = inspect.signature(KVCacheManager.allocate_slots)
+if "reserved_blocks" not in _ALLOCATE.parameters:
     raise ImportError("vllm_slora needs KVCacheManager.allocate_slots(..., reserved_blocks=...) "
                       "of vLLM 0.26")
 
@@ -51,16 +57,17 @@ class PagedKVCacheManager(KVCacheManager):
         stock = functools.partial(super().allocate_slots, request, *args, **kwargs)
         if pool is None:
             return stock(reserved_blocks=reserved_blocks)
+        required = functools.partial(self.blocks_required, request, *args, **kwargs)
         if lora is None or lora.lora_int_id <= 0 or pool.holds(request.request_id):
-            return self._allocate_evicting(stock, reserved_blocks, lambda: 0)
+            return self._allocate_evicting(stock, reserved_blocks, lambda: 0, required)
         lora_id, path = lora.lora_int_id, lora.lora_path
         pool.pin(lora_id)  # a resident adapter must survive its own request's admission
         try:
             if pool.unified:
                 blocks = self._allocate_evicting(stock, reserved_blocks,
-                                                 lambda: pool.blocks_missing(lora_id, path))
+                                                 lambda: pool.blocks_missing(lora_id, path), required)
             elif self._room_in_region(lora_id, path):
-                blocks = self._allocate_evicting(stock, reserved_blocks, lambda: 0)
+                blocks = self._allocate_evicting(stock, reserved_blocks, lambda: 0, required)
             else:
                 blocks = None
             if blocks is not None:
@@ -69,13 +76,48 @@ class PagedKVCacheManager(KVCacheManager):
         finally:
             pool.unpin(lora_id)
 
-    def _allocate_evicting(self, stock, reserved: int, adapter_blocks):
+    def _allocate_evicting(self, stock, reserved: int, adapter_blocks, required):
         """Stock ``allocate_slots`` leaving ``adapter_blocks()`` free for the
-        adapter; while it says no, evict the LRU cached adapter and retry."""
-        while True:
+        adapter; while it says no, evict the LRU cached adapter and retry, if
+        evicting them all would make ``required()`` blocks fit."""
+        pool = self.adapters
+        blocks = stock(reserved_blocks=reserved + adapter_blocks())
+        if blocks is not None or not pool.unified or not pool.evictable_blocks():
+            return blocks
+        need = required()
+        if need is not None and (need + reserved + adapter_blocks()
+                                 > self.block_pool.get_num_free_blocks() + pool.evictable_blocks()):
+            pool.counters["evictions_spared"] += 1  # it cannot fit: keep the cache
+            return None
+        while pool.evict_one():
             blocks = stock(reserved_blocks=reserved + adapter_blocks())
-            if blocks is not None or not self.adapters.unified or not self.adapters.evict_one():
+            if blocks is not None:
                 return blocks
+        return None
+
+    def blocks_required(self, request, *args, **kwargs) -> int | None:
+        """The free blocks stock ``allocate_slots(request, *args, **kwargs)``
+        asks for (new blocks plus the admission watermark), computed as vLLM
+        0.26 computes them; None if this vLLM's internals differ."""
+        try:
+            a = _ALLOCATE.bind(self, request, *args, **kwargs)
+            a.apply_defaults()
+            a = a.arguments
+            computed = a["new_computed_blocks"]
+            computed = (self.empty_kv_cache_blocks if computed is None else computed).blocks
+            local = request.num_computed_tokens + a["num_new_computed_tokens"]
+            total = min(local + a["num_external_computed_tokens"], self.max_model_len)
+            main = total + a["num_new_tokens"]
+            need = self.coordinator.get_num_blocks_to_allocate(
+                request_id=request.request_id,
+                num_tokens=min(main + a["num_lookahead_tokens"], self.max_model_len),
+                new_computed_blocks=computed, num_encoder_tokens=a["num_encoder_tokens"],
+                total_computed_tokens=local + a["num_external_computed_tokens"],
+                num_local_computed_tokens=local, num_tokens_main_model=main)
+        except (AttributeError, KeyError, TypeError):
+            return None
+        waiting = request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+        return need + (self.watermark_blocks if a["has_scheduled_reqs"] and waiting else 0)
 
     def _room_in_region(self, lora_id: int, path: str) -> bool:
         pool = self.adapters

@@ -73,8 +73,8 @@ class AdapterPool:
         self.ever_evicted: set[int] = set()
         self.seen: set[int] = set()
         self.events: list[Load | Evict] = []
-        self.counters = dict(loads=0, loaded_ahead=0, evictions=0, reloads=0, peak_adapters=0,
-                             peak_blocks=0, max_distinct_in_step=0)
+        self.counters = dict(loads=0, loaded_ahead=0, evictions=0, evictions_spared=0, reloads=0,
+                             peak_adapters=0, peak_blocks=0, max_distinct_in_step=0)
 
     # -- queries ---------------------------------------------------------
     def blocks_for(self, path: str) -> int:
@@ -94,6 +94,10 @@ class AdapterPool:
     def blocks_missing(self, lora_id: int, path: str) -> int:
         """Blocks still to take before ``lora_id`` is resident."""
         return 0 if lora_id in self.resident else self.blocks_for(path)
+
+    def evictable_blocks(self) -> int:
+        """Blocks of cached adapters no request uses and nobody pinned."""
+        return sum(len(self.resident[i].blocks) for i in self.unreferenced if i not in self.pinned)
 
     @property
     def resident_blocks(self) -> int:
@@ -126,14 +130,15 @@ class AdapterPool:
         for lora_id in wanted:
             self.pin(lora_id)
         try:
-            room = self.block_pool.get_num_free_blocks() + sum(
-                len(self.resident[i].blocks) for i in self.unreferenced if i not in self.pinned)
+            room = self.block_pool.get_num_free_blocks() + self.evictable_blocks()
             for lora_id, path in upcoming:
                 need = self.blocks_for(path)
                 if lora_id in self.resident or room - need < keep_free:
                     continue
-                while self.block_pool.get_num_free_blocks() < need:
-                    self.evict_one()
+                while self.block_pool.get_num_free_blocks() < need and self.evict_one():
+                    pass
+                if self.block_pool.get_num_free_blocks() < need:
+                    break
                 self._page_in(lora_id, path)
                 self.unreferenced[lora_id] = None
                 self.counters["loaded_ahead"] += 1
