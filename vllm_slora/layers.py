@@ -7,7 +7,11 @@ the vector tables from that model layer's pool. It owns no weights: there is
 no ``max_loras x max_rank`` tensor anywhere.
 
 The LoRA part runs as the custom op ``torch.ops.vllm.slora_paged_lora`` so
-that torch.compile treats it as opaque. Its per-step metadata are static
+that torch.compile treats it as opaque. The op finds its layer by name in
+the engine's forward context (``static_forward_context``, as vLLM's
+attention and its own LoRA layers do), so two engines of one model in one
+process each run their own layers; a name alone, baked into a compiled
+graph, cannot tell them apart. Its per-step metadata are static
 buffers of the pager (``memory/step.py``), so CUDA graphs capture it: in
 full graphs (uniform decode) and in piecewise ones (mixed batches) alike.
 
@@ -31,12 +35,18 @@ from torch import nn
 from vllm_slora.kernels import batch_meta, paged_lora, paged_lora_expand, paged_lora_shrink
 from vllm_slora.memory.layout import COLUMN_PARALLEL, GROUPS
 
+# Layers by name, for calls outside an engine's forward (no forward context:
+# unit tests); inside one, the engine's own registration wins.
 _LAYERS: dict[str, "PagedLoRALinear"] = {}
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+# Suffix of the layers' keys in vLLM's static forward context (beside the
+# base layer's own prefix, like vLLM's ".lora_linear_async").
+CONTEXT_SUFFIX = ".paged_lora"
 
 
 class PagedLoRALinear(nn.Module):
-    def __init__(self, base_layer: nn.Module, name: str, group: str, pager):
+    def __init__(self, base_layer: nn.Module, name: str, group: str, pager,
+                 context: dict | None = None):
         super().__init__()
         m = _LAYER_INDEX.search(f".{name}")
         if m is None:
@@ -53,6 +63,10 @@ class PagedLoRALinear(nn.Module):
         if self.tp_size > 1 and self.row_parallel and not base_layer.reduce_results:
             raise ValueError(f"vllm_slora: '{name}' does not all-reduce its output; "
                              f"the LoRA output has nowhere to join it")
+        if context is not None:  # the engine's static_forward_context
+            if name + CONTEXT_SUFFIX in context:
+                raise ValueError(f"vllm_slora: duplicate layer name '{name}{CONTEXT_SUFFIX}'")
+            context[name + CONTEXT_SUFFIX] = self
         _LAYERS[name] = self
 
     def forward(self, x: torch.Tensor):
@@ -145,7 +159,18 @@ class PagedLoRALinear(nn.Module):
 
 
 def _slora_paged_lora(x: torch.Tensor, y: torch.Tensor, layer_name: str) -> None:
-    _LAYERS[layer_name].apply_lora(x, y)
+    layer_of(layer_name).apply_lora(x, y)
+
+
+def layer_of(name: str) -> "PagedLoRALinear":
+    """The layer ``name`` of the engine whose forward is running."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if is_forward_context_available():
+        layer = get_forward_context().no_compile_layers.get(name + CONTEXT_SUFFIX)
+        if layer is not None:
+            return layer
+    return _LAYERS[name]
 
 
 def _slora_paged_lora_fake(x: torch.Tensor, y: torch.Tensor, layer_name: str) -> None:
