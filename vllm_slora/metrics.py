@@ -14,12 +14,16 @@ process. How they get there, chosen from vLLM 0.26's source:
   when it is imported, before any plugin runs, so the plugin cannot turn it on.
 
 So each engine process writes a small snapshot (JSON, atomic rename) of its
-counters to ``$VLLM_SLORA_METRICS_DIR/<pid>.json`` whenever they change (once
-per scheduler step at most), and the API process registers a custom collector
-(``SLoraCollector``) on the registry vLLM's ``/metrics`` uses
-(``patches/vllm_entrypoints_serve_instrumentator_metrics.py``); it reads and
-sums the snapshots at scrape time. The API process makes the directory at
-start-up and its engine processes inherit the variable.
+counters to ``$VLLM_SLORA_METRICS_DIR/<pid>.json`` when they change, at most
+once per ``FLUSH_INTERVAL_S`` (a background thread writes what changed since:
+the engine loop does not write a file every step), and the API process
+registers a custom collector (``SLoraCollector``) on the registry vLLM's
+``/metrics`` uses (``patches/vllm_entrypoints_serve_instrumentator_metrics.py``);
+it reads the snapshots at scrape time. Scheduler figures are summed over
+engine processes; worker figures (host cache, load times) are taken from
+tensor-parallel rank 0 only, since every rank pages in its shard of the
+same adapters (a sum would count each load P times). The API process makes
+the directory at start-up and its engine processes inherit the variable.
 
 Metrics (prefix ``vllm_slora:``, next to vLLM's ``vllm:``): gauges
 ``adapters_resident``, ``adapter_blocks_resident``, ``adapter_pages_resident``
@@ -34,16 +38,20 @@ copy stream on CUDA).
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import json
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 ENV_DIR = "VLLM_SLORA_METRICS_DIR"
 PREFIX = "vllm_slora:"
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# A snapshot is at most this old (seconds) while its process lives.
+FLUSH_INTERVAL_S = 0.1
 
 # (name, kind, help, source section, source key)
 GAUGES = [
@@ -66,8 +74,10 @@ COUNTERS = [
 ]
 
 _state: dict = {"scheduler": {}, "worker": {}, "load_seconds": [0] * (len(LOAD_BUCKETS) + 1),
-                "load_seconds_sum": 0.0}
+                "load_seconds_sum": 0.0, "tp_rank": 0}
 _written: str | None = None
+_lock = threading.Lock()
+_flusher: dict = {"thread": None, "dirty": False, "last": 0.0}
 
 
 def ensure_dir() -> None:
@@ -78,22 +88,51 @@ def ensure_dir() -> None:
         os.environ[ENV_DIR] = tmp.name
 
 
+def set_tp_rank(rank: int) -> None:
+    """This process's tensor-parallel rank (worker figures count on rank 0)."""
+    _state["tp_rank"] = int(rank)
+
+
 def record(section: str, stats: dict) -> None:
-    _state[section] = stats
-    flush()
+    with _lock:
+        _state[section] = dict(stats)  # a copy: the caller's dict keeps changing
+    _changed()
 
 
 def observe_load(seconds: float) -> None:
-    _state["load_seconds"][bisect.bisect_left(LOAD_BUCKETS, seconds)] += 1
-    _state["load_seconds_sum"] += seconds
+    with _lock:
+        _state["load_seconds"][bisect.bisect_left(LOAD_BUCKETS, seconds)] += 1
+        _state["load_seconds_sum"] += seconds
+
+
+def _changed() -> None:
+    """Write now if the last write is FLUSH_INTERVAL_S old, else leave it to
+    the background flusher."""
+    _flusher["dirty"] = True
+    if time.monotonic() - _flusher["last"] >= FLUSH_INTERVAL_S:
+        flush()
+    elif _flusher["thread"] is None:
+        thread = threading.Thread(target=_flush_loop, name="slora-metrics", daemon=True)
+        _flusher["thread"] = thread
+        thread.start()
+        atexit.register(flush)
+
+
+def _flush_loop() -> None:
+    while True:
+        time.sleep(FLUSH_INTERVAL_S)
+        if _flusher["dirty"]:
+            flush()
 
 
 def flush() -> None:
     global _written
     folder = os.environ.get(ENV_DIR)
+    _flusher["dirty"], _flusher["last"] = False, time.monotonic()
     if not folder:
         return
-    text = json.dumps(_state, sort_keys=True, default=float)
+    with _lock:
+        text = json.dumps(_state, sort_keys=True, default=float)
     if text == _written:
         return
     path = Path(folder) / f"{os.getpid()}.json"
@@ -119,22 +158,25 @@ def read_snapshots(folder: str | None = None) -> list[dict]:
 
 
 class SLoraCollector:
-    """prometheus_client collector summing the engine processes' snapshots."""
+    """prometheus_client collector of the engine processes' snapshots:
+    scheduler figures summed, worker figures of TP rank 0."""
 
     def collect(self):
         from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                             HistogramMetricFamily)
 
         snaps = read_snapshots()
+        rank0 = [s for s in snaps if s.get("tp_rank", 0) == 0]
 
         def total(section, key):
-            return float(sum(s.get(section, {}).get(key, 0) or 0 for s in snaps))
+            of = rank0 if section == "worker" else snaps
+            return float(sum(s.get(section, {}).get(key, 0) or 0 for s in of))
 
         for name, help_, section, key in GAUGES:
             yield GaugeMetricFamily(PREFIX + name, help_, value=total(section, key))
         for name, help_, section, key in COUNTERS:
             yield CounterMetricFamily(PREFIX + name, help_, value=total(section, key))
-        counts = [sum(s["load_seconds"][i] for s in snaps if "load_seconds" in s)
+        counts = [sum(s["load_seconds"][i] for s in rank0 if "load_seconds" in s)
                   for i in range(len(LOAD_BUCKETS) + 1)]
         buckets, acc = [], 0
         for bound, n in zip([*map(str, LOAD_BUCKETS), "+Inf"], counts):
@@ -142,7 +184,7 @@ class SLoraCollector:
             buckets.append((bound, acc))
         yield HistogramMetricFamily(
             PREFIX + "adapter_load_seconds", "worker time to page one adapter in",
-            buckets=buckets, sum_value=sum(s.get("load_seconds_sum", 0.0) for s in snaps))
+            buckets=buckets, sum_value=sum(s.get("load_seconds_sum", 0.0) for s in rank0))
 
     def describe(self):
         return []  # collected lazily: names are only known at scrape time

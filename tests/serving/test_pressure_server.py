@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import urllib.request
 
 import httpx
 import pytest
 
 from benchmarks.load_test import Server, make_requests, run_load, stream_completion, verdict
+from vllm_slora.metrics import FLUSH_INTERVAL_S
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +37,9 @@ PROMPT_LO, PROMPT_HI = 100, 120  # + 40 output tokens: every request crosses one
 
 
 def scrape(base: str) -> dict[str, float]:
-    """``/metrics`` -> {metric name: value summed over label sets}."""
+    """``/metrics`` -> {metric name: value summed over label sets}, once the
+    engine's last snapshot has landed (written at most FLUSH_INTERVAL_S late)."""
+    time.sleep(3 * FLUSH_INTERVAL_S)
     with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
         text = r.read().decode()
     values: dict[str, float] = {}

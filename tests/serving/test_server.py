@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 import urllib.request
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import pytest
 
 from benchmarks.load_test import (TIE_THRESHOLD, Server, classify_mismatch, make_requests,
                                   reference_runs, run_load, stream_completion, verdict)
+from vllm_slora.metrics import FLUSH_INTERVAL_S
 
 pytestmark = pytest.mark.slow
 
@@ -254,6 +256,7 @@ def test_load_100_streams_50_adapters_then_metrics(setup):
             assert len(s) == len(o) == 2 and max(s, key=s.get) == tok, (s, o)
             assert abs(s[tok] - o[tok]) < 1e-3, (s, o)
 
+    time.sleep(3 * FLUSH_INTERVAL_S)  # the engine's last snapshot has landed
     with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
         text = r.read().decode()
     values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()

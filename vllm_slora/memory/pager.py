@@ -83,6 +83,7 @@ class Pager:
                  host_budget_bytes: int, tp_size: int = 1, tp_rank: int = 0):
         self.hf_config = hf_config
         self.tp_size, self.tp_rank = tp_size, tp_rank
+        metrics.set_tp_rank(tp_rank)
         self.dtype = dtype
         self.device = device
         self.host_budget_bytes = host_budget_bytes
