@@ -20,6 +20,7 @@ CLI_PATCHES = ["vllm_engine_arg_utils"]
 # Applied in every process when S-LoRA mode is on.
 MODE_PATCHES: list[str] = [
     "vllm_v1_core_sched_scheduler",
+    "vllm_v1_core_kv_cache_utils",
     "vllm_v1_worker_lora_model_runner_mixin",
     "vllm_v1_worker_gpu_worker",
     "vllm_v1_engine_input_processor",
