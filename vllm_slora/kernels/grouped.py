@@ -81,7 +81,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_slora.kernels.mbgmv import MAX_SLICES, check_pool, pick, slice_tables
+from vllm_slora.kernels.mbgmv import MAX_SLICES, check_pool, load_b_tile, pick, slice_tables
 
 PER_TOKEN, SEGMENTS, ADAPTERS = 0, 1, 2
 # Decode batches up to this many tokens skip the grouping launch (their
@@ -522,16 +522,8 @@ def _expand_item(v_ptr, pool_ptr, y_ptr, rows0_ptr, rows1_ptr, rows2_ptr, lora_s
         for j0 in range(0, rank, BR):
             offs_r = j0 + tl.arange(0, BR)
             mask_r = offs_r < rank
-            page = tl.load(
-                rows_ptr + (start + offs_r).to(tl.int64) * rows_stride + col // D,
-                mask=mask_r,
-                other=0,
-            ).to(tl.int64)
-            b = tl.load(
-                pool_ptr + page[:, None] * pool_stride + in_page[None, :],
-                mask=mask_r[:, None],
-                other=0.0,
-            )
+            b = load_b_tile(pool_ptr, rows_ptr, start, offs_r, mask_r, rows_stride, col, in_page,
+                            pool_stride, D)
             # v past the rank may be stale or NaN (0 * NaN = NaN): it is loaded
             # (whole rows, vectorised) but zeroed. It is rounded to the weights'
             # dtype for the tensor cores, as punica and vLLM do.
@@ -918,7 +910,7 @@ def shrink(x, pool, tables, lora_start, lora_rank, token_lora, out, segments=Non
     _check_tables(tables)
     t, k = x.shape
     s, r_max = len(tables), out.shape[-1]
-    if t == 0:
+    if t == 0 or lora_start.shape[0] == 0:  # nothing to add (the kernels read slot 0 of L)
         return
     assert x.stride(1) == 1 and out.stride(2) == 1 and k % d == 0
     groups = make_groups(token_lora, lora_start.shape[0], segments, meta)
@@ -939,7 +931,7 @@ def expand(v, pool, tables, lora_start, lora_rank, lora_scale, token_lora, y, se
     t = y.shape[0]
     s, r_max = len(tables), v.shape[-1]
     assert sum(_widths(tables, d)) == y.shape[1], "y width != sum of slice widths"
-    if t == 0:
+    if t == 0 or lora_start.shape[0] == 0:  # nothing to add (the kernels read slot 0 of L)
         return
     assert y.stride(1) == 1 and v.stride(2) == 1
     groups = make_groups(token_lora, lora_start.shape[0], segments, meta)
@@ -977,7 +969,7 @@ def lora(x, y, pool, a_tables, b_tables, lora_start, lora_rank, lora_scale, toke
     if len(b_tables) != s:
         raise ValueError("a_rows and b_rows have different numbers of slices")
     assert sum(_widths(b_tables, d)) == y.shape[1], "y width != sum of slice widths"
-    if t == 0:
+    if t == 0 or lora_start.shape[0] == 0:  # nothing to add (the kernels read slot 0 of L)
         return
     assert x.stride(1) == 1 and y.stride(1) == 1 and k % d == 0
     r_max = max(int(max_rank), 1)

@@ -108,6 +108,24 @@ def _mbgmv_shrink_kernel(
 
 
 @triton.jit
+def load_b_tile(pool_ptr, rows_ptr, start, offs_r, mask_r, rows_stride, col, in_page, pool_stride,
+                D: tl.constexpr):
+    """B tile [rank-vectors offs_r, columns col + in_page - col % D]: each
+    rank-vector's page of column block col, looked up in its vector table
+    (rows past the rank masked to zero)."""
+    page = tl.load(
+        rows_ptr + (start + offs_r).to(tl.int64) * rows_stride + col // D,
+        mask=mask_r,
+        other=0,
+    ).to(tl.int64)
+    return tl.load(
+        pool_ptr + page[:, None] * pool_stride + in_page[None, :],
+        mask=mask_r[:, None],
+        other=0.0,
+    )
+
+
+@triton.jit
 def _mbgmv_expand_kernel(
     v_ptr,  # fp32 [S, T, R_MAX]
     pool_ptr,  # [num_rows, D]
@@ -155,16 +173,8 @@ def _mbgmv_expand_kernel(
     for j0 in range(0, rank, BLOCK_R):
         offs_r = j0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < rank
-        page = tl.load(
-            rows_ptr + (start + offs_r).to(tl.int64) * rows_stride + col // D,
-            mask=mask_r,
-            other=0,
-        ).to(tl.int64)
-        b = tl.load(
-            pool_ptr + page[:, None] * pool_stride + in_page[None, :],
-            mask=mask_r[:, None],
-            other=0.0,
-        )
+        b = load_b_tile(pool_ptr, rows_ptr, start, offs_r, mask_r, rows_stride, col, in_page,
+                        pool_stride, D)
         # Masked: v past the rank is never read (it may be stale or NaN).
         vv = tl.load(v_row + offs_r, mask=mask_r, other=0.0)
         acc += b.to(tl.float32) * vv[:, None]
