@@ -29,14 +29,15 @@ TARGET = "vllm.v1.core.kv_cache_utils"
 def lora_extra_hash_keys(request) -> list[str]:
     """Once per request (vLLM asks per block): the files are read as of its
     arrival, as the rest of the engine reads them."""
+    lora = request.lora_request
+    if not lora:
+        return []
     keys = getattr(request, "_slora_lora_keys", None)
     if keys is None:
         from vllm_slora.memory.layout import file_version
 
-        lora = request.lora_request
-        path = (lora.lora_path or "") if lora else ""
-        keys = [lora.lora_name, str(lora.lora_int_id),
-                f"{path}@{file_version(path) if path else ''}"] if lora else []
+        path = lora.lora_path or ""
+        keys = [lora.lora_name, str(lora.lora_int_id), f"{path}@{file_version(path) if path else ''}"]
         request._slora_lora_keys = keys
     return keys
 

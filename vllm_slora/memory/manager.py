@@ -82,11 +82,12 @@ class PagedKVCacheManager(KVCacheManager):
         evicting them all would make ``required()`` blocks fit."""
         pool = self.adapters
         blocks = stock(reserved_blocks=reserved + adapter_blocks())
-        if blocks is not None or not pool.unified or not pool.evictable_blocks():
+        evictable = pool.evictable_blocks() if blocks is None and pool.unified else 0
+        if not evictable:
             return blocks
         need = required()
         if need is not None and (need + reserved + adapter_blocks()
-                                 > self.block_pool.get_num_free_blocks() + pool.evictable_blocks()):
+                                 > self.block_pool.get_num_free_blocks() + evictable):
             pool.counters["evictions_spared"] += 1  # it cannot fit: keep the cache
             return None
         while pool.evict_one():
