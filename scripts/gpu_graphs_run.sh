@@ -8,6 +8,10 @@
 #             itself eager (tests/gpu; GPU_K selects, pytest -k), and the
 #             kernel tests of the grouping (KERNEL_K selects, KERNEL_S limits,
 #             KERNEL_TESTS=0 skips them)
+#   KTESTS=.. kernel tests first (pytest -k expression over tests/kernels;
+#             KTESTS_S limits), e.g. "graph_replay"
+#   DIAG=...  variants of scripts/gpu_parity_diag.py (DIAG_S limits), e.g.
+#             "graphs,graphs-nopdl,eager"
 #   BENCH=... arguments for `python -m benchmarks.run` (the headline workload
 #             with CUDA graphs on), e.g. "--systems base,slora,stock --n 5,1000"
 set -u
@@ -19,6 +23,18 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
 # default is between-pieces until the GPU parity test passes captured).
 export VLLM_SLORA_CUDAGRAPH=${VLLM_SLORA_CUDAGRAPH:-captured}
 SECONDS=0
+if [ -n "${KTESTS:-}" ]; then
+  timeout "${KTESTS_S:-150}" python3 -m pytest -q -rs tests/kernels -k "$KTESTS" \
+    > $O/pytest-ktests.txt 2>&1
+  echo "kernel tests rc=$? ${SECONDS}s" | tee -a $O/steps.txt
+  tail -3 $O/pytest-ktests.txt
+fi
+if [ -n "${DIAG:-}" ]; then
+  timeout "${DIAG_S:-450}" python3 scripts/gpu_parity_diag.py $O/diag --only "$DIAG" \
+    --deadline-s "$(( ${DIAG_S:-450} - 15 ))" > $O/diag.txt 2>&1
+  echo "diag rc=$? ${SECONDS}s" | tee -a $O/steps.txt
+  cat $O/diag/diag.json
+fi
 if [ -n "${STEPS:-}" ]; then  # decode step time at fixed batches, e.g. "--systems base,stock,slora"
   timeout "${STEPS_S:-420}" python3 -m benchmarks.step_time $STEPS --out $O/results/step-time.json \
     > $O/step-time.txt 2>&1
