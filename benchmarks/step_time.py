@@ -117,6 +117,7 @@ def measure(spec: dict) -> dict:
             if spec.get("profile"):
                 case["anatomy"] = profile_steps(engine, spec["profile"], case["median_ms"])
             out["cases"].append(case)
+            Path(spec["out"]).write_text(json.dumps(out))  # a timeout keeps the cases done
             engine.abort_request(ids, internal=True)
             while engine.has_unfinished_requests():
                 engine.step()

@@ -1,11 +1,10 @@
 """Patch of ``vllm.config.compilation`` (vLLM 0.26.0): paged LoRA between CUDA-graph pieces.
 
 The paged LoRA layers read their per-step metadata from static buffers
-(``vllm_slora/memory/step.py``), so vLLM can capture them in its own CUDA
-graphs, full and piecewise, as it captures stock LoRA
-(``VLLM_SLORA_CUDAGRAPH=captured``: this patch then changes nothing). Until
-the GPU parity test passes in that mode (it failed on 2026-12-02, see
-``vllm_slora/config.py``), the default is ``between-pieces``: the op runs
+(``vllm_slora/memory/step.py``), so vLLM captures them in its own CUDA
+graphs, full and piecewise, as it captures stock LoRA: that is the default
+(``VLLM_SLORA_CUDAGRAPH=captured``), and this patch then changes nothing.
+``between-pieces`` is kept as a setting, for comparison: the op runs
 between graph pieces, as attention does.
 
 Why: vLLM runs attention, whose metadata also changes every step, outside
@@ -22,8 +21,7 @@ off, with a warning.
 
 Guard: vLLM 0.26.x; ``CompilationConfig.set_splitting_ops_for_v1``,
 ``CompilationMode.VLLM_COMPILE``, ``CUDAGraphMode.PIECEWISE``. Goes away
-(or becomes the comparison setting) once ``captured`` passes the GPU parity
-test and is the default.
+with the comparison setting.
 """
 
 from __future__ import annotations

@@ -19,8 +19,7 @@ source .gpu/activate.sh
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 O=/tmp/o; mkdir -p $O/results && nvidia-smi -L > $O/gpus.txt
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
-# The op inside vLLM's graphs unless the caller says otherwise (the plugin's
-# default is between-pieces until the GPU parity test passes captured).
+# The op inside vLLM's graphs (the plugin's default) unless the caller says otherwise.
 export VLLM_SLORA_CUDAGRAPH=${VLLM_SLORA_CUDAGRAPH:-captured}
 SECONDS=0
 if [ -n "${KTESTS:-}" ]; then
@@ -39,6 +38,7 @@ if [ -n "${STEPS:-}" ]; then  # decode step time at fixed batches, e.g. "--syste
   timeout "${STEPS_S:-420}" python3 -m benchmarks.step_time $STEPS --out $O/results/step-time.json \
     > $O/step-time.txt 2>&1
   echo "step time rc=$? ${SECONDS}s" | tee -a $O/steps.txt
+  mkdir -p $O/step-children && cp /tmp/slora-steps/*.json $O/step-children/ 2>/dev/null
 fi
 if [ "${TESTS:-1}" = 1 ]; then
   timeout "${TESTS_S:-$((${CALL_S:-570} - SECONDS))}" python3 -m pytest -q -rs -s tests/gpu ${GPU_K:+-k "$GPU_K"} \

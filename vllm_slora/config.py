@@ -40,12 +40,12 @@ class SLoraConfig:
     separate_fraction: float = 0.25
     # "captured": the paged LoRA op inside vLLM's CUDA graphs (full and
     # piecewise); "between-pieces": run between piecewise graphs, full graphs
-    # off (VLLM_SLORA_CUDAGRAPH). The default stays "between-pieces" until
-    # the GPU parity test passes with "captured": on 2026-12-02 the tiny
-    # fp16 model died there (out-of-vocabulary ids after NaN logits) while
-    # between-pieces matched the plugin eager (90/96 identical, no clear
-    # difference; benchmarks/results/graphs-parity-diag-h200.json).
-    cudagraph: str = "between-pieces"
+    # off (VLLM_SLORA_CUDAGRAPH), kept for comparison. "captured" passed
+    # the GPU parity workload on 2026-12-02 (89/96 identical to the plugin
+    # eager, no clear difference, PDL on and off) once the expand waited
+    # for the shrink before its rank loop (grouped.py);
+    # benchmarks/results/graphs-parity-diag-h200.json.
+    cudagraph: str = "captured"
 
     @classmethod
     def from_env(cls) -> "SLoraConfig":
