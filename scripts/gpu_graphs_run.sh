@@ -10,6 +10,8 @@
 #             KERNEL_TESTS=0 skips them)
 #   KTESTS=.. kernel tests first (pytest -k expression over tests/kernels;
 #             KTESTS_S limits), e.g. "graph_replay"
+#   LSTEP=.. arguments for `python -m benchmarks.lora_step` (LoRA kernel time
+#             of a decode step under knob variants; LSTEP_S limits), e.g. "--variants all"
 #   DIAG=...  variants of scripts/gpu_parity_diag.py (DIAG_S limits), e.g.
 #             "graphs,graphs-nopdl,eager"
 #   BENCH=... arguments for `python -m benchmarks.run` (the headline workload
@@ -27,6 +29,12 @@ if [ -n "${KTESTS:-}" ]; then
     > $O/pytest-ktests.txt 2>&1
   echo "kernel tests rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   tail -3 $O/pytest-ktests.txt
+fi
+if [ -n "${LSTEP:-}" ]; then
+  timeout "${LSTEP_S:-200}" python3 -m benchmarks.lora_step $LSTEP --out $O/results/lora-step.json \
+    > $O/lora-step.txt 2>&1
+  echo "lora step rc=$? ${SECONDS}s" | tee -a $O/steps.txt
+  grep "^|" $O/lora-step.txt
 fi
 if [ -n "${DIAG:-}" ]; then
   timeout "${DIAG_S:-450}" python3 scripts/gpu_parity_diag.py $O/diag --only "$DIAG" \

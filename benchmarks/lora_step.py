@@ -1,0 +1,192 @@
+"""LoRA kernel time of one decode step as the engine's CUDA graphs run it, under knob variants.
+
+    python -m benchmarks.lora_step [--batches 64,256] [--adapters 5,64] [--variants all]
+    python -m benchmarks.lora_step --dry-run      # CPU: interpreter, tiny shapes, no timing
+
+The engine's decode step (``benchmarks.step_time --profile``) showed the
+plugin's LoRA kernels taking 1.6-6 ms per step of a 7B model where the
+adapters' bytes need 0.07-0.8 ms. Engine runs cost minutes each; this
+script times the same kernels in seconds, set up as a step of the engine:
+``max_num_seqs`` = 256 adapter slots (the graphs' static L), ranks 8/16/32/64
+on q,k,v,o (the headline workload), gate_up and down called with rank 0 (as
+the engine calls every LoRA'd module of every layer), one
+``group_by_adapter`` per step, token i on adapter i mod n. Per module:
+``benchmarks.kernels.graph_us`` (the call captured REPS times in a CUDA
+graph, L2 evicted before each call, as the base model's GEMMs evict it
+between two LoRA calls; the eviction alone subtracted). A step is 32 layers
+of the four modules. Variants set the grouped kernels' knobs
+(``kernels/grouped.py``); every variant's output is checked against the
+PyTorch reference first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+LAYERS = 32
+HIDDEN, INTER = 4096, 11008
+MODULES = {"qkv": (HIDDEN, [HIDDEN] * 3), "o": (HIDDEN, [HIDDEN]),
+           "gate_up": (HIDDEN, [INTER] * 2), "down": (INTER, [HIDDEN])}
+LORA_MODULES = ("qkv", "o")  # the headline adapters' targets; the others run at rank 0
+RANKS = [8, 16, 32, 64]
+VARIANTS = {
+    "default": {},
+    "resident8": {"RESIDENT_PROGRAMS_PER_SM": 8},
+    "resident16": {"RESIDENT_PROGRAMS_PER_SM": 16},
+    "resident32": {"RESIDENT_PROGRAMS_PER_SM": 32},
+    "nbp1": {"EXPAND_MAX_NBP": 1},
+    "resident16-nbp1": {"RESIDENT_PROGRAMS_PER_SM": 16, "EXPAND_MAX_NBP": 1},
+    "fuse64k": {"FUSED_PARTIALS_BYTES": 64 << 10},
+    "resident16-fuse64k": {"RESIDENT_PROGRAMS_PER_SM": 16, "FUSED_PARTIALS_BYTES": 64 << 10},
+    "few64": {"FEW_GROUPS": 64},
+    "nosplit": {"MAX_SPLIT": 1},
+    "resident16-stages2": {"RESIDENT_PROGRAMS_PER_SM": 16, "SHRINK_STAGES": 2},
+}
+
+
+def setup(batch: int, n: int, slots: int, d: int, widths: dict, device: str, dtype):
+    """Per module: adapters, static slot tensors (slots past n: rank 0), x, y."""
+    import torch
+
+    from vllm_slora.kernels import batch_meta
+    from vllm_slora.kernels.synthetic import make_paged_adapters
+
+    token_lora = (torch.arange(batch, dtype=torch.int32) % n).to(device)
+    meta = batch_meta(token_lora, slots)  # as the engine: None for per-token batches
+    out = {}
+    for i, (name, (k, ns)) in enumerate(widths.items()):
+        ranks = [RANKS[j % len(RANKS)] for j in range(n)]
+        used = name in LORA_MODULES
+        ad = make_paged_adapters(ranks if used else [1], k, ns, d, dtype, device=device, seed=i)
+        start = torch.zeros(slots, dtype=torch.int32, device=device)
+        rank = torch.zeros(slots, dtype=torch.int32, device=device)
+        scale = torch.ones(slots, dtype=torch.float32, device=device)
+        if used:
+            start[:n], rank[:n], scale[:n] = ad.lora_start, ad.lora_rank, ad.lora_scale
+        gen = torch.Generator().manual_seed(i)
+        x = torch.randn(batch, k, generator=gen).to(dtype).to(device)
+        y = torch.randn(batch, sum(ns), generator=gen).to(dtype).to(device)
+        out[name] = (ad, start, rank, scale, x, y)
+    return token_lora, meta, out
+
+
+def call(module, token_lora, meta, max_rank: int):
+    from vllm_slora.kernels import paged_lora
+
+    ad, start, rank, scale, x, y = module
+    a_rows = ad.a_rows if len(ad.a_rows) > 1 else ad.a_rows[0]
+    b_rows = ad.b_rows if len(ad.b_rows) > 1 else ad.b_rows[0]
+    paged_lora(x, y, ad.pool, a_rows, b_rows, start, rank, scale, token_lora,
+               max_rank=max_rank, meta=meta, dispatch=False)
+
+
+def check(module, token_lora, meta, max_rank: int) -> float:
+    """Relative error of one call against the PyTorch reference."""
+    from vllm_slora.kernels import reference
+
+    ad, start, rank, scale, x, y = module
+    a_rows = ad.a_rows if len(ad.a_rows) > 1 else ad.a_rows[0]
+    b_rows = ad.b_rows if len(ad.b_rows) > 1 else ad.b_rows[0]
+    y0 = y.clone()
+    want = y.clone()
+    reference.paged_lora(x, want, ad.pool, a_rows, b_rows, start, rank, scale, token_lora)
+    call(module, token_lora, meta, max_rank)
+    err = ((y.float() - want.float()).norm() / want.float().norm().clamp(min=1e-12)).item()
+    y.copy_(y0)
+    return err
+
+
+def apply_variant(knobs: dict) -> dict:
+    from vllm_slora.kernels import grouped
+
+    old = {k: getattr(grouped, k) for k in knobs}
+    for k, v in knobs.items():
+        setattr(grouped, k, v)
+    grouped._plan.cache_clear()
+    return old
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", default="64,256")
+    p.add_argument("--adapters", default="5,64")
+    p.add_argument("--slots", type=int, default=256)
+    p.add_argument("--variants", default="all")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    import os
+
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    import vllm_slora.kernels as kernels
+
+    kernels._FORCED = "triton"
+    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
+    if args.dry_run:
+        device, dtype, d, slots = "cpu", torch.float32, 32, 8
+        widths = {"qkv": (64, [64, 32, 32]), "o": (64, [64]), "gate_up": (64, [96, 96]),
+                  "down": (96, [64])}
+        batches, ns, names = [40], [3], names[:2]
+    else:
+        device, dtype, d, slots = "cuda", torch.float16, 256, args.slots
+        widths, batches, ns = MODULES, ints(args.batches), ints(args.adapters)
+    max_rank = max(RANKS)
+    results = {"command": "python -m benchmarks.lora_step " + " ".join(argv or sys.argv[1:]),
+               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+               "slots": slots, "cases": []}
+    flush_buf = torch.empty(96 << 20, dtype=torch.uint8, device=device) if device == "cuda" else None
+    for batch in batches:
+        for n in ns:
+            token_lora, meta, mods = setup(batch, n, slots, d, widths, device, dtype)
+            for name in names:
+                old = apply_variant(VARIANTS[name])
+                try:
+                    errs = {m: check(mod, token_lora, meta, max_rank) for m, mod in mods.items()}
+                    row = {"batch": batch, "adapters": n, "variant": name,
+                           "max_rel_err": max(errs.values())}
+                    if device == "cuda":
+                        from benchmarks.kernels import graph_us
+
+                        per = {m: graph_us(lambda mod=mod: call(mod, token_lora, meta, max_rank),
+                                           lambda: flush_buf.zero_())
+                               for m, mod in mods.items()}
+                        row["us_per_module"] = per
+                        row["step_ms"] = LAYERS * sum(per.values()) / 1e3
+                    results["cases"].append(row)
+                    print(json.dumps(row), flush=True)
+                finally:
+                    apply_variant(old)
+            if args.out:
+                args.out.write_text(json.dumps(results, indent=1))
+    print(table(results["cases"]))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+    bad = [r for r in results["cases"] if r["max_rel_err"] > (1e-4 if device == "cpu" else 1e-2)]
+    return 1 if bad else 0
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| batch | adapters | variant | step LoRA ms | qkv us | o us | gate_up us | down us | err |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        per = r.get("us_per_module", {})
+        lines.append(f"| {r['batch']} | {r['adapters']} | {r['variant']} | "
+                     f"{r.get('step_ms', float('nan')):.2f} | "
+                     + " | ".join(f"{per.get(m, float('nan')):.1f}" for m in MODULES)
+                     + f" | {r['max_rel_err']:.1e} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+    rc = main()
+    print(f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    sys.exit(rc)
