@@ -35,16 +35,12 @@ LORA_MODULES = ("qkv", "o")  # the headline adapters' targets; the others run at
 RANKS = [8, 16, 32, 64]
 VARIANTS = {
     "default": {},
+    "resident4-fuse8k": {"RESIDENT_PROGRAMS_PER_SM": 4, "FUSED_PARTIALS_BYTES": 8 << 10},
     "resident8": {"RESIDENT_PROGRAMS_PER_SM": 8},
-    "resident16": {"RESIDENT_PROGRAMS_PER_SM": 16},
-    "resident32": {"RESIDENT_PROGRAMS_PER_SM": 32},
-    "nbp1": {"EXPAND_MAX_NBP": 1},
-    "resident16-nbp1": {"RESIDENT_PROGRAMS_PER_SM": 16, "EXPAND_MAX_NBP": 1},
-    "fuse64k": {"FUSED_PARTIALS_BYTES": 64 << 10},
-    "resident16-fuse64k": {"RESIDENT_PROGRAMS_PER_SM": 16, "FUSED_PARTIALS_BYTES": 64 << 10},
-    "few64": {"FEW_GROUPS": 64},
+    "few16": {"FEW_GROUPS": 16},
+    "few32": {"FEW_GROUPS": 32},
+    "resident32-few32": {"RESIDENT_PROGRAMS_PER_SM": 32, "FEW_GROUPS": 32},
     "nosplit": {"MAX_SPLIT": 1},
-    "resident16-stages2": {"RESIDENT_PROGRAMS_PER_SM": 16, "SHRINK_STAGES": 2},
 }
 
 

@@ -92,13 +92,20 @@ PROGRAMS_PER_SM = 4
 # The same for big tiles (BM >= 32, about 100 KB of shared memory each).
 BIG_TILE_PROGRAMS_PER_SM = 1
 MAX_SPLIT = 16
-# Sum split-K partials inside the expand when one tile's partials are small.
-FUSED_PARTIALS_BYTES = 8 << 10
+# Sum split-K partials inside the expand when one tile's partials are at
+# most this large (else a reduce launch). 64 KB (was 8 KB): the split-K
+# steps of a decode batch of 64 fuse too, one launch less per module; in an
+# engine-like step in CUDA graphs (``python -m benchmarks.lora_step``, one
+# H200, 2026-12-02) the LoRA time fell 12-37% over B = 64/256, n = 5/64.
+FUSED_PARTIALS_BYTES = 64 << 10
 # Groups scanned per step by the tile map (any count works, in chunks).
 NGB = 128
 # Persistent grids: at most this many programs per SM, each looping over
-# work items.
-RESIDENT_PROGRAMS_PER_SM = 4
+# work items. Each item is a chain of dependent loads (tile map, rank, page
+# table, pages); 16 programs per SM (more than fit at once) keep more of
+# them in flight than 4 did: 64-adapter decode steps 15-25% faster
+# (``benchmarks.lora_step``, H200), 5-adapter steps within 7%.
+RESIDENT_PROGRAMS_PER_SM = 16
 # Plans (split-K, expand column streaming) size the work as if a step in
 # ADAPTERS mode had at most this many adapters.
 FEW_GROUPS = 8
