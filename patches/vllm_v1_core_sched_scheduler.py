@@ -18,7 +18,12 @@ What:
   early while a quarter of the blocks stays free or evictable and the step
   did not have to evict or preempt (prefetch; the workers copy
   them during the step) and attaches this step's ``PagingPlan`` to the
-  ``SchedulerOutput`` as ``.slora``.
+  ``SchedulerOutput`` as ``.slora``; requests whose adapter could not be
+  paged in (``PagedKVCacheManager.faults``: files removed or replaced after
+  registration) go into the set of requests vLLM finishes with
+  ``FINISHED_ERROR`` at the end of the step (``grammar_compile_error_reqs``,
+  which vLLM uses for grammars that fail to compile): the request ends with
+  finish reason ``error``, its blocks are freed, the engine goes on.
 
 Guard: vLLM 0.26.x; ``KVCacheManager``, ``Scheduler.__init__``,
 ``Scheduler.schedule`` and the ``allocate_slots`` parameters used. Goes away
@@ -90,7 +95,12 @@ def apply() -> None:
             return
         self.kv_cache_manager.enable_adapters(
             vllm_config.model_config.hf_text_config, self.lora_config.lora_dtype,
-            tp_size=vllm_config.parallel_config.tensor_parallel_size)
+            tp_size=vllm_config.parallel_config.tensor_parallel_size,
+            max_lora_rank=self.lora_config.max_lora_rank)
+        if not isinstance(getattr(self, "grammar_compile_error_reqs", None), set):
+            raise PatchTargetChanged("vllm_slora fails requests through "
+                                     "Scheduler.grammar_compile_error_reqs (vLLM 0.26.0), "
+                                     "which this vLLM lacks")
         self.lora_config = copy.copy(self.lora_config)
         self.lora_config.max_loras = max(self.scheduler_config.max_num_seqs,
                                          self.lora_config.max_loras)
@@ -108,6 +118,7 @@ def apply() -> None:
                 pool.load_ahead(upcoming[:LOAD_AHEAD], pool.kv_reserve(KEEP_FREE))
             hints = [path for lora_id, path in upcoming if lora_id not in pool.resident]
             setattr(output, ATTR, pool.take_plan(hints, _distinct_adapters(self, output)))
+            self.grammar_compile_error_reqs.update(self.kv_cache_manager.faults)
         return output
 
     Scheduler.__init__ = __init__

@@ -28,7 +28,7 @@ def adapters(tmp_path_factory, tiny_model):
                                           [4, 8, 4, 2], seed=3)]
 
 
-def make_manager(num_blocks: int, model_dir):
+def make_manager(num_blocks: int, model_dir, max_lora_rank: int | None = None):
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 
     from vllm_slora.memory.manager import PagedKVCacheManager
@@ -38,7 +38,7 @@ def make_manager(num_blocks: int, model_dir):
                            kv_cache_groups=[KVCacheGroupSpec(["model.layers.0.self_attn.attn"], spec)])
     manager = PagedKVCacheManager(config, max_model_len=1024, scheduler_block_size=BLOCK,
                                   hash_block_size=BLOCK, enable_caching=False)
-    manager.enable_adapters(hf_config(model_dir), torch.float32)
+    manager.enable_adapters(hf_config(model_dir), torch.float32, max_lora_rank=max_lora_rank)
     return manager
 
 
@@ -266,3 +266,60 @@ def test_separate_region_loads_ahead(tiny_model, adapters, monkeypatch):
     assert pool.kv_reserve(0.25) == 0
     pool.load_ahead([(5, adapters[0])], pool.kv_reserve(0.25))  # rank 4: 4 of the 8 blocks
     assert 5 in pool.resident and pool.counters["loaded_ahead"] == 1
+
+
+@pytest.mark.parametrize("fault", ["weights removed", "config removed", "rank above the limit",
+                                   "truncated weights", "too big for the pool"])
+def test_an_adapter_that_cannot_be_paged_in_fails_only_its_request(tmp_path, tiny_model,
+                                                                  adapters, fault):
+    """Files changed after the request was accepted: allocate_slots takes
+    nothing for it and records why (the scheduler patch then finishes it
+    with vLLM's FINISHED_ERROR); other requests go on; freeing it clears
+    the fault. Early loads skip the adapter without raising."""
+    import shutil
+
+    from vllm_slora.testing.adapters import make_peft_adapter
+
+    manager = make_manager(64, tiny_model, max_lora_rank=8)
+    blocks = manager.block_pool
+    bad = tmp_path / "bad"
+    shutil.copytree(adapters[1], bad)  # rank 8: fits
+    weights, config = bad / "adapter_model.safetensors", bad / "adapter_config.json"
+    if fault == "weights removed":
+        weights.unlink()
+    elif fault == "config removed":
+        config.unlink()
+    elif fault == "rank above the limit":  # replaced in place by a rank-16 adapter
+        shutil.rmtree(bad)
+        make_peft_adapter(bad, tiny_model, 16, seed=9)
+    elif fault == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        manager = make_manager(8, tiny_model, max_lora_rank=8)  # 7 usable blocks, rank 8 takes 8
+        blocks = manager.block_pool
+    free0 = blocks.get_num_free_blocks()
+    req = make_request("r-bad", str(bad), 7)
+    assert manager.allocate_slots(req, 20) is None
+    assert str(bad) in manager.faults["r-bad"]
+    assert blocks.get_num_free_blocks() == free0 and 7 not in manager.adapters.resident
+    assert manager.allocate_slots(req, 20) is None  # again: no second read, same answer
+    manager.adapters.load_ahead([(7, str(bad))], keep_free=0)  # skipped, no raise
+    assert 7 not in manager.adapters.resident
+    if fault != "too big for the pool":
+        good = make_request("r-good", adapters[0], 1)
+        assert manager.allocate_slots(good, 20) is not None
+        manager.free(good)
+    manager.free(req)
+    assert "r-bad" not in manager.faults
+
+
+def test_faults_reach_the_scheduler_as_finished_errors(tmp_path, tiny_model, adapters):
+    """The scheduler patch's hand-over: faults go into the set vLLM 0.26's
+    Scheduler finishes with FINISHED_ERROR at the end of the step."""
+    from vllm.v1.core.sched import scheduler as sched
+
+    assert isinstance(getattr(sched.Scheduler, "update_from_output", None), object)
+    import inspect
+
+    src = inspect.getsource(sched.Scheduler.update_from_output)
+    assert "grammar_compile_error_reqs" in src and "FINISHED_ERROR" in src

@@ -11,6 +11,13 @@ computed as stock does); otherwise ``None`` reaches the scheduler at once,
 which then preempts or waits exactly as stock, and the cache keeps its
 adapters (no thrash: a request that cannot fit does not empty the cache
 step after step).
+
+Faults: an adapter that cannot be paged in (``pool.AdapterFault``: files
+removed, unreadable or replaced by an invalid adapter after registration,
+more blocks than the KV cache has) fails only its request. ``allocate_slots``
+returns ``None`` for it (nothing is taken) and records the cause in
+``faults``; the scheduler patch finishes such requests with vLLM's
+``FINISHED_ERROR`` at the end of the step, which frees whatever they hold.
 """
 
 from __future__ import annotations
@@ -18,14 +25,16 @@ from __future__ import annotations
 import functools
 import inspect
 
+from vllm.logger import init_logger
 from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.kv_cache_interface import AttentionSpec
 from vllm.v1.request import RequestStatus
 
 from vllm_slora.config import slora_config
 from vllm_slora.memory.layout import PageGeometry
-from vllm_slora.memory.pool import AdapterPool, SeparateRegion
+from vllm_slora.memory.pool import AdapterFault, AdapterPool, SeparateRegion
 
+logger = init_logger("vllm.plugins.vllm_slora")
 _ALLOCATE = inspect.signature(KVCacheManager.allocate_slots)
 if "reserved_blocks" not in _ALLOCATE.parameters:
     raise ImportError("vllm_slora needs KVCacheManager.allocate_slots(..., reserved_blocks=...) "
@@ -34,8 +43,19 @@ if "reserved_blocks" not in _ALLOCATE.parameters:
 
 class PagedKVCacheManager(KVCacheManager):
     adapters: AdapterPool | None = None
+    # request id -> why its adapter cannot be paged in (until it is freed)
+    faults: dict[str, str]
 
-    def enable_adapters(self, hf_config, lora_dtype, tp_size: int = 1) -> AdapterPool:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.faults = {}
+
+    def enable_adapters(self, hf_config, lora_dtype, tp_size: int = 1,
+                        max_lora_rank: int | None = None) -> AdapterPool:
+        """Page adapters in this manager's blocks. With ``max_lora_rank``, an
+        adapter is checked again (``vllm_slora.adapters.check_adapter``, cached
+        per file version) each time it is paged in: one changed on disk after
+        its request was accepted fails that request, not the engine."""
         groups = self.kv_cache_config.kv_cache_groups
         if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, AttentionSpec):
             raise ValueError(
@@ -49,7 +69,13 @@ class PagedKVCacheManager(KVCacheManager):
         if not config.unify_mem:
             source = SeparateRegion(self.block_pool,
                                     int(config.separate_fraction * self.block_pool.num_gpu_blocks))
-        self.adapters = AdapterPool(source, geo)
+        check = None
+        if max_lora_rank is not None:
+            from vllm_slora.adapters import check_adapter
+
+            check = functools.partial(check_adapter, name=None, hf_config=hf_config,
+                                      max_rank=max_lora_rank)
+        self.adapters = AdapterPool(source, geo, check)
         return self.adapters
 
     def allocate_slots(self, request, *args, reserved_blocks: int = 0, **kwargs):
@@ -61,6 +87,8 @@ class PagedKVCacheManager(KVCacheManager):
         if lora is None or lora.lora_int_id <= 0 or pool.holds(request.request_id):
             return self._allocate_evicting(stock, reserved_blocks, lambda: 0, required)
         lora_id, path = lora.lora_int_id, lora.lora_path
+        if request.request_id in self.faults:
+            return None  # failed already; finished with its error at the end of the step
         pool.pin(lora_id)  # a resident adapter must survive its own request's admission
         try:
             if pool.unified:
@@ -73,6 +101,12 @@ class PagedKVCacheManager(KVCacheManager):
             if blocks is not None:
                 pool.acquire(request.request_id, lora_id, path)
             return blocks
+        except AdapterFault as e:
+            # Blocks stock may have given the request go back when the
+            # scheduler finishes it (free).
+            self.faults[request.request_id] = str(e)
+            logger.error("vllm_slora: request %s fails: %s", request.request_id, e)
+            return None
         finally:
             pool.unpin(lora_id)
 
@@ -129,11 +163,13 @@ class PagedKVCacheManager(KVCacheManager):
 
     def free(self, request) -> None:
         super().free(request)
+        self.faults.pop(request.request_id, None)
         if self.adapters is not None:
             self.adapters.release(request.request_id)
 
     def pop_blocks_for_free(self, request):
         blocks = super().pop_blocks_for_free(request)
+        self.faults.pop(request.request_id, None)
         if self.adapters is not None:
             self.adapters.release(request.request_id)
         return blocks

@@ -19,6 +19,25 @@ from vllm_slora.memory.plan import Evict, Load, PagingPlan
 from vllm_slora.memory.vectors import vector_capacity
 
 
+class AdapterFault(Exception):
+    """An adapter that cannot be paged in: its files are gone, unreadable or
+    no longer a valid adapter of this model (replaced after registration),
+    or it needs more blocks than the KV cache has. Only the requests that
+    use it fail (``PagedKVCacheManager``); the engine goes on."""
+
+
+def adapter_meta(path: str, check=None):
+    """``read_adapter_meta`` after ``check(path)`` (the header checks of
+    ``vllm_slora.adapters``, cached per file version), any error (disk,
+    JSON, safetensors, validation) turned into an ``AdapterFault``."""
+    try:
+        if check is not None:
+            check(path)
+        return read_adapter_meta(path)
+    except Exception as e:  # noqa: BLE001 - every cause is the adapter's fault
+        raise AdapterFault(f"adapter '{path}' cannot be paged in: {e}") from e
+
+
 @dataclass
 class Resident:
     path: str
@@ -59,8 +78,11 @@ class SeparateRegion:
 class AdapterPool:
     """``block_pool``: vLLM's ``BlockPool`` (unified paging) or a ``SeparateRegion``."""
 
-    def __init__(self, block_pool, geometry: PageGeometry):
+    def __init__(self, block_pool, geometry: PageGeometry, check=None):
         self.block_pool = block_pool
+        # check(path) raises if the adapter's files are no longer valid for
+        # this model (see ``adapter_meta``); None: headers are only read.
+        self.check = check
         self.unified = not isinstance(block_pool, SeparateRegion)
         self.geo = geometry
         # The workers' vector tables hold this many resident rank-vectors.
@@ -78,12 +100,12 @@ class AdapterPool:
 
     # -- queries ---------------------------------------------------------
     def blocks_for(self, path: str) -> int:
-        meta = read_adapter_meta(path)
+        meta = adapter_meta(path, self.check)
         blocks = self.geo.blocks_for(meta.rank, meta.kinds)
         # Block 0 is vLLM's null block; a separate region holds only its share.
         usable = getattr(self.block_pool, "capacity", self.block_pool.num_gpu_blocks - 1)
         if blocks > usable:
-            raise ValueError(f"adapter '{path}' (rank {meta.rank}) needs {blocks} KV blocks, "
+            raise AdapterFault(f"adapter '{path}' (rank {meta.rank}) needs {blocks} KV blocks, "
                              f"the KV cache has {usable}; give vLLM more KV cache memory "
                              f"or use a smaller rank")
         return blocks
@@ -132,7 +154,11 @@ class AdapterPool:
         try:
             room = self.block_pool.get_num_free_blocks() + self.evictable_blocks()
             for lora_id, path in upcoming:
-                need = self.blocks_for(path)
+                try:
+                    need = self.blocks_for(path)
+                except AdapterFault:
+                    continue  # its request fails at admission, with the cause
+
                 if lora_id in self.resident or room - need < keep_free:
                     continue
                 while self.block_pool.get_num_free_blocks() < need and self.evict_one():
@@ -158,7 +184,7 @@ class AdapterPool:
         return int(fraction * self.block_pool.num_gpu_blocks) if self.unified else 0
 
     def _page_in(self, lora_id: int, path: str) -> Resident:
-        rank = read_adapter_meta(path).rank
+        rank = adapter_meta(path, self.check).rank
         while self.resident_vectors + rank > self.vector_capacity:
             if not self.evict_one():
                 raise RuntimeError(f"adapter '{path}' (rank {rank}) does not fit the vector "
