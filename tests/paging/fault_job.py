@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -40,6 +41,9 @@ def damage(folder: Path, fault: str, model: str) -> None:
 
 
 def main(spec_path: str, out_path: str) -> None:
+    # A faulted request that is never finished would keep the engine
+    # stepping forever: end the job (no out file) instead.
+    threading.Timer(400, os._exit, args=(3,)).start()
     spec = json.loads(Path(spec_path).read_text())
     import vllm_slora
 

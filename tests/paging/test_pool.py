@@ -311,15 +311,3 @@ def test_an_adapter_that_cannot_be_paged_in_fails_only_its_request(tmp_path, tin
         manager.free(good)
     manager.free(req)
     assert "r-bad" not in manager.faults
-
-
-def test_faults_reach_the_scheduler_as_finished_errors(tmp_path, tiny_model, adapters):
-    """The scheduler patch's hand-over: faults go into the set vLLM 0.26's
-    Scheduler finishes with FINISHED_ERROR at the end of the step."""
-    from vllm.v1.core.sched import scheduler as sched
-
-    assert isinstance(getattr(sched.Scheduler, "update_from_output", None), object)
-    import inspect
-
-    src = inspect.getsource(sched.Scheduler.update_from_output)
-    assert "grammar_compile_error_reqs" in src and "FINISHED_ERROR" in src
