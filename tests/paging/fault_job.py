@@ -4,13 +4,14 @@ One S-LoRA engine (engine core in this process, so that the job can read the
 scheduler's block pool) runs three phases:
 
 1. ``reference``: the good adapter's and the base model's prompts;
-2. ``fault``: the same prompts plus the broken adapter's, all accepted
-   (front-end checks pass), then the broken adapter's files are damaged as
-   ``spec["fault"]`` says before the engine takes a step;
+2. per fault of ``spec["faults"]``: the same prompts plus those of an
+   adapter not used before, all accepted (front-end checks pass), then
+   that adapter's files are damaged as the fault says before the engine
+   takes a step;
 3. ``after``: the good adapter's prompts again (the engine still serves).
 
 Records per phase each request's finish reason and tokens, and the block
-pool's free blocks after phases 1 and 2.
+pool's free blocks after the reference and after each fault.
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ def main(spec_path: str, out_path: str) -> None:
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
     good = LoRARequest("good", 1, spec["good"])
-    bad = LoRARequest("bad", 2, spec["bad"])
     prompts = [[3 + (11 * i + j) % 400 for j in range(20 + 7 * i)] for i in range(4)]
 
     def run(requests, before_steps=None):
@@ -75,10 +75,15 @@ def main(spec_path: str, out_path: str) -> None:
     clean = [(p, good) for p in prompts] + [(p, None) for p in prompts[:2]]
     out = {"reference": run(clean)}
     out["free_after_reference"] = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
-    mixed = [(p, bad) for p in prompts[:2]] + clean
-    out["fault"] = run(mixed, lambda: damage(Path(spec["bad"]), spec["fault"], spec["model"]))
-    out["free_after_fault"] = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
-    out["faults_left"] = len(scheduler.kv_cache_manager.faults)
+    out["faults"] = {}
+    for k, (fault, folder) in enumerate(zip(spec["faults"], spec["bad"])):
+        bad = LoRARequest("bad", 2 + k, folder)
+        got = run([(p, bad) for p in prompts[:2]] + clean,
+                  lambda: damage(Path(folder), fault, spec["model"]))  # noqa: B023
+        out["faults"][fault] = {
+            "outputs": got,
+            "free_blocks": scheduler.kv_cache_manager.block_pool.get_num_free_blocks(),
+            "faults_left": len(scheduler.kv_cache_manager.faults)}
     out["after"] = run([(p, good) for p in prompts])
     Path(out_path).write_text(json.dumps(out))
     os._exit(0)

@@ -19,16 +19,19 @@ from pathlib import Path
 import pytest
 
 
+FAULTS = ["weights removed", "truncated weights", "rank above the limit"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ["weights removed", "truncated weights",
-                                   "rank above the limit"])
-def test_broken_adapter_fails_only_its_requests(tmp_path, tiny_model, fault):
+def test_broken_adapter_fails_only_its_requests(tmp_path, tiny_model):
+    """Each fault on its own adapter, one after the other in one engine."""
     from vllm_slora.testing.adapters import make_peft_adapter
 
     good = make_peft_adapter(tmp_path / "good", tiny_model, 8, seed=1)
-    bad = make_peft_adapter(tmp_path / "bad", tiny_model, 8, seed=2)
-    spec = {"model": str(tiny_model), "good": str(good), "bad": str(bad), "fault": fault,
-            "max_tokens": 6}
+    bad = [make_peft_adapter(tmp_path / f"bad{k}", tiny_model, 8, seed=2 + k)
+           for k in range(len(FAULTS))]
+    spec = {"model": str(tiny_model), "good": str(good), "bad": [str(b) for b in bad],
+            "faults": FAULTS, "max_tokens": 6}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     out = tmp_path / "out.json"
     job = Path(__file__).with_name("fault_job.py")
@@ -37,13 +40,15 @@ def test_broken_adapter_fails_only_its_requests(tmp_path, tiny_model, fault):
                           capture_output=True, text=True, timeout=900)
     assert out.exists(), proc.stderr[-4000:]
     got = json.loads(out.read_text())
-    bad_reqs = [r for r in got["fault"] if r["adapter"] == "bad"]
-    others = [r for r in got["fault"] if r["adapter"] != "bad"]
-    assert [r["finish_reason"] for r in bad_reqs] == ["error", "error"]
-    assert all(r["token_ids"] == [] for r in bad_reqs)
-    assert others == got["reference"]  # same outputs as without the fault
-    assert got["after"] == got["reference"][:4]  # the engine serves on
-    assert got["free_after_fault"] == got["free_after_reference"]  # nothing leaked
-    assert got["faults_left"] == 0
     log = proc.stdout + proc.stderr  # vLLM's log handler writes to stdout
-    assert f"fails: adapter '{bad}' cannot be paged in" in log  # the cause is logged
+    for fault, folder in zip(FAULTS, bad):
+        run = got["faults"][fault]
+        bad_reqs = [r for r in run["outputs"] if r["adapter"] == "bad"]
+        others = [r for r in run["outputs"] if r["adapter"] != "bad"]
+        assert [r["finish_reason"] for r in bad_reqs] == ["error", "error"], fault
+        assert all(r["token_ids"] == [] for r in bad_reqs), fault
+        assert others == got["reference"], fault  # same outputs as without the fault
+        assert run["free_blocks"] == got["free_after_reference"], fault  # nothing leaked
+        assert run["faults_left"] == 0, fault
+        assert f"fails: adapter '{folder}' cannot be paged in" in log, fault  # cause logged
+    assert got["after"] == got["reference"][:4]  # the engine serves on
