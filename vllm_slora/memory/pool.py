@@ -27,13 +27,12 @@ class AdapterFault(Exception):
 
 
 def adapter_meta(path: str, check=None):
-    """``read_adapter_meta`` after ``check(path)`` (the header checks of
-    ``vllm_slora.adapters``, cached per file version), any error (disk,
-    JSON, safetensors, validation) turned into an ``AdapterFault``."""
+    """Rank and module kinds of an adapter: ``check(path)`` where given (the
+    header checks of ``vllm_slora.adapters``, cached per file version, which
+    return both), else ``read_adapter_meta``; any error (disk, JSON,
+    safetensors, validation) turned into an ``AdapterFault``."""
     try:
-        if check is not None:
-            check(path)
-        return read_adapter_meta(path)
+        return check(path) if check is not None else read_adapter_meta(path)
     except Exception as e:  # noqa: BLE001 - every cause is the adapter's fault
         raise AdapterFault(f"adapter '{path}' cannot be paged in: {e}") from e
 
@@ -80,8 +79,8 @@ class AdapterPool:
 
     def __init__(self, block_pool, geometry: PageGeometry, check=None):
         self.block_pool = block_pool
-        # check(path) raises if the adapter's files are no longer valid for
-        # this model (see ``adapter_meta``); None: headers are only read.
+        # check(path) validates the adapter's files for this model and returns
+        # its rank and kinds (see ``adapter_meta``); None: headers are only read.
         self.check = check
         self.unified = not isinstance(block_pool, SeparateRegion)
         self.geo = geometry
@@ -158,7 +157,6 @@ class AdapterPool:
                     need = self.blocks_for(path)
                 except AdapterFault:
                     continue  # its request fails at admission, with the cause
-
                 if lora_id in self.resident or room - need < keep_free:
                     continue
                 while self.block_pool.get_num_free_blocks() < need and self.evict_one():
