@@ -64,7 +64,7 @@ DEFAULTS = dict(
     input_range=[8, 512], output_range=[8, 512], seed=0, pool=8, host_lora_cache_gb=32.0,
     slo_ttft_s=6.0, budget_s=None, est_start_s=100.0, est_point_s=30.0, min_point_s=5.0, eager=False,
     max_num_seqs=None, gpu_memory_utilization=None, warmup=True, tensor_parallel_size=None,
-    max_capture_size=None, window_s=None,
+    max_capture_size=None, capture_sizes=None, window_s=None,
 )
 PRESETS = {
     # As users run vLLM: compiled, CUDA graphs on, 1,000 requests per point
@@ -121,6 +121,10 @@ def parse(argv) -> tuple[argparse.Namespace, dict]:
     p.add_argument("--max-capture-size", type=int,
                    help="largest CUDA-graph batch size for every system (vLLM's "
                         "max_cudagraph_capture_size): a shorter start-up, stated in the table")
+    p.add_argument("--capture-sizes", type=ints,
+                   help="CUDA-graph batch sizes for every system, e.g. 1,2,4,...,256 (vLLM's "
+                        "cudagraph_capture_sizes; larger decode batches pad to the next one): "
+                        "a shorter start-up, stated in the table")
     p.add_argument("--window-s", type=float,
                    help="stop each measurement after this many seconds and report its steady "
                         "window (for points that would take too long to finish)")
@@ -404,7 +408,10 @@ def results_json(name, argv, cfg, workdir, prep, common, records, warnings, used
     for record in records:  # which device call measured it (report.merge keeps it)
         record["call"] = created
     graphs = "enforce_eager (no torch.compile, no CUDA graphs)" if cfg["eager"] else "torch.compile + CUDA graphs"
-    if not cfg["eager"] and cfg["max_capture_size"] is not None:
+    if not cfg["eager"] and cfg["capture_sizes"]:
+        graphs += (f" (graphs of {','.join(map(str, cfg['capture_sizes']))} tokens only, "
+                   f"for a shorter start-up)")
+    elif not cfg["eager"] and cfg["max_capture_size"] is not None:
         graphs += f" (graphs up to {cfg['max_capture_size']} tokens, for a shorter start-up)"
     return {
         "schema": 1,
@@ -459,7 +466,9 @@ def main(argv=None) -> int:
                   max_model_len=cfg["input_range"][1] + cfg["output_range"][1], eager=cfg["eager"],
                   extra={k: cfg[k] for k in ("max_num_seqs", "gpu_memory_utilization", "tensor_parallel_size")
                          if cfg[k] is not None})
-    if cfg["max_capture_size"] is not None and not cfg["eager"]:
+    if cfg["capture_sizes"] and not cfg["eager"]:
+        common["extra"]["compilation_config"] = {"cudagraph_capture_sizes": cfg["capture_sizes"]}
+    elif cfg["max_capture_size"] is not None and not cfg["eager"]:
         common["extra"]["compilation_config"] = {"max_cudagraph_capture_size": cfg["max_capture_size"]}
     plan = configs(cfg["systems"], cfg["stock_max_loras"])
     records, overheads = [], []

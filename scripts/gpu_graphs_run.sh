@@ -14,6 +14,8 @@
 #             of a decode step under knob variants; LSTEP_S limits), e.g. "--variants all"
 #   DIAG=...  variants of scripts/gpu_parity_diag.py (DIAG_S limits), e.g.
 #             "graphs,graphs-nopdl,eager"
+#   ALOAD=... arguments for `python -m benchmarks.adapter_load` (host-cache
+#             read and packing rate of 7B adapters; ALOAD_S limits), e.g. "--adapters 64"
 #   BENCH=... arguments for `python -m benchmarks.run` (the headline workload
 #             with CUDA graphs on), e.g. "--systems base,slora,stock --n 5,1000"
 set -u
@@ -29,6 +31,12 @@ if [ -n "${KTESTS:-}" ]; then
     > $O/pytest-ktests.txt 2>&1
   echo "kernel tests rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   tail -3 $O/pytest-ktests.txt
+fi
+if [ -n "${ALOAD:-}" ]; then
+  timeout "${ALOAD_S:-90}" python3 -m benchmarks.adapter_load $ALOAD --out $O/results/adapter-load.json \
+    > $O/adapter-load.txt 2>&1
+  echo "adapter load rc=$? ${SECONDS}s" | tee -a $O/steps.txt
+  grep "^|" $O/adapter-load.txt
 fi
 if [ -n "${LSTEP:-}" ]; then
   timeout "${LSTEP_S:-200}" python3 -m benchmarks.lora_step $LSTEP --out $O/results/lora-step.json \

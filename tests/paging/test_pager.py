@@ -86,6 +86,58 @@ def test_pools_are_views_and_loads_land_in_the_blocks(tiny_model, adapters):
     assert pager.resident == {} and pager.vectors.free == [(0, pager.vectors.capacity)]
 
 
+@pytest.mark.parametrize("file_dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_read_packed_puts_every_vector_in_its_pages(tiny_model, tmp_path, monkeypatch,
+                                                    file_dtype, tp_size):
+    """The packed adapter, read straight from the mapped file, against the
+    layout written out by hand: A's rank-vectors are rows, B's are columns
+    (TP: this rank's shard), slices the adapter lacks are zero pages even in
+    reused (dirty) memory, and the file's dtype becomes the adapter dtype."""
+    from safetensors.torch import load_file
+
+    from vllm_slora.memory.layout import PageGeometry, read_adapter_meta, read_packed
+    from vllm_slora.testing.adapters import make_peft_adapter
+
+    path = make_peft_adapter(tmp_path / "qv-down", tiny_model, 8, dtype=file_dtype,
+                             target_modules=("q_proj", "v_proj", "down_proj"), seed=3)
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    cfg = tiny_config(tiny_model)
+    meta = read_adapter_meta(str(path))
+    assert meta.kinds == ("q_proj", "k_proj", "v_proj", "down_proj")
+    for p in range(tp_size):
+        geo = PageGeometry.create(cfg, torch.float32, 2 * BLOCK * 64 * 4 // tp_size,
+                                  tp_size=tp_size, tp_rank=p)
+        d = geo.page_width
+        empty = torch.empty
+        with monkeypatch.context() as m:  # memory as the pinned allocator hands it back
+            m.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+            got = read_packed(meta, geo)
+        assert got.dtype == torch.float32 and got.shape == (cfg.num_hidden_layers,
+                                                            meta.rows(geo), d)
+        want, row = [], 0
+        for layer in range(cfg.num_hidden_layers):
+            parts = []
+            for kind in meta.kinds:
+                part = "mlp" if kind == "down_proj" else "self_attn"
+                key = f"base_model.model.model.layers.{layer}.{part}.{kind}"
+                k, n = geo.width(kind)
+                a = tensors.get(f"{key}.lora_A.weight")
+                b = tensors.get(f"{key}.lora_B.weight")
+                if a is None:  # k_proj: zero pages of the fused qkv group
+                    a = torch.zeros(geo.a_vectors(kind, 8), k)
+                    b = torch.zeros(n, 8)
+                elif kind == "down_proj":  # row-parallel: A's columns of this rank
+                    a = a.float().tensor_split(tp_size, dim=1)[p]
+                    b = b.float().tensor_split(tp_size, dim=0)[p]
+                else:  # column-parallel: A's rows p, p + P, ...
+                    a = a.float()[p::tp_size]
+                    b = b.float().tensor_split(tp_size, dim=0)[p]
+                parts += [a.reshape(-1, d), b.t().reshape(-1, d)]
+            want.append(torch.cat(parts))
+        assert torch.equal(got, torch.stack(want))
+
+
 def dense_lora(x, path, layer, kinds, scale, widths):
     from safetensors.torch import load_file
 

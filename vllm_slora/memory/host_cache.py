@@ -2,10 +2,10 @@
 
 Adapters wait here (pinned memory on CUDA, so copies to the device can be
 asynchronous) until the scheduler pages them in. An entry is a packed adapter
-(``layout.pack_adapter``) read from a PEFT folder with ``safetensors``. Least
-recently used entries are dropped when the budget is exceeded; a dropped
-adapter is simply read from disk again, and so is one whose files changed
-on disk since it was read (``layout.file_version``): a folder replaced in
+(``layout.read_packed``: the PEFT folder's safetensors file copied once
+into its pages). Least recently used entries are dropped when the budget is
+exceeded; a dropped adapter is simply read from disk again, and so is one
+whose files changed on disk since it was read (``layout.file_version``): a folder replaced in
 place is never served from its old packing. ``prefetch`` reads folders on
 background threads, several at once, so that cold adapters' disk reads
 overlap the current step and each other.
@@ -17,12 +17,11 @@ import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
-from vllm_slora.memory.layout import (ADAPTER_FILE, AdapterMeta, PageGeometry, file_version,
-                                      pack_adapter, read_adapter_meta)
+from vllm_slora.memory.layout import (AdapterMeta, PageGeometry, file_version,
+                                      read_adapter_meta, read_packed)
 
 
 class HostCache:
@@ -91,21 +90,15 @@ class HostCache:
                 self.pending.pop(path, None)
 
     def _load(self, path: str) -> tuple[AdapterMeta, torch.Tensor]:
-        from safetensors.torch import load_file
-
         meta = read_adapter_meta(path)
-        tensors = load_file(str(Path(path) / ADAPTER_FILE))
-        packed = pack_adapter(meta, self.geo, tensors)
-        if self.pin:
-            packed = packed.pin_memory()
-        entry = (meta, packed)
+        entry = (meta, read_packed(meta, self.geo, pin=self.pin))
         with self.lock:
             self.counters["disk_reads"] += 1
             old = self.entries.pop(path, None)
             if old is not None:
                 self.bytes -= old[1].nbytes
             self.entries[path] = entry
-            self.bytes += packed.nbytes
+            self.bytes += entry[1].nbytes
             self._shrink(keep=path)
         return entry
 

@@ -241,16 +241,22 @@ def _read_adapter_meta(path: str, version: tuple) -> AdapterMeta:
                        version=version)
 
 
-def pack_adapter(meta: AdapterMeta, geo: PageGeometry, tensors: dict) -> torch.Tensor:
+def pack_adapter(meta: AdapterMeta, geo: PageGeometry, tensors: dict,
+                 pin: bool = False) -> torch.Tensor:
     """PEFT tensors -> packed adapter ``[num_layers, rows, D]`` in the adapter dtype.
 
-    With tensor parallelism, this rank's shard (see the module docstring).
-    Layers or kinds the adapter does not have are left zero.
+    Each tensor is copied once, straight into its pages (B transposed on the
+    way, converted to the adapter dtype); only pages no tensor fills (layers
+    or slices of a fused group the adapter lacks) are zeroed. ``pin``: the
+    packed adapter is allocated in pinned memory (CUDA), ready for an
+    asynchronous copy to the device. With tensor parallelism, this rank's
+    shard (see the module docstring).
     """
     d, r = geo.page_width, meta.rank
     p, world = geo.tp_rank, geo.tp_size
-    packed = torch.zeros(geo.num_layers, meta.rows(geo), d, dtype=geo.dtype)
+    packed = torch.empty(geo.num_layers, meta.rows(geo), d, dtype=geo.dtype, pin_memory=pin)
     offsets = meta.offsets(geo)
+    filled = set()
     for key, t in tensors.items():
         layer, kind, ab = split_key(key)
         if layer >= geo.num_layers:
@@ -265,11 +271,56 @@ def pack_adapter(meta: AdapterMeta, geo: PageGeometry, tensors: dict) -> torch.T
         if ab == "A":  # [r, K]: rank-vectors are rows
             if world > 1:
                 t = t[p::world] if kind in COLUMN_PARALLEL else t.tensor_split(world, dim=1)[p]
-            rows = t.reshape(-1, d)
-            packed[layer, a_off:a_off + rows.shape[0]] = rows
+            off = a_off
         else:  # [N, r]: rank-vectors are columns
             if world > 1:
                 t = t.tensor_split(world, dim=0)[p]
-            rows = t.t().reshape(-1, d)
-            packed[layer, b_off:b_off + rows.shape[0]] = rows
+            t, off = t.t(), b_off
+        packed[layer, off:off + t.numel() // d].view(t.shape).copy_(t)
+        filled.add((layer, kind, ab))
+    for layer in range(geo.num_layers):
+        for kind in meta.kinds:
+            a_off, b_off = offsets[kind]
+            end = b_off + r * geo.width(kind)[1] // d
+            for ab, lo, hi in (("A", a_off, b_off), ("B", b_off, end)):
+                if (layer, kind, ab) not in filled:
+                    packed[layer, lo:hi].zero_()
     return packed
+
+
+# safetensors dtype names of the floating types an adapter file may hold
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                       "F64": torch.float64}
+
+
+def read_packed(meta: AdapterMeta, geo: PageGeometry, pin: bool = False) -> torch.Tensor:
+    """The packed adapter of the PEFT folder ``meta.path``, read from its file.
+
+    The safetensors file is memory-mapped (copy-on-write, never written) and
+    every tensor copied once from the page cache into its pages
+    (``pack_adapter``): no intermediate tensors, one pass over the bytes.
+    """
+    import mmap
+    import struct
+
+    path = Path(meta.path) / ADAPTER_FILE
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    (length,) = struct.unpack("<Q", mapped[:8])
+    header = json.loads(mapped[8:8 + length])
+    data = torch.frombuffer(mapped, dtype=torch.uint8)
+    base = 8 + length
+    tensors = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"adapter '{meta.path}': '{key}' has dtype {entry['dtype']}; "
+                             f"LoRA weights must be F16, BF16 or F32")
+        lo, hi = (base + o for o in entry["data_offsets"])
+        raw = data[lo:hi]
+        if lo % dtype.itemsize:  # safetensors does not promise aligned tensors
+            raw = raw.clone()
+        tensors[key] = raw.view(dtype).view(entry["shape"])
+    return pack_adapter(meta, geo, tensors, pin=pin)
