@@ -472,6 +472,13 @@ def main(argv=None) -> int:
         common["extra"]["compilation_config"] = {"max_cudagraph_capture_size": cfg["max_capture_size"]}
     plan = configs(cfg["systems"], cfg["stock_max_loras"])
     records, overheads = [], []
+    warnings = [w for w in [install_warning] if w]
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    json_path = args.results_dir / f"{name}.json"
+
+    def save() -> None:
+        json_path.write_text(json.dumps(results_json(name, argv, cfg, args.workdir, prep, common,
+                                                     records, warnings, time.time() - t0), indent=1))
 
     def points_of(config):
         return [prep["base_point"]] if config.system == "base" else prep["points"]
@@ -497,12 +504,9 @@ def main(argv=None) -> int:
         if record["start_s"]:
             overheads.append(record["wall_s"] - sum(p.get("elapsed_s") or 0.0 for p in record["points"]))
         records.append(record)
+        save()  # a run stopped from outside (a device call's limit) keeps what it finished
 
-    results = results_json(name, argv, cfg, args.workdir, prep, common, records,
-                           [w for w in [install_warning] if w], time.time() - t0)
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    json_path = args.results_dir / f"{name}.json"
-    json_path.write_text(json.dumps(results, indent=1))
+    save()
     md = report.render(json_path)
     print(md)
     print(f"wrote {json_path} and {json_path.with_suffix('.md').name} (+ plots) in {args.results_dir}")

@@ -14,6 +14,8 @@
 #             of a decode step under knob variants; LSTEP_S limits), e.g. "--variants all"
 #   DIAG=...  variants of scripts/gpu_parity_diag.py (DIAG_S limits), e.g.
 #             "graphs,graphs-nopdl,eager"
+#   SMOKE=1   scripts/gpu_smoke.py first (tiny model, graphs on: the plugin's
+#             outputs against stock's, asserted; SMOKE_S limits)
 #   ALOAD=... arguments for `python -m benchmarks.adapter_load` (host-cache
 #             read and packing rate of 7B adapters; ALOAD_S limits), e.g. "--adapters 64"
 #   BENCH=... arguments for `python -m benchmarks.run` (the headline workload
@@ -31,6 +33,11 @@ if [ -n "${KTESTS:-}" ]; then
     > $O/pytest-ktests.txt 2>&1
   echo "kernel tests rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   tail -3 $O/pytest-ktests.txt
+fi
+if [ "${SMOKE:-0}" = 1 ]; then
+  timeout "${SMOKE_S:-150}" python3 scripts/gpu_smoke.py --out $O/smoke > $O/smoke.txt 2>&1
+  echo "smoke rc=$? ${SECONDS}s" | tee -a $O/steps.txt
+  grep -v "^INFO\|^(EngineCore\|WARNING" $O/smoke.txt | tail -8
 fi
 if [ -n "${ALOAD:-}" ]; then
   timeout "${ALOAD_S:-90}" python3 -m benchmarks.adapter_load $ALOAD --out $O/results/adapter-load.json \

@@ -7,11 +7,14 @@ the vector tables from that model layer's pool. It owns no weights: there is
 no ``max_loras x max_rank`` tensor anywhere.
 
 The LoRA part runs as the custom op ``torch.ops.vllm.slora_paged_lora`` so
-that torch.compile treats it as opaque. The op finds its layer by name in
-the engine's forward context (``static_forward_context``, as vLLM's
-attention and its own LoRA layers do), so two engines of one model in one
-process each run their own layers; a name alone, baked into a compiled
-graph, cannot tell them apart. Its per-step metadata are static
+that torch.compile treats it as opaque. The op finds its layer through a
+tensor argument, the layer's one-element ``lora_key`` buffer (looked up by
+its address), never through a constant: a per-layer constant such as the
+layer's name makes every piece of vLLM's piecewise graph different, so
+inductor compiled all 33 pieces of a 7B model instead of one (60 s of
+start-up against 7 s for the base model, H200, 2026-12-02), while buffers
+are graph inputs and leave the pieces identical. Two engines in one process
+have their own buffers, hence their own layers. Its per-step metadata are static
 buffers of the pager (``memory/step.py``), so CUDA graphs capture it: in
 full graphs (uniform decode) and in piecewise ones (mixed batches) alike.
 
@@ -28,6 +31,7 @@ layer's all-reduce then carries base and LoRA outputs together.
 from __future__ import annotations
 
 import re
+import weakref
 
 import torch
 from torch import nn
@@ -35,18 +39,13 @@ from torch import nn
 from vllm_slora.kernels import batch_meta, paged_lora, paged_lora_expand, paged_lora_shrink
 from vllm_slora.memory.layout import COLUMN_PARALLEL, GROUPS
 
-# Layers by name, for calls outside an engine's forward (no forward context:
-# unit tests); inside one, the engine's own registration wins.
-_LAYERS: dict[str, "PagedLoRALinear"] = {}
+# Layers by the address of their ``lora_key`` buffer (the op's handle on its layer).
+_BY_KEY: "weakref.WeakValueDictionary[int, PagedLoRALinear]" = weakref.WeakValueDictionary()
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
-# Suffix of the layers' keys in vLLM's static forward context (beside the
-# base layer's own prefix, like vLLM's ".lora_linear_async").
-CONTEXT_SUFFIX = ".paged_lora"
 
 
 class PagedLoRALinear(nn.Module):
-    def __init__(self, base_layer: nn.Module, name: str, group: str, pager,
-                 context: dict | None = None):
+    def __init__(self, base_layer: nn.Module, name: str, group: str, pager):
         super().__init__()
         m = _LAYER_INDEX.search(f".{name}")
         if m is None:
@@ -63,18 +62,17 @@ class PagedLoRALinear(nn.Module):
         if self.tp_size > 1 and self.row_parallel and not base_layer.reduce_results:
             raise ValueError(f"vllm_slora: '{name}' does not all-reduce its output; "
                              f"the LoRA output has nowhere to join it")
-        if context is not None:  # the engine's static_forward_context
-            if name + CONTEXT_SUFFIX in context:
-                raise ValueError(f"vllm_slora: duplicate layer name '{name}{CONTEXT_SUFFIX}'")
-            context[name + CONTEXT_SUFFIX] = self
-        _LAYERS[name] = self
+        # The op's argument that names this layer: a graph input, not a constant.
+        self.register_buffer("lora_key", torch.zeros(1, dtype=torch.int8, device=pager.device),
+                             persistent=False)
+        _BY_KEY[self.lora_key.data_ptr()] = self
 
     def forward(self, x: torch.Tensor):
         if self.tp_size > 1 and self.row_parallel:
             return self._row_parallel_forward(x)
         out = self.base_layer(x)
         y = out[0] if isinstance(out, tuple) else out
-        torch.ops.vllm.slora_paged_lora(x, y, self.layer_name)
+        torch.ops.vllm.slora_paged_lora(x, y, self.lora_key)
         return out
 
     def _row_parallel_forward(self, x: torch.Tensor):
@@ -89,7 +87,7 @@ class PagedLoRALinear(nn.Module):
             x = x.contiguous()
         bias = None if (self.tp_rank > 0 or base.skip_bias_add) else base.bias
         partial = base.quant_method.apply(base, x, bias)
-        torch.ops.vllm.slora_paged_lora(x, partial, self.layer_name)
+        torch.ops.vllm.slora_paged_lora(x, partial, self.lora_key)
         out = tensor_model_parallel_all_reduce(partial)
         if not base.return_bias:
             return out
@@ -158,22 +156,20 @@ class PagedLoRALinear(nn.Module):
         return f"group={self.group}, layer={self.layer_idx}"
 
 
-def _slora_paged_lora(x: torch.Tensor, y: torch.Tensor, layer_name: str) -> None:
-    layer_of(layer_name).apply_lora(x, y)
+def _slora_paged_lora(x: torch.Tensor, y: torch.Tensor, key: torch.Tensor) -> None:
+    layer_of(key).apply_lora(x, y)
 
 
-def layer_of(name: str) -> "PagedLoRALinear":
-    """The layer ``name`` of the engine whose forward is running."""
-    from vllm.forward_context import get_forward_context, is_forward_context_available
-
-    if is_forward_context_available():
-        layer = get_forward_context().no_compile_layers.get(name + CONTEXT_SUFFIX)
-        if layer is not None:
-            return layer
-    return _LAYERS[name]
+def layer_of(key: torch.Tensor) -> "PagedLoRALinear":
+    """The layer whose ``lora_key`` buffer ``key`` is."""
+    layer = _BY_KEY.get(key.data_ptr())
+    if layer is None:
+        raise RuntimeError("vllm_slora: the paged LoRA op got a tensor that is no layer's "
+                           "lora_key (was the model moved after its LoRA layers were made?)")
+    return layer
 
 
-def _slora_paged_lora_fake(x: torch.Tensor, y: torch.Tensor, layer_name: str) -> None:
+def _slora_paged_lora_fake(x: torch.Tensor, y: torch.Tensor, key: torch.Tensor) -> None:
     return None
 
 

@@ -57,8 +57,7 @@ class PagedLoRAWorkerManager:
         for name, module in list(model.named_modules()):
             parent_name, _, leaf = name.rpartition(".")
             if leaf in GROUPS and not isinstance(module, PagedLoRALinear):
-                layer = PagedLoRALinear(module, name, leaf, self.pager,
-                                        self.vllm_config.compilation_config.static_forward_context)
+                layer = PagedLoRALinear(module, name, leaf, self.pager)
                 setattr(model.get_submodule(parent_name), leaf, layer)
                 self.layers.append(layer)
         expected = len(GROUPS) * self.pager.hf_config.num_hidden_layers
