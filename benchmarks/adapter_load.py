@@ -7,8 +7,8 @@ seen, so the engine needs adapters read and packed as fast as requests
 finish (about 16 per second for the 7B headline workload at base speed),
 off the step's critical path. This times, on Llama-2-7B-shaped adapters of
 ranks 8/16/32/64 on q,k,v,o, alone and on a thread pool like the host
-cache's: ``layout.read_packed`` into pageable memory (the plugin's path
-since 2026-12-02) and into pinned memory, and the earlier path
+cache's: ``layout.read_packed`` into pinned memory (the plugin's path
+since 2026-12-02) and into pageable memory, and the earlier path
 (``safetensors.torch.load_file``, packing into a zeroed tensor, then
 ``pin_memory``). On CUDA, while the pool reads, the main thread launches a
 small kernel and waits for it in a loop, as the engine's thread launches

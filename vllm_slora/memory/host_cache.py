@@ -1,16 +1,15 @@
 """Worker-side host cache of packed adapters, with a byte budget.
 
-Adapters wait here until the scheduler pages them in, in pageable memory
-(the pager's uploader thread copies them to the device; ``pin`` packs into
-pinned memory instead, kept for comparison in ``benchmarks/adapter_load.py``).
-An entry is a packed adapter (``layout.read_packed``: the PEFT folder's
-safetensors file copied once into its pages). Least recently used entries
-are dropped when the budget is exceeded; a dropped adapter is simply read
-from disk again, and so is one whose files changed on disk since it was
-read (``layout.file_version``): a folder replaced in place is never served
-from its old packing. ``prefetch`` reads folders on background threads,
-several at once, so that cold adapters' disk reads overlap the current step
-and each other.
+Adapters wait here (pinned memory on CUDA, so copies to the device can be
+asynchronous) until the scheduler pages them in. An entry is a packed
+adapter (``layout.read_packed``: the PEFT folder's safetensors file copied
+once into its pages). Least recently used entries are dropped when the
+budget is exceeded; a dropped adapter is simply read from disk again, and
+so is one whose files changed on disk since it was read
+(``layout.file_version``): a folder replaced in place is never served from
+its old packing. ``prefetch`` reads folders on background threads, several
+at once, so that cold adapters' disk reads overlap the current step and
+each other.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,9 +34,7 @@ class Resident:
     scale: float
     rows: torch.Tensor  # int64, the pool rows it fills (same in every layer)
     block_ids: list[int]
-    # Its upload (a Future of the CUDA event ending its copy on the copy
-    # stream), until the main stream waited for it.
-    copied: Future | None = None
+    copied: object = None  # CUDA event of its copy on the copy stream, until waited for
 
 
 @dataclass
@@ -106,10 +103,6 @@ class Pager:
         self._chunk_rows: torch.Tensor | None = None  # int64 [rows_per_block], block 0
         self._block_stride_rows = 0
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        # One thread uploads adapters (host -> pool rows on the copy stream),
-        # so that the engine's thread only queues the work.
-        self.uploader = (ThreadPoolExecutor(1, thread_name_prefix="slora-upload")
-                         if self.copy_stream is not None else None)
 
     # -- binding to the KV buffers ------------------------------------------
     @property
@@ -148,10 +141,7 @@ class Pager:
         self._block_stride_rows = stride // row_bytes
         self.vectors = VectorSpace(self.geo, self.device, vector_capacity(self.geo, num_blocks))
         self.step = StepBuffers(limits, self.device)
-        # Pageable host memory: pinning each adapter's buffer (cudaHostAlloc,
-        # on the prefetch threads) cost more than the copy it speeds up and
-        # serialized in the driver (benchmarks/adapter_load.py).
-        self.host = HostCache(self.geo, self.host_budget_bytes, pin=False)
+        self.host = HostCache(self.geo, self.host_budget_bytes, pin=self.device.type == "cuda")
 
     def check_scheduler_geometry(self, stats: dict) -> None:
         mine = (self.geo.page_width, self.geo.rows_per_block)
@@ -205,42 +195,33 @@ class Pager:
         self.counters["pages_written"] += n * len(self.pools)
         metrics.observe_load(time.perf_counter() - started)
 
-    def _copy_in(self, packed: torch.Tensor, rows: torch.Tensor) -> Future | None:
+    def _copy_in(self, packed: torch.Tensor, rows: torch.Tensor):
         """Write a packed adapter into its pool rows of every layer.
 
-        On CUDA the uploader thread copies it on a side stream, after the
-        work already queued (which may still use these blocks as KV),
-        overlapped with this step's forward and off the engine's thread (a
-        copy from pageable memory holds its calling thread until staged).
-        The main stream waits for it only where the adapter is first used
-        (``set_batch``) or its blocks are given back (``_evict``). This is
+        On CUDA the copy runs on a side stream, after the work already queued
+        (which may still use these blocks as KV), overlapped with this step's
+        forward; the main stream waits for it only where the adapter is first
+        used (``set_batch``) or its blocks are given back (``_evict``). This is
         what makes the scheduler's early loads (prefetch) cost no step time.
         """
         if self.copy_stream is None:
             for i, pool in enumerate(self.pools):
                 pool.index_copy_(0, rows, packed[i])
             return None
-        queued = torch.cuda.Event()
-        queued.record(torch.cuda.current_stream(self.device))
-        return self.uploader.submit(self._upload, packed, rows, queued)
-
-    def _upload(self, packed: torch.Tensor, rows: torch.Tensor,
-                queued: torch.cuda.Event) -> torch.cuda.Event:
-        # Inference mode is per thread: the pools are inference tensors.
-        with (torch.inference_mode(), torch.cuda.device(self.device),
-              torch.cuda.stream(self.copy_stream)):
-            self.copy_stream.wait_event(queued)
+        main = torch.cuda.current_stream(self.device)
+        self.copy_stream.wait_stream(main)
+        with torch.cuda.stream(self.copy_stream):
             src = packed.to(self.device, non_blocking=True)
             for i, pool in enumerate(self.pools):
                 pool.index_copy_(0, rows, src[i])
-            rows.record_stream(self.copy_stream)
-            done = torch.cuda.Event()
-            done.record(self.copy_stream)
-        return done
+        rows.record_stream(self.copy_stream)
+        event = torch.cuda.Event()
+        event.record(self.copy_stream)
+        return event
 
     def _wait_copied(self, res: Resident) -> None:
         if res.copied is not None:
-            torch.cuda.current_stream(self.device).wait_event(res.copied.result())
+            torch.cuda.current_stream(self.device).wait_event(res.copied)
             res.copied = None
 
     def _evict(self, lora_id: int) -> None:
