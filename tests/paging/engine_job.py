@@ -36,7 +36,7 @@ def worker_report(worker) -> dict:
         name for name, mod in model.named_modules()
         if hasattr(mod, "lora_a_stacked") or hasattr(mod, "lora_b_stacked"))
     report["lora_params"] = sorted(n for n, _ in model.named_parameters() if "lora" in n)
-    report["lora_buffers"] = sorted(n for n, _ in model.named_buffers() if "lora" in n)
+    report["lora_buffers"] = {n: b.numel() for n, b in model.named_buffers() if "lora" in n}
     if not pager.bound:
         return report
     report["pool_shares_kv_storage"] = all(
