@@ -4,7 +4,7 @@
 #   STEPS=... arguments for `python -m benchmarks.step_time` (decode step
 #             time of base, stock, plugin at fixed batches; --profile K adds
 #             the anatomy), e.g. "--systems base,slora"
-#   TESTS=1   GPU tests (TESTS_S, default: what is left of CALL_S=570 s): the plugin in full + piecewise graphs vs stock and vs
+#   TESTS=1   GPU tests (TESTS_S, default: what is left of the call): the plugin in full + piecewise graphs vs stock and vs
 #             itself eager (tests/gpu; GPU_K selects, pytest -k), and the
 #             kernel tests of the grouping (KERNEL_K selects, KERNEL_S limits,
 #             KERNEL_TESTS=0 skips them)
@@ -28,54 +28,58 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
 # The op inside vLLM's graphs (the plugin's default) unless the caller says otherwise.
 export VLLM_SLORA_CUDAGRAPH=${VLLM_SLORA_CUDAGRAPH:-captured}
 SECONDS=0
+# A stage gets at most what is left of the call (CALL_S, default 560 s: a
+# device call ends at 600 s and returns nothing if cut) minus 25 s for the
+# archive, so the results of the stages that ran always come back.
+cap() { local left=$(( ${CALL_S:-560} - 25 - SECONDS )); (( left < 1 )) && left=1; echo $(( $1 < left ? $1 : left )); }
 if [ -n "${KTESTS:-}" ]; then
-  timeout "${KTESTS_S:-150}" python3 -m pytest -q -rs tests/kernels -k "$KTESTS" \
+  timeout "$(cap ${KTESTS_S:-150})" python3 -m pytest -q -rs tests/kernels -k "$KTESTS" \
     > $O/pytest-ktests.txt 2>&1
   echo "kernel tests rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   tail -3 $O/pytest-ktests.txt
 fi
 if [ "${SMOKE:-0}" = 1 ]; then
-  timeout "${SMOKE_S:-150}" python3 scripts/gpu_smoke.py --out $O/smoke > $O/smoke.txt 2>&1
+  timeout "$(cap ${SMOKE_S:-150})" python3 scripts/gpu_smoke.py --out $O/smoke > $O/smoke.txt 2>&1
   echo "smoke rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   grep -v "^INFO\|^(EngineCore\|WARNING" $O/smoke.txt | tail -8
 fi
 if [ -n "${ALOAD:-}" ]; then
-  timeout "${ALOAD_S:-90}" python3 -m benchmarks.adapter_load $ALOAD --out $O/results/adapter-load.json \
+  timeout "$(cap ${ALOAD_S:-90})" python3 -m benchmarks.adapter_load $ALOAD --out $O/results/adapter-load.json \
     > $O/adapter-load.txt 2>&1
   echo "adapter load rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   grep "^|" $O/adapter-load.txt
 fi
 if [ -n "${LSTEP:-}" ]; then
-  timeout "${LSTEP_S:-200}" python3 -m benchmarks.lora_step $LSTEP --out $O/results/lora-step.json \
+  timeout "$(cap ${LSTEP_S:-200})" python3 -m benchmarks.lora_step $LSTEP --out $O/results/lora-step.json \
     > $O/lora-step.txt 2>&1
   echo "lora step rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   grep "^|" $O/lora-step.txt
 fi
 if [ -n "${DIAG:-}" ]; then
-  timeout "${DIAG_S:-450}" python3 scripts/gpu_parity_diag.py $O/diag --only "$DIAG" \
+  timeout "$(cap ${DIAG_S:-450})" python3 scripts/gpu_parity_diag.py $O/diag --only "$DIAG" \
     --deadline-s "$(( ${DIAG_S:-450} - 15 ))" > $O/diag.txt 2>&1
   echo "diag rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   cat $O/diag/diag.json
 fi
 if [ -n "${STEPS:-}" ]; then  # decode step time at fixed batches, e.g. "--systems base,stock,slora"
-  timeout "${STEPS_S:-420}" python3 -m benchmarks.step_time $STEPS --out $O/results/step-time.json \
+  timeout "$(cap ${STEPS_S:-420})" python3 -m benchmarks.step_time $STEPS --out $O/results/step-time.json \
     > $O/step-time.txt 2>&1
   echo "step time rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   mkdir -p $O/step-children && cp /tmp/slora-steps/*.json $O/step-children/ 2>/dev/null
 fi
 if [ "${TESTS:-1}" = 1 ]; then
-  timeout "${TESTS_S:-$((${CALL_S:-570} - SECONDS))}" python3 -m pytest -q -rs -s tests/gpu ${GPU_K:+-k "$GPU_K"} \
+  timeout "$(cap ${TESTS_S:-600})" python3 -m pytest -q -rs -s tests/gpu ${GPU_K:+-k "$GPU_K"} \
     > $O/pytest-gpu.txt 2>&1
   echo "pytest gpu rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   if [ "${KERNEL_TESTS:-1}" = 1 ]; then
-    timeout "${KERNEL_S:-120}" python3 -m pytest -q -rs tests/kernels \
+    timeout "$(cap ${KERNEL_S:-120})" python3 -m pytest -q -rs tests/kernels \
       -k "${KERNEL_K:-group_by_adapter or meta or per_token or few_adapters}" \
       > $O/pytest-kernels.txt 2>&1
     echo "pytest kernels rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   fi
 fi
 if [ -n "${BENCH:-}" ]; then
-  timeout "${BENCH_S:-480}" python3 -m benchmarks.run --preset headline --results-dir $O/results \
+  timeout "$(cap ${BENCH_S:-480})" python3 -m benchmarks.run --preset headline --results-dir $O/results \
     $BENCH > $O/bench.txt 2>&1
   echo "bench rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   cp -r /tmp/slora-bench/runs/*/logs $O/bench-logs 2>/dev/null
