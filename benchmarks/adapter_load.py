@@ -14,7 +14,7 @@ since 2026-12-02) and into pageable memory, and the earlier path
 small kernel and waits for it in a loop, as the engine's thread launches
 its steps: the loop's latency (p50/p99/max) shows whether the readers hold
 it up (pinned allocations go through the driver). Then each variant's
-adapters are copied to the device as the pager's uploader does. Files come
+adapters are copied to the device as the pager copies them. Files come
 from ``benchmarks.adapter_pool``, so they sit in the page cache: this is
 the copy cost, not the disk's.
 """
@@ -93,7 +93,7 @@ def run(paths: list[Path], geo, threads: int, variant: str) -> dict:
         row["engine_loop_ms"] = pct(loop)
         torch.cuda.synchronize()
         t = time.perf_counter()
-        for x in packed:  # the pager's uploader: one copy at a time on a side stream
+        for x in packed:  # as the pager: one adapter at a time
             x.to("cuda", non_blocking=True)
         torch.cuda.synchronize()
         row["upload_gb_per_s"] = round(nbytes / (time.perf_counter() - t) / 1e9, 2)

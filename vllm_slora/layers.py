@@ -51,7 +51,6 @@ class PagedLoRALinear(nn.Module):
         if m is None:
             raise ValueError(f"vllm_slora cannot tell the model layer of '{name}'")
         self.base_layer = base_layer
-        self.layer_name = name
         self.group = group
         self.layer_idx = int(m.group(1))
         self.pager = pager

@@ -317,7 +317,7 @@ def read_packed(meta: AdapterMeta, geo: PageGeometry, pin: bool = False) -> torc
         dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
         if dtype is None:
             raise ValueError(f"adapter '{meta.path}': '{key}' has dtype {entry['dtype']}; "
-                             f"LoRA weights must be F16, BF16 or F32")
+                             f"LoRA weights must be F16, BF16, F32 or F64")
         lo, hi = (base + o for o in entry["data_offsets"])
         raw = data[lo:hi]
         if lo % dtype.itemsize:  # safetensors does not promise aligned tensors
