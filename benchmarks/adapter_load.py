@@ -1,22 +1,27 @@
-"""How fast the worker's host cache makes adapters ready to page in, and what it costs the engine's thread.
+"""How fast adapters get from their files into their pages, and what it costs the engine's thread.
 
     python -m benchmarks.adapter_load [--adapters 64] [--threads 1,8] [--out FILE]
 
 At n = 1000 and more nearly every request brings an adapter no step has
-seen, so the engine needs adapters read and packed as fast as requests
-finish (about 16 per second for the 7B headline workload at base speed),
-off the step's critical path. This times, on Llama-2-7B-shaped adapters of
-ranks 8/16/32/64 on q,k,v,o, alone and on a thread pool like the host
-cache's: ``layout.read_packed`` into pinned memory (the plugin's path
-since 2026-12-02) and into pageable memory, and the earlier path
-(``safetensors.torch.load_file``, packing into a zeroed tensor, then
-``pin_memory``). On CUDA, while the pool reads, the main thread launches a
-small kernel and waits for it in a loop, as the engine's thread launches
-its steps: the loop's latency (p50/p99/max) shows whether the readers hold
-it up (pinned allocations go through the driver). Then each variant's
-adapters are copied to the device as the pager copies them. Files come
-from ``benchmarks.adapter_pool``, so they sit in the page cache: this is
-the copy cost, not the disk's.
+seen, so the engine needs adapters paged in as fast as requests finish
+(about 30 per second for the 7B headline workload at base speed), off the
+step's critical path. On Llama-2-7B-shaped adapters of ranks 8/16/32/64 on
+q,k,v,o this times, from the first read of the file to the pages on the
+device:
+
+- ``host-packed``: what the plugin did until 2026-12-02: each adapter
+  loaded (``safetensors.torch.load_file``), packed on the host into fresh
+  memory, pinned, then sent with one ``.to`` (packing on a pool of
+  ``--threads`` threads, as its host cache did);
+- ``uploader``: the plugin's path, ``memory/uploads.py``: the file read
+  through a ring of pinned staging buffers, packed on the device and
+  scattered into 32 layers' pool rows, on one thread.
+
+On CUDA, meanwhile, the main thread launches a tiny kernel and waits for it
+in a loop, as the engine's thread launches its steps: the loop's latency
+(p50/p99/max) shows whether the paging holds it up. Files come from
+``benchmarks.adapter_pool`` and sit in the page cache (as the plugin's
+read-ahead puts them): this is the copy cost, not the disk's.
 """
 
 from __future__ import annotations
@@ -33,15 +38,13 @@ RANKS = [8, 16, 32, 64]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def legacy_pack(meta, geo, pin: bool):
-    """The earlier path: safetensors' own copy, a zeroed packed tensor, then a pinned copy."""
-    import torch
+def host_packed(meta, geo, pin: bool):
+    """The earlier path: safetensors' own copy, packed on the host, then pinned."""
     from safetensors.torch import load_file
 
     from vllm_slora.memory.layout import ADAPTER_FILE, pack_adapter
 
-    packed = torch.zeros(geo.num_layers, meta.rows(geo), geo.page_width, dtype=geo.dtype)
-    packed.copy_(pack_adapter(meta, geo, load_file(str(Path(meta.path) / ADAPTER_FILE))))
+    packed = pack_adapter(meta, geo, load_file(str(Path(meta.path) / ADAPTER_FILE)))
     return packed.pin_memory() if pin else packed
 
 
@@ -64,39 +67,52 @@ def pct(values: list[float]) -> dict:
                 max=round(v[-1], 3))
 
 
-def run(paths: list[Path], geo, threads: int, variant: str) -> dict:
+def loop_text(loop: dict | None) -> str:
+    return f"{loop['p50']}/{loop['p99']}/{loop['max']}" if loop else "-"
+
+
+def page_in(metas: list, geo, variant: str, threads: int) -> None:
     import torch
 
-    from vllm_slora.memory.layout import read_adapter_meta, read_packed
+    from vllm_slora.memory.uploads import Uploader
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if variant == "host-packed":
+        with ThreadPoolExecutor(threads) as pool:
+            for packed in pool.map(lambda m: host_packed(m, geo, device.type == "cuda"), metas):
+                packed.to(device, non_blocking=True)
+        return
+    most = max(m.rows(geo) for m in metas)
+    pools = [torch.empty(most, geo.page_width, dtype=geo.dtype, device=device)
+             for _ in range(geo.num_layers)]
+    uploader = Uploader(geo, pools)
+    rows = torch.arange(most, device=device)
+    for upload in [uploader.submit(m, rows[:m.rows(geo)]) for m in metas]:
+        upload.wait(device)
+
+
+def run(metas: list, geo, variant: str, threads: int) -> dict:
+    import torch
 
     cuda = torch.cuda.is_available()
-    pin = cuda and variant != "pageable"
-    metas = [read_adapter_meta(str(p)) for p in paths]
-    read = ((lambda m: legacy_pack(m, geo, pin)) if variant == "legacy"
-            else (lambda m: read_packed(m, geo, pin)))
-    read(metas[0])  # first-touch costs (allocator, page cache) out of the timing
+    page_in(metas[:1], geo, variant, threads)  # first-touch costs out of the timing
     stop, loop = threading.Event(), []
     watcher = threading.Thread(target=lambda: loop.extend(engine_loop(stop))) if cuda else None
     if watcher:
         watcher.start()
     started = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        packed = list(pool.map(read, metas))
+    page_in(metas, geo, variant, threads)
+    if cuda:
+        torch.cuda.synchronize()
     s = time.perf_counter() - started
     stop.set()
-    nbytes = sum(t.nbytes for t in packed)
+    nbytes = sum(m.rows(geo) for m in metas) * geo.num_layers * geo.page_width * geo.dtype.itemsize
     row = dict(variant=variant, threads=threads, adapters=len(metas), seconds=round(s, 3),
                adapters_per_s=round(len(metas) / s, 1), gb_per_s=round(nbytes / s / 1e9, 2),
                ms_per_adapter=round(1e3 * s / len(metas), 1))
     if watcher:
         watcher.join()
         row["engine_loop_ms"] = pct(loop)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for x in packed:  # as the pager: one adapter at a time
-            x.to("cuda", non_blocking=True)
-        torch.cuda.synchronize()
-        row["upload_gb_per_s"] = round(nbytes / (time.perf_counter() - t) / 1e9, 2)
     return row
 
 
@@ -105,39 +121,37 @@ def main(argv=None) -> int:
     from transformers import LlamaConfig
 
     from benchmarks.adapter_pool import make_folders
+    from vllm_slora.memory.layout import PageGeometry, read_adapter_meta
     from vllm_slora.testing.models import make_llama_config
-    from vllm_slora.memory.layout import PageGeometry
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--adapters", type=int, default=64)
-    p.add_argument("--threads", default="1,8")
+    p.add_argument("--threads", default="1,8", help="host-packed: packing threads")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/slora-adapter-load"))
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     model = make_llama_config(args.workdir / "model", "llama-2-7b")
     names = {f"a{i}": RANKS[i % len(RANKS)] for i in range(args.adapters)}
     folders = make_folders(args.workdir / "adapters", model, names, TARGETS, pool=8)
+    metas = [read_adapter_meta(str(f)) for f in folders.values()]
     # 7B KV block of 16 tokens in fp16: 2 * 16 * 32 heads * 128 * 2 bytes
     geo = PageGeometry.create(LlamaConfig.from_pretrained(model), torch.float16, 2 * 16 * 4096 * 2)
     rows = []
     if torch.cuda.is_available():
         stop = threading.Event()
         threading.Timer(2.0, stop.set).start()
-        idle = engine_loop(stop)
-        rows.append(dict(variant="idle", engine_loop_ms=pct(idle)))
+        rows.append(dict(variant="idle", engine_loop_ms=pct(engine_loop(stop))))
         print(json.dumps(rows[-1]), flush=True)
-    for threads in [int(t) for t in args.threads.split(",")]:
-        for variant in ("legacy", "pinned", "pageable"):
-            rows.append(run(list(folders.values()), geo, threads, variant))
-            print(json.dumps(rows[-1]), flush=True)
-    print("| variant | threads | adapters/s | GB/s | ms per adapter | engine loop p50/p99/max ms "
-          "| upload GB/s |\n|---|---|---|---|---|---|---|")
+    cases = [("host-packed", int(t)) for t in args.threads.split(",")] + [("uploader", 1)]
+    for variant, threads in cases:
+        rows.append(run(metas, geo, variant, threads))
+        print(json.dumps(rows[-1]), flush=True)
+    print("| path | threads | adapters/s | GB/s | ms per adapter | engine loop p50/p99/max ms |\n"
+          "|---|---|---|---|---|---|")
     for r in rows:
-        loop = r.get("engine_loop_ms")
-        loop = f"{loop['p50']}/{loop['p99']}/{loop['max']}" if loop else "-"
         print(f"| {r['variant']} | {r.get('threads', '-')} | {r.get('adapters_per_s', '-')} | "
-              f"{r.get('gb_per_s', '-')} | {r.get('ms_per_adapter', '-')} | {loop} | "
-              f"{r.get('upload_gb_per_s', '-')} |")
+              f"{r.get('gb_per_s', '-')} | {r.get('ms_per_adapter', '-')} | "
+              f"{loop_text(r.get('engine_loop_ms'))} |")
     if args.out:
         args.out.write_text(json.dumps(dict(rows=rows), indent=1))
     return 0

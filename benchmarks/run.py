@@ -222,8 +222,6 @@ def child_env(config, cfg: dict, prep: dict) -> dict:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         env["VLLM_LORA_RESOLVER_CACHE_DIR"] = str(prep["adapters_root"])
     env.update(config.env)
-    if config.system.startswith("slora"):  # the same host memory for adapters as stock's CPU cache
-        env["VLLM_SLORA_HOST_CACHE_GB"] = f"{cfg['host_lora_cache_gb']:g}"
     return env
 
 
@@ -429,7 +427,7 @@ def results_json(name, argv, cfg, workdir, prep, common, records, warnings, used
         "engine_note": (f"{graphs}, prefix caching off, max_model_len {common['max_model_len']}, max_lora_rank "
                         f"{common['max_lora_rank']}, stock max_cpu_loras {prep['max_cpu_loras']} (bounded by "
                         f"{cfg['host_lora_cache_gb']:g} GB of rank-{max(cfg['ranks'])} adapters; the plugin's "
-                        f"host cache {cfg['host_lora_cache_gb']:g} GB); the plugin "
+                        f"adapters wait as files in the page cache); the plugin "
                         f"ignores max_loras (given {common['slora_max_loras']}); one engine per configuration; "
                         f"LoRA ids fresh per measurement (cold adapter caches), a short warm-up first"),
         "adapters": {"root": str(prep["adapters_root"]), "pool_per_rank": cfg["pool"],

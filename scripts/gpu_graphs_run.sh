@@ -10,6 +10,8 @@
 #             KERNEL_TESTS=0 skips them)
 #   KTESTS=.. kernel tests first (pytest -k expression over tests/kernels;
 #             KTESTS_S limits), e.g. "graph_replay"
+#   PYTEST=.. any pytest arguments, run first of all (PYTEST_S limits), e.g.
+#             "tests/paging/test_pager.py -k upload"
 #   LSTEP=.. arguments for `python -m benchmarks.lora_step` (LoRA kernel time
 #             of a decode step under knob variants; LSTEP_S limits), e.g. "--variants all"
 #   DIAG=...  variants of scripts/gpu_parity_diag.py (DIAG_S limits), e.g.
@@ -32,6 +34,11 @@ SECONDS=0
 # device call ends at 600 s and returns nothing if cut) minus 25 s for the
 # archive, so the results of the stages that ran always come back.
 cap() { local left=$(( ${CALL_S:-560} - 25 - SECONDS )); (( left < 1 )) && left=1; echo $(( $1 < left ? $1 : left )); }
+if [ -n "${PYTEST:-}" ]; then
+  timeout "$(cap ${PYTEST_S:-120})" python3 -m pytest -q -rs $PYTEST > $O/pytest-first.txt 2>&1
+  echo "pytest first rc=$? ${SECONDS}s" | tee -a $O/steps.txt
+  tail -3 $O/pytest-first.txt
+fi
 if [ -n "${KTESTS:-}" ]; then
   timeout "$(cap ${KTESTS_S:-150})" python3 -m pytest -q -rs tests/kernels -k "$KTESTS" \
     > $O/pytest-ktests.txt 2>&1

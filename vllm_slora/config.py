@@ -32,9 +32,6 @@ class SLoraConfig:
     # Off: adapters in a separate, statically reserved region instead of the
     # KV pool (S-LoRA's "no unified memory" ablation).
     unify_mem: bool
-    # Worker host cache of packed adapters (pinned on CUDA), in bytes
-    # (VLLM_SLORA_HOST_CACHE_GB, default 4).
-    host_cache_bytes: int = 4 << 30
     # With unify_mem off: the share of KV blocks set aside for adapters at
     # start (VLLM_SLORA_SEPARATE_FRACTION, default 0.25).
     separate_fraction: float = 0.25
@@ -63,7 +60,6 @@ class SLoraConfig:
             cudagraph=cudagraph,
             kernels=kernels,
             unify_mem=_flag("VLLM_SLORA_UNIFY_MEM", True),
-            host_cache_bytes=int(float(os.environ.get("VLLM_SLORA_HOST_CACHE_GB", "4")) * (1 << 30)),
             separate_fraction=float(os.environ.get("VLLM_SLORA_SEPARATE_FRACTION", "0.25")),
         )
 

@@ -175,7 +175,10 @@ def _slora_paged_lora_fake(x: torch.Tensor, y: torch.Tensor, key: torch.Tensor) 
 def register_op() -> None:
     if hasattr(torch.ops.vllm, "slora_paged_lora"):
         return
-    from vllm.utils.torch_utils import direct_register_custom_op
+    from vllm.platforms import current_platform
+    from vllm.utils.torch_utils import direct_register_custom_op, vllm_lib
 
     direct_register_custom_op(op_name="slora_paged_lora", op_func=_slora_paged_lora,
                               mutates_args=["y"], fake_impl=_slora_paged_lora_fake)
+    if current_platform.dispatch_key != "CPU":  # CPU tensors too (the reference path)
+        vllm_lib.impl("slora_paged_lora", _slora_paged_lora, dispatch_key="CPU")

@@ -20,7 +20,7 @@ the engine loop does not write a file every step), and the API process
 registers a custom collector (``SLoraCollector``) on the registry vLLM's
 ``/metrics`` uses (``patches/vllm_entrypoints_serve_instrumentator_metrics.py``);
 it reads the snapshots at scrape time. Scheduler figures are summed over
-engine processes; worker figures (host cache, load times) are taken from
+engine processes; worker figures (read-ahead, load times) are taken from
 tensor-parallel rank 0 only, since every rank pages in its shard of the
 same adapters (a sum would count each load P times). The API process makes
 the directory at start-up and its engine processes inherit the variable.
@@ -31,9 +31,10 @@ Metrics (prefix ``vllm_slora:``, next to vLLM's ``vllm:``): gauges
 counters ``adapter_loads_total``, ``adapter_loads_ahead_total``,
 ``adapter_evictions_total``, ``adapter_reloads_total``,
 ``host_cache_hits_total``, ``host_cache_misses_total``; histogram
-``adapter_load_seconds`` (worker time to page one adapter in: host-cache
-lookup or disk read and packing, plus the copy into its pages, issued on the
-copy stream on CUDA).
+``adapter_load_seconds`` (engine-thread time to page one adapter in: its
+metadata and page rows; the upload itself runs on the uploader thread).
+``host_cache_*`` count page-ins whose files were (not) read ahead into the
+OS page cache, where adapters wait in host memory.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ COUNTERS = [
      "scheduler", "loaded_ahead"),
     ("adapter_evictions", "adapters evicted from the KV pool", "scheduler", "evictions"),
     ("adapter_reloads", "loads of adapters evicted before", "scheduler", "reloads"),
-    ("host_cache_hits", "adapter page-ins served by the worker host cache", "worker", "hits"),
-    ("host_cache_misses", "adapter page-ins that read the adapter from disk", "worker", "misses"),
+    ("host_cache_hits", "adapter page-ins whose files were read ahead", "worker", "hits"),
+    ("host_cache_misses", "adapter page-ins whose files were not read ahead", "worker", "misses"),
 ]
 
 _state: dict = {"scheduler": {}, "worker": {}, "load_seconds": [0] * (len(LOAD_BUCKETS) + 1),

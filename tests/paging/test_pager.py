@@ -40,7 +40,7 @@ def make_pager(tiny_model, kv, max_tokens=64, max_loras=8, max_rank=32):
     from vllm_slora.memory.pager import Pager
     from vllm_slora.memory.step import StepLimits
 
-    pager = Pager(tiny_config(tiny_model), torch.float32, torch.device("cpu"), 1 << 30)
+    pager = Pager(tiny_config(tiny_model), torch.float32, torch.device("cpu"))
     pager.bind(kv, NUM_BLOCKS, StepLimits(max_tokens, max_loras, max_rank))
     return pager
 
@@ -75,6 +75,7 @@ def test_pools_are_views_and_loads_land_in_the_blocks(tiny_model, adapters):
         assert pool.untyped_storage().data_ptr() == kv[i].untyped_storage().data_ptr()
     blocks = [5, 9, 2, 7]  # rank 4: 4 * 32 pages = 4 blocks of 32 pages
     pager.apply(plan(pager, Load(1, adapters[0], blocks)))
+    pager.resident[1].copied.wait(pager.device)  # what set_batch does before a forward
     meta = read_adapter_meta(adapters[0])
     packed = pack_adapter(meta, pager.geo, load_file(f"{adapters[0]}/adapter_model.safetensors"))
     for layer in range(2):
@@ -86,17 +87,25 @@ def test_pools_are_views_and_loads_land_in_the_blocks(tiny_model, adapters):
     assert pager.resident == {} and pager.vectors.free == [(0, pager.vectors.capacity)]
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                     reason="needs CUDA"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("file_dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("tp_size", [1, 2])
-def test_read_packed_puts_every_vector_in_its_pages(tiny_model, tmp_path, monkeypatch,
-                                                    file_dtype, tp_size):
-    """The packed adapter, read straight from the mapped file, against the
-    layout written out by hand: A's rank-vectors are rows, B's are columns
-    (TP: this rank's shard), slices the adapter lacks are zero pages even in
-    reused (dirty) memory, and the file's dtype becomes the adapter dtype."""
+def test_upload_puts_every_vector_in_its_pages(tiny_model, tmp_path, monkeypatch, device,
+                                               file_dtype, tp_size):
+    """An adapter uploaded from its file (chunks through a ring of two small
+    staging slots, packed on the device) against the layout written out by
+    hand: A's rank-vectors are rows, B's are columns (TP: this rank's
+    shard), slices the adapter lacks are zero pages even in reused (dirty)
+    memory, the file's dtype becomes the adapter dtype, and each layer's
+    pages land in the given rows of that layer's pool, nowhere else."""
     from safetensors.torch import load_file
 
-    from vllm_slora.memory.layout import PageGeometry, read_adapter_meta, read_packed
+    from vllm_slora.memory.layout import PageGeometry, read_adapter_meta
+    from vllm_slora.memory.uploads import Uploader
     from vllm_slora.testing.adapters import make_peft_adapter
 
     path = make_peft_adapter(tmp_path / "qv-down", tiny_model, 8, dtype=file_dtype,
@@ -105,28 +114,36 @@ def test_read_packed_puts_every_vector_in_its_pages(tiny_model, tmp_path, monkey
     cfg = tiny_config(tiny_model)
     meta = read_adapter_meta(str(path))
     assert meta.kinds == ("q_proj", "k_proj", "v_proj", "down_proj")
+    empty = torch.empty
+
+    def dirty(*a, **k):  # memory as an allocator hands it back
+        t = empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(7)
+
     for p in range(tp_size):
         geo = PageGeometry.create(cfg, torch.float32, 2 * BLOCK * 64 * 4 // tp_size,
                                   tp_size=tp_size, tp_rank=p)
-        d = geo.page_width
-        empty = torch.empty
-        with monkeypatch.context() as m:  # memory as the pinned allocator hands it back
-            m.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
-            got = read_packed(meta, geo)
-        assert got.dtype == torch.float32 and got.shape == (cfg.num_hidden_layers,
-                                                            meta.rows(geo), d)
+        d, n = geo.page_width, meta.rows(geo)
+        num_rows = 2 * n + 5
+        pools = [torch.zeros(num_rows, d, device=device) for _ in range(cfg.num_hidden_layers)]
+        rows = torch.randperm(num_rows, generator=torch.Generator().manual_seed(p))[:n]
+        with monkeypatch.context() as m:
+            m.setattr(torch, "empty", dirty)
+            uploader = Uploader(geo, pools, slots=2, slot_bytes=4096)
+            uploader.submit(meta, rows.to(device)).wait(torch.device(device))
+        assert uploader.counters["upload_chunks"] > 2  # the ring wrapped
         want, row = [], 0
         for layer in range(cfg.num_hidden_layers):
             parts = []
             for kind in meta.kinds:
                 part = "mlp" if kind == "down_proj" else "self_attn"
                 key = f"base_model.model.model.layers.{layer}.{part}.{kind}"
-                k, n = geo.width(kind)
+                k, nw = geo.width(kind)
                 a = tensors.get(f"{key}.lora_A.weight")
                 b = tensors.get(f"{key}.lora_B.weight")
                 if a is None:  # k_proj: zero pages of the fused qkv group
                     a = torch.zeros(geo.a_vectors(kind, 8), k)
-                    b = torch.zeros(n, 8)
+                    b = torch.zeros(nw, 8)
                 elif kind == "down_proj":  # row-parallel: A's columns of this rank
                     a = a.float().tensor_split(tp_size, dim=1)[p]
                     b = b.float().tensor_split(tp_size, dim=0)[p]
@@ -134,8 +151,12 @@ def test_read_packed_puts_every_vector_in_its_pages(tiny_model, tmp_path, monkey
                     a = a.float()[p::tp_size]
                     b = b.float().tensor_split(tp_size, dim=0)[p]
                 parts += [a.reshape(-1, d), b.t().reshape(-1, d)]
-            want.append(torch.cat(parts))
-        assert torch.equal(got, torch.stack(want))
+            want = torch.cat(parts)
+            pool = pools[layer].cpu()
+            assert torch.equal(pool[rows], want)
+            others = torch.ones(num_rows, dtype=torch.bool)
+            others[rows] = False
+            assert pool[others].abs().sum() == 0
 
 
 def dense_lora(x, path, layer, kinds, scale, widths):
@@ -188,39 +209,32 @@ def test_paged_layer_equals_dense_lora(tiny_model, adapters, group, kinds, width
     assert torch.equal(got[0], base(x)[0]) and torch.equal(got[4], base(x)[4])
 
 
-def test_adapter_replaced_in_place_is_read_again(tiny_model, tmp_path):
-    """A folder rewritten with another rank: the metadata (what the scheduler
-    budgets) and the host cache's packing (what the worker pages in) both
-    follow the files on disk, never the first read."""
-    from vllm_slora.memory.host_cache import HostCache
-    from vllm_slora.memory.layout import read_adapter_meta
+def test_adapter_replaced_in_place_is_paged_in_as_it_is_now(tiny_model, tmp_path):
+    """A folder rewritten with another rank between two page-ins: the
+    metadata (what the scheduler budgets) and the upload (what lands in the
+    pages) both follow the files on disk, never the first read."""
+    from vllm_slora.memory.layout import pack_adapter, read_adapter_meta
+    from vllm_slora.memory.plan import Evict, Load
     from vllm_slora.testing.adapters import make_peft_adapter
+    from safetensors.torch import load_file
 
     path = str(make_peft_adapter(tmp_path / "a", tiny_model, 4, seed=1))
-    cache = HostCache(make_pager(tiny_model, cpu_attn_kv(2)).geo, 1 << 30, pin=False, workers=1)
-    assert read_adapter_meta(path).rank == 4
-    meta, packed = cache.get(path)
-    assert meta.rank == 4
-    make_peft_adapter(path, tiny_model, 8, seed=2)  # replaced under the same path
-    assert read_adapter_meta(path).rank == 8
-    meta, packed8 = cache.get(path)
-    assert meta.rank == 8 and packed8.shape[1] == 2 * packed.shape[1]
-    assert cache.stats()["disk_reads"] == 2 and cache.stats()["host_bytes"] == packed8.nbytes
-    assert cache.get(path)[0].rank == 8 and cache.stats()["disk_reads"] == 2  # unchanged: a hit
-
-
-def test_host_cache_reads_many_adapters_at_once_as_one_by_one(tiny_model, adapters):
-    from vllm_slora.memory.host_cache import HostCache
-
-    pager = make_pager(tiny_model, cpu_attn_kv(2))
-    one = HostCache(pager.geo, 1 << 30, pin=False, workers=1)
-    many = HostCache(pager.geo, 1 << 30, pin=False, workers=4)
-    many.prefetch(adapters)  # all four read concurrently
-    for path in adapters:
-        want_meta, want = one.get(path)
-        meta, got = many.get(path)
-        assert meta == want_meta and torch.equal(got, want)
-    assert many.stats()["disk_reads"] == len(adapters) and many.stats()["host_adapters"] == 4
+    kv = cpu_attn_kv(2)
+    pager = make_pager(tiny_model, kv)
+    pager.read_ahead.prefetch([path])
+    for lora_id, rank, blocks in ((1, 4, [0, 1, 2, 3]), (2, 8, list(range(4, 12)))):
+        if rank == 8:
+            pager.apply(plan(pager, Evict(1)))
+            make_peft_adapter(path, tiny_model, 8, seed=2)  # replaced under the same path
+        pager.apply(plan(pager, Load(lora_id, path, blocks)))
+        pager.resident[lora_id].copied.wait(pager.device)
+        meta = read_adapter_meta(path)
+        assert meta.rank == rank and pager.resident[lora_id].rank == rank
+        packed = pack_adapter(meta, pager.geo, load_file(f"{path}/adapter_model.safetensors"))
+        for layer in range(2):
+            assert torch.equal(pager.pools[layer][pager.resident[lora_id].rows], packed[layer])
+    stats = pager.read_ahead.stats()
+    assert stats["hits"] == 2 and stats["misses"] == 0
 
 
 def test_layers_compile_to_one_graph(tiny_model):

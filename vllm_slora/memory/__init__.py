@@ -9,8 +9,10 @@ Design: docs/unified-paging.md. Vocabulary: ``layout.py``.
 - ``manager.py``: ``PagedKVCacheManager``, vLLM's KV-cache manager with
   adapter admission and eviction before "no room".
 - ``plan.py``: the per-step scheduler -> worker message.
-- ``host_cache.py``: worker host cache of packed adapters (byte budget).
-- ``pager.py``: worker side, pools as views of the KV buffers, copies, batch
+- ``read_ahead.py``: adapter files read ahead into the OS page cache.
+- ``uploads.py``: adapter files to their pool rows, packed on the device,
+  on a thread of its own.
+- ``pager.py``: worker side, pools as views of the KV buffers, uploads, batch
   metadata. ``vectors.py``: the vector tables.
 - ``worker_manager.py``: the model runner's LoRA manager in S-LoRA mode.
 - ``stats.py``: the counters of a running ``vllm.LLM``.

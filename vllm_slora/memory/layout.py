@@ -242,19 +242,17 @@ def _read_adapter_meta(path: str, version: tuple) -> AdapterMeta:
 
 
 def pack_adapter(meta: AdapterMeta, geo: PageGeometry, tensors: dict,
-                 pin: bool = False) -> torch.Tensor:
-    """PEFT tensors -> packed adapter ``[num_layers, rows, D]`` in the adapter dtype.
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """PEFT tensors -> packed adapter ``[num_layers, rows, D]`` in the adapter dtype, on ``device``.
 
     Each tensor is copied once, straight into its pages (B transposed on the
     way, converted to the adapter dtype); only pages no tensor fills (layers
-    or slices of a fused group the adapter lacks) are zeroed. ``pin``: the
-    packed adapter is allocated in pinned memory (CUDA), ready for an
-    asynchronous copy to the device. With tensor parallelism, this rank's
-    shard (see the module docstring).
+    or slices of a fused group the adapter lacks) are zeroed. With tensor
+    parallelism, this rank's shard (see the module docstring).
     """
     d, r = geo.page_width, meta.rank
     p, world = geo.tp_rank, geo.tp_size
-    packed = torch.empty(geo.num_layers, meta.rows(geo), d, dtype=geo.dtype, pin_memory=pin)
+    packed = torch.empty(geo.num_layers, meta.rows(geo), d, dtype=geo.dtype, device=device)
     offsets = meta.offsets(geo)
     filled = set()
     for key, t in tensors.items():
@@ -293,34 +291,28 @@ _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torc
                        "F64": torch.float64}
 
 
-def read_packed(meta: AdapterMeta, geo: PageGeometry, pin: bool = False) -> torch.Tensor:
-    """The packed adapter of the PEFT folder ``meta.path``, read from its file.
-
-    The safetensors file is memory-mapped (copy-on-write, never written) and
-    every tensor copied once from the page cache into its pages
-    (``pack_adapter``): no intermediate tensors, one pass over the bytes.
-    """
-    import mmap
+def read_header(f) -> tuple[dict, int]:
+    """(tensor entries, offset of the data) of an open safetensors file."""
     import struct
 
-    path = Path(meta.path) / ADAPTER_FILE
-    with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    (length,) = struct.unpack("<Q", mapped[:8])
-    header = json.loads(mapped[8:8 + length])
-    data = torch.frombuffer(mapped, dtype=torch.uint8)
-    base = 8 + length
+    (length,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def tensors_from_bytes(path: str, data: torch.Tensor, header: dict) -> dict[str, torch.Tensor]:
+    """Views of the tensors of a safetensors file whose data section is the
+    uint8 tensor ``data`` (on any device), by name, in the file's dtypes."""
     tensors = {}
     for key, entry in header.items():
-        if key == "__metadata__":
-            continue
         dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
         if dtype is None:
-            raise ValueError(f"adapter '{meta.path}': '{key}' has dtype {entry['dtype']}; "
+            raise ValueError(f"adapter '{path}': '{key}' has dtype {entry['dtype']}; "
                              f"LoRA weights must be F16, BF16, F32 or F64")
-        lo, hi = (base + o for o in entry["data_offsets"])
+        lo, hi = entry["data_offsets"]
         raw = data[lo:hi]
         if lo % dtype.itemsize:  # safetensors does not promise aligned tensors
             raw = raw.clone()
         tensors[key] = raw.view(dtype).view(entry["shape"])
-    return pack_adapter(meta, geo, tensors, pin=pin)
+    return tensors

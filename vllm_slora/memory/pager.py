@@ -1,8 +1,9 @@
 """Worker side of unified paging: adapter pages in the KV buffers.
 
 The ``Pager`` views each layer's KV buffer as a pool ``[num_rows, D]`` (same
-storage, no copy), applies the scheduler's plan (copies a packed adapter into
-the pool rows of the blocks the scheduler chose; drops evicted ones), keeps
+storage, no copy), applies the scheduler's plan (uploads an adapter into the
+pool rows of the blocks the scheduler chose, ``uploads.py``; drops evicted
+ones), keeps
 the vector tables, and writes each step's batch metadata into the static
 buffers the layers read (``step.py``).
 Vocabulary: ``vllm_slora/memory/layout.py``.
@@ -18,10 +19,11 @@ import numpy as np
 import torch
 
 from vllm_slora import metrics
-from vllm_slora.memory.host_cache import HostCache
 from vllm_slora.memory.layout import GROUPS, PageGeometry
 from vllm_slora.memory.plan import Evict, Load, PagingPlan
+from vllm_slora.memory.read_ahead import ReadAhead
 from vllm_slora.memory.step import StepBuffers, StepLimits
+from vllm_slora.memory.uploads import Upload, Uploader
 from vllm_slora.memory.vectors import VectorSpace, vector_capacity
 
 
@@ -34,7 +36,7 @@ class Resident:
     scale: float
     rows: torch.Tensor  # int64, the pool rows it fills (same in every layer)
     block_ids: list[int]
-    copied: object = None  # CUDA event of its copy on the copy stream, until waited for
+    copied: Upload | None = None  # its upload, until the engine's stream waited for it
 
 
 @dataclass
@@ -80,15 +82,14 @@ class Pager:
     """Created with the model; ``bind`` (first plan, KV cache allocated) makes it usable."""
 
     def __init__(self, hf_config, dtype: torch.dtype, device: torch.device,
-                 host_budget_bytes: int, tp_size: int = 1, tp_rank: int = 0):
+                 tp_size: int = 1, tp_rank: int = 0):
         self.hf_config = hf_config
         self.tp_size, self.tp_rank = tp_size, tp_rank
         metrics.set_tp_rank(tp_rank)
         self.dtype = dtype
         self.device = device
-        self.host_budget_bytes = host_budget_bytes
         self.geo: PageGeometry | None = None
-        self.host: HostCache | None = None
+        self.read_ahead = ReadAhead()
         self.vectors: VectorSpace | None = None
         self.pools: list[torch.Tensor] = []
         self.kv_tensors: list[torch.Tensor] = []
@@ -102,7 +103,7 @@ class Pager:
         self.counters = dict(loads=0, evictions=0, pages_written=0)
         self._chunk_rows: torch.Tensor | None = None  # int64 [rows_per_block], block 0
         self._block_stride_rows = 0
-        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.uploader: Uploader | None = None
 
     # -- binding to the KV buffers ------------------------------------------
     @property
@@ -141,7 +142,7 @@ class Pager:
         self._block_stride_rows = stride // row_bytes
         self.vectors = VectorSpace(self.geo, self.device, vector_capacity(self.geo, num_blocks))
         self.step = StepBuffers(limits, self.device)
-        self.host = HostCache(self.geo, self.host_budget_bytes, pin=self.device.type == "cuda")
+        self.uploader = Uploader(self.geo, self.pools)
 
     def check_scheduler_geometry(self, stats: dict) -> None:
         mine = (self.geo.page_width, self.geo.rows_per_block)
@@ -152,38 +153,43 @@ class Pager:
 
     def block_rows(self, block_ids: list[int]) -> torch.Tensor:
         """Pool rows (int64) of ``block_ids``, in block order."""
-        ids = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        ids = torch.tensor(block_ids, dtype=torch.int64)
+        if self.device.type == "cuda":
+            # From pinned memory: a pageable copy would wait for the queued steps.
+            ids = ids.pin_memory().to(self.device, non_blocking=True)
         return (ids[:, None] * self._block_stride_rows + self._chunk_rows[None, :]).reshape(-1)
 
     # -- the scheduler's plan -----------------------------------------------
     def apply(self, plan: PagingPlan) -> None:
         self.check_scheduler_geometry(plan.stats)
         self.scheduler_stats = plan.stats
-        # Read every adapter this plan pages in at once (background threads);
-        # the events below then wait for each in order.
-        self.host.prefetch([e.path for e in plan.events if isinstance(e, Load)])
         for event in plan.events:
             if isinstance(event, Evict):
                 self._evict(event.lora_id)
             else:
                 self._load(event)
         if plan.prefetch:
-            self.host.prefetch(plan.prefetch)
+            self.read_ahead.prefetch(plan.prefetch)
         if plan.events:
-            metrics.record("worker", self.host.counters)
+            metrics.record("worker", self.read_ahead.counters)
 
     def _load(self, event: Load) -> None:
         if event.lora_id in self.resident:
             raise RuntimeError(f"scheduler paged in adapter {event.lora_id} twice")
         started = time.perf_counter()
-        meta, packed = self.host.get(event.path)
+        meta = self.read_ahead.meta(event.path)
         rows = self.block_rows(event.block_ids)
-        n = packed.shape[1]
+        n = meta.rows(self.geo)
         if n > rows.numel():
             raise RuntimeError(f"adapter '{event.path}' needs {n} pages, the scheduler gave "
                                f"{len(event.block_ids)} blocks = {rows.numel()} pages")
         rows = rows[:n]
-        copied = self._copy_in(packed, rows)
+        # Queued, not done: the upload overlaps this step's forward, off this
+        # thread (``uploads.py``); the engine's stream waits for it only where
+        # the adapter is first used (``set_batch``) or its blocks are given
+        # back (``_evict``). This is what makes the scheduler's early loads
+        # (prefetch) cost no step time.
+        copied = self.uploader.submit(meta, rows)
         if self.vectors.find(meta.rank) is None and self.vectors.fits(meta.rank):
             moves = self.vectors.compact()
             for res in self.resident.values():
@@ -195,33 +201,9 @@ class Pager:
         self.counters["pages_written"] += n * len(self.pools)
         metrics.observe_load(time.perf_counter() - started)
 
-    def _copy_in(self, packed: torch.Tensor, rows: torch.Tensor):
-        """Write a packed adapter into its pool rows of every layer.
-
-        On CUDA the copy runs on a side stream, after the work already queued
-        (which may still use these blocks as KV), overlapped with this step's
-        forward; the main stream waits for it only where the adapter is first
-        used (``set_batch``) or its blocks are given back (``_evict``). This is
-        what makes the scheduler's early loads (prefetch) cost no step time.
-        """
-        if self.copy_stream is None:
-            for i, pool in enumerate(self.pools):
-                pool.index_copy_(0, rows, packed[i])
-            return None
-        main = torch.cuda.current_stream(self.device)
-        self.copy_stream.wait_stream(main)
-        with torch.cuda.stream(self.copy_stream):
-            src = packed.to(self.device, non_blocking=True)
-            for i, pool in enumerate(self.pools):
-                pool.index_copy_(0, rows, src[i])
-        rows.record_stream(self.copy_stream)
-        event = torch.cuda.Event()
-        event.record(self.copy_stream)
-        return event
-
     def _wait_copied(self, res: Resident) -> None:
         if res.copied is not None:
-            torch.cuda.current_stream(self.device).wait_event(res.copied)
+            res.copied.wait(self.device)
             res.copied = None
 
     def _evict(self, lora_id: int) -> None:
@@ -271,6 +253,6 @@ class Pager:
     def stats(self) -> dict:
         out = dict(self.counters, worker_resident_adapters=len(self.resident))
         if self.bound:
-            out.update(vector_capacity=self.vectors.capacity, **self.host.stats())
+            out.update(vector_capacity=self.vectors.capacity, **self.read_ahead.stats(), **self.uploader.counters)
         return out
 

@@ -28,8 +28,8 @@ class Evict:
 @dataclass
 class PagingPlan:
     events: list[Load | Evict] = field(default_factory=list)
-    # Adapters of the next waiting requests (paths): the worker may bring
-    # them into its host cache (and device staging) ahead of their load.
+    # Adapters of the next waiting requests (paths): the worker reads their
+    # files ahead into the OS page cache (``read_ahead.py``).
     prefetch: list[str] = field(default_factory=list)
     # The scheduler-side counters after this step (AdapterPool.stats()).
     stats: dict = field(default_factory=dict)

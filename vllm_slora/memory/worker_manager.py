@@ -46,7 +46,7 @@ class PagedLoRAWorkerManager:
 
             tp_rank = get_tensor_model_parallel_rank()
         self.pager = Pager(vllm_config.model_config.hf_text_config, self.lora_config.lora_dtype,
-                           self.device, slora_config().host_cache_bytes, tp_size, tp_rank)
+                           self.device, tp_size, tp_rank)
         self.layers: list[PagedLoRALinear] = []
         self._dummy: set[int] = set()
         self._registered: dict[int, str] = {}
@@ -90,7 +90,6 @@ class PagedLoRAWorkerManager:
         if not num_blocks or not kv:
             return False
         self.pager.bind(kv, num_blocks, self._step_limits())
-        self.pager.host.prefetch(list(self._registered.values()))
         self._compile_eager_variants()
         return True
 
@@ -158,14 +157,13 @@ class PagedLoRAWorkerManager:
     # -- the LRUCacheWorkerLoRAManager surface the runners use -----------------
     def add_adapter(self, lora_request) -> bool:
         self._registered[lora_request.lora_int_id] = lora_request.lora_path
-        if self.pager.bound:
-            self.pager.host.prefetch([lora_request.lora_path])
+        self.pager.read_ahead.prefetch([lora_request.lora_path])
         return True
 
     def remove_adapter(self, adapter_id: int) -> bool:
         path = self._registered.pop(adapter_id, None)
-        if path is not None and self.pager.bound:
-            self.pager.host.drop(path)
+        if path is not None:
+            self.pager.read_ahead.drop(path)
         return path is not None
 
     def remove_all_adapters(self) -> None:

@@ -1,0 +1,135 @@
+"""Uploads: adapter files into their pool rows, packed on the device, off the engine's thread.
+
+An adapter waits in host memory as its safetensors file, in the OS page
+cache (``read_ahead.py`` asks the kernel to read it ahead). Paging it in
+takes one host copy: the uploader thread reads the file a chunk at a time
+into a ring of ``SLOTS`` pinned staging buffers (allocated once), sends each
+chunk to a device buffer on the copy stream, packs the adapter there
+(``layout.pack_adapter`` on the device's views of the file's tensors: B
+transposed, dtype converted, this TP rank's shard) and scatters each layer's
+pages into its pool rows. The engine's thread only queues the upload and,
+where the adapter is first used, makes its stream wait for the upload's
+event (``Upload.wait``).
+
+Why not a host cache of packed adapters: packing on the host wrote every
+adapter into fresh memory, and first-touch page faults (or pinning it,
+``cudaHostAlloc``) cost more than the copy and did not scale over threads:
+about 17 adapters/s of 64 MB on 8 threads of an H200 host, where n = 1000
+needs about 30/s (``benchmarks/adapter_load.py``). The engine's steps then
+waited for reads.
+
+Ordering on CUDA: the copy stream first waits for the work the engine had
+queued when the upload was asked for (it may still read the adapter's
+blocks as KV of finished requests); a slot is refilled only after the copy
+that read it is done (its event). Without CUDA (CPU, tests) the same chunks,
+slots and packing run with plain copies, done by the time ``wait`` returns.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from vllm_slora.memory.layout import (ADAPTER_FILE, AdapterMeta, PageGeometry, pack_adapter,
+                                      read_header, tensors_from_bytes)
+
+# Staging slots in the ring: enough to overlap reading one with sending others.
+SLOTS = 4
+SLOT_BYTES = 16 << 20
+
+
+class Upload:
+    """One adapter's upload, until the engine's stream has waited for it."""
+
+    def __init__(self, future: Future):
+        self._future = future
+
+    def wait(self, device: torch.device) -> None:
+        """Block until the upload is queued (the file read), then make the
+        current stream of ``device`` wait for its device work. Raises what
+        the upload raised (a file that no longer matches its metadata)."""
+        event = self._future.result()
+        if event is not None:
+            torch.cuda.current_stream(device).wait_event(event)
+
+
+class Uploader:
+    def __init__(self, geo: PageGeometry, pools: list[torch.Tensor], slots: int = SLOTS,
+                 slot_bytes: int = SLOT_BYTES):
+        """``pools``: each layer's pool [num_rows, D] in the adapter dtype."""
+        self.geo = geo
+        self.pools = pools
+        self.device = pools[0].device
+        self.cuda = self.device.type == "cuda"
+        self.host = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=self.cuda)
+                     for _ in range(slots)]
+        self.freed: list[torch.cuda.Event | None] = [None] * slots
+        self.next = 0
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="slora-upload")
+        self.counters = dict(uploads=0, upload_chunks=0, upload_bytes=0)
+
+    def submit(self, meta: AdapterMeta, rows: torch.Tensor) -> Upload:
+        """Queue the adapter of ``meta`` into rows ``rows`` (int64 [meta.rows(geo)],
+        on the pools' device, the same in every layer) of every pool."""
+        if rows.numel() != meta.rows(self.geo):
+            raise ValueError(f"adapter '{meta.path}' has {meta.rows(self.geo)} pages per layer, "
+                             f"got {rows.numel()} rows")
+        queued = None
+        if self.cuda:
+            queued = torch.cuda.Event()
+            queued.record(torch.cuda.current_stream(self.device))
+        return Upload(self.thread.submit(self._run, meta, rows, queued))
+
+    def _run(self, meta, rows, queued):
+        # The pools are inference tensors; inference mode is per thread.
+        with torch.inference_mode():
+            if not self.cuda:
+                self._write(meta, rows)
+                return None
+            with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+                self.stream.wait_event(queued)
+                rows.record_stream(self.stream)  # made on the engine's stream
+                self._write(meta, rows)
+                done = torch.cuda.Event()
+                done.record(self.stream)
+                return done
+
+    def _write(self, meta: AdapterMeta, rows: torch.Tensor) -> None:
+        path = Path(meta.path) / ADAPTER_FILE
+        with open(path, "rb", buffering=0) as f:
+            header, start = read_header(f)
+            size = max((e["data_offsets"][1] for e in header.values()), default=0)
+            data = torch.empty(size, dtype=torch.uint8, device=self.device)
+            for lo in range(0, size, self.host[0].numel()):
+                self._chunk(f, data[lo:lo + self.host[0].numel()], path)
+        packed = pack_adapter(meta, self.geo, tensors_from_bytes(meta.path, data, header),
+                              device=self.device)
+        for layer, pool in enumerate(self.pools):
+            pool.index_copy_(0, rows, packed[layer])
+        self.counters["uploads"] += 1
+        self.counters["upload_bytes"] += size
+
+    def _chunk(self, f, out: torch.Tensor, path: Path) -> None:
+        """The file's next ``out.numel()`` bytes into ``out``, through a slot."""
+        i = self.next
+        self.next = (i + 1) % len(self.host)
+        if self.freed[i] is not None:
+            self.freed[i].synchronize()  # the copy that read slot i is done
+        n = out.numel()
+        view = memoryview(self.host[i].numpy())[:n]
+        got = 0
+        while got < n:
+            k = f.readinto(view[got:])
+            if not k:
+                raise ValueError(f"adapter file '{path}' ended {n - got} bytes early "
+                                 f"(changed while being read?)")
+            got += k
+        out.copy_(self.host[i][:n], non_blocking=self.cuda)
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(self.stream)
+            self.freed[i] = event
+        self.counters["upload_chunks"] += 1
