@@ -14,9 +14,9 @@ from types import ModuleType
 
 from vllm_slora.activation import VllmVersionError, check_vllm_version
 
-# Applied in every process, mode on or off: they only add the --plugin flag
-# and the checks that go with it.
-CLI_PATCHES = ["vllm_engine_arg_utils"]
+# Applied in every process, mode on or off: they only add the --plugin flag,
+# the checks that go with it and the plugin's variables to vLLM's known ones.
+CLI_PATCHES = ["vllm_engine_arg_utils", "vllm_envs"]
 # Applied in every process when S-LoRA mode is on.
 MODE_PATCHES: list[str] = [
     "vllm_v1_core_sched_scheduler",

@@ -99,3 +99,36 @@ def test_serve_plugin_without_enable_lora_is_an_error(tiny_model):
     proc = run_vllm("serve", str(tiny_model), "--skip-tokenizer-init", "--plugin", "vllm_slora")
     assert proc.returncode != 0
     assert "add --enable-lora to `vllm serve`" in proc.stderr
+
+
+def test_plugin_variables_are_known_to_vllm(tmp_path):
+    """vLLM checks every VLLM_* variable at start: with the plugin installed
+    (mode off or on) its variables neither warn nor stop
+    ``--fail-on-environ-validation``, every VLLM_SLORA* name the package
+    reads is declared, and a run's own paths stay out of the compile cache key."""
+    import re
+    from pathlib import Path
+
+    import vllm_slora
+    from vllm_slora.patches import vllm_envs
+
+    root = Path(vllm_slora.__file__).parent
+    sources = [*root.rglob("*.py"), *Path(vllm_envs.__file__).parent.glob("*.py")]
+    used = {m for f in sources for m in re.findall(r"\bVLLM_SLORA[A-Z_]*\b", f.read_text())}
+    assert used and used <= set(vllm_envs.VARIABLES), used - set(vllm_envs.VARIABLES)
+    values = {"VLLM_SLORA": "0", "VLLM_SLORA_KERNELS": "auto", "VLLM_SLORA_CUDAGRAPH": "captured",
+              "VLLM_SLORA_UNIFY_MEM": "1", "VLLM_SLORA_SEPARATE_FRACTION": "0.25",
+              "VLLM_SLORA_PDL": "1", "VLLM_SLORA_METRICS_DIR": str(tmp_path / "m"),
+              "VLLM_SLORA_TRACE": str(tmp_path / "trace")}
+    assert set(values) == set(vllm_envs.VARIABLES)
+    proc = run_py("""
+        from vllm.plugins import load_general_plugins
+        load_general_plugins()
+        from vllm import envs
+        envs.validate_environ(hard_fail=True)
+        factors = envs.compile_factors()
+        assert factors["VLLM_SLORA_METRICS_DIR"] == factors["VLLM_SLORA_TRACE"], factors
+        assert factors["VLLM_SLORA_KERNELS"] != factors["VLLM_SLORA_TRACE"], factors
+        print("validated")
+    """, env=values)
+    assert proc.returncode == 0 and "validated" in proc.stdout, proc.stderr[-2000:]

@@ -1,0 +1,51 @@
+"""Patch of ``vllm.envs`` (vLLM 0.26.0): the plugin's environment variables are known to vLLM.
+
+Why: ``vllm.envs.validate_environ`` (called by ``EngineArgs.create_engine_config``)
+warns at every start about each ``VLLM_*`` variable it does not know,
+``Unknown vLLM environment variable detected: VLLM_SLORA``, which a user
+reads as a misconfiguration, and with ``--fail-on-environ-validation`` it
+refuses to start. vLLM has no way for a plugin to declare its variables.
+
+What: ``apply()`` adds each of ``VARIABLES`` to ``envs.environment_variables``
+(vLLM's table of known variables, name -> getter) unless vLLM already has
+it. vLLM also hashes every known variable into its torch.compile cache key
+(``envs.compile_factors``): the settings that change what is compiled or
+run get their value; the per-run paths (``PER_RUN``) report None, so that
+a fresh metrics directory does not make every start miss the compile cache.
+
+Guard: vLLM 0.26.x; ``environment_variables`` and ``validate_environ``.
+Goes away if vLLM lets plugins declare environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+
+from vllm_slora.patches import guard
+
+TARGET = "vllm.envs"
+
+# Every environment variable the plugin reads (tests/foundation checks the
+# package for others).
+VARIABLES = (
+    "VLLM_SLORA",  # S-LoRA mode (activation.py)
+    "VLLM_SLORA_KERNELS",  # config.py
+    "VLLM_SLORA_CUDAGRAPH",
+    "VLLM_SLORA_UNIFY_MEM",
+    "VLLM_SLORA_SEPARATE_FRACTION",
+    "VLLM_SLORA_PDL",  # kernels/grouped.py
+    "VLLM_SLORA_METRICS_DIR",  # metrics.py
+    "VLLM_SLORA_TRACE",  # activation.py (tests)
+)
+PER_RUN = ("VLLM_SLORA_METRICS_DIR", "VLLM_SLORA_TRACE")
+
+
+def apply() -> None:
+    from vllm import envs
+
+    guard(envs, "environment_variables", "validate_environ")
+    for name in VARIABLES:
+        if name in PER_RUN:
+            envs.environment_variables.setdefault(name, lambda: None)
+        else:
+            envs.environment_variables.setdefault(name, lambda name=name: os.environ.get(name))
