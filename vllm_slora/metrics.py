@@ -1,7 +1,7 @@
 """Prometheus metrics of S-LoRA mode, served on vLLM's own ``/metrics``.
 
 The counters live where the paging happens: the scheduler's ``AdapterPool``
-and the worker's ``Pager``/``HostCache``, in the engine-core process (and a
+and the worker's ``Pager``/``ReadAhead``, in the engine-core process (and a
 worker process, with a multiproc executor); ``/metrics`` is served by the API
 process. How they get there, chosen from vLLM 0.26's source:
 
