@@ -71,22 +71,18 @@ def loop_text(loop: dict | None) -> str:
     return f"{loop['p50']}/{loop['p99']}/{loop['max']}" if loop else "-"
 
 
-def page_in(metas: list, geo, variant: str, threads: int) -> None:
+def page_in(metas: list, geo, device, threads: int, uploader=None) -> None:
+    """Every adapter of ``metas`` onto ``device``: through ``uploader`` (its
+    pools hold the largest adapter; each overwrites the last) or, without
+    one, by the host-packed path on ``threads`` threads."""
     import torch
 
-    from vllm_slora.memory.uploads import Uploader
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if variant == "host-packed":
+    if uploader is None:
         with ThreadPoolExecutor(threads) as pool:
             for packed in pool.map(lambda m: host_packed(m, geo, device.type == "cuda"), metas):
                 packed.to(device, non_blocking=True)
         return
-    most = max(m.rows(geo) for m in metas)
-    pools = [torch.empty(most, geo.page_width, dtype=geo.dtype, device=device)
-             for _ in range(geo.num_layers)]
-    uploader = Uploader(geo, pools)
-    rows = torch.arange(most, device=device)
+    rows = torch.arange(uploader.pools[0].shape[0], device=device)
     for upload in [uploader.submit(m, rows[:m.rows(geo)]) for m in metas]:
         upload.wait(device)
 
@@ -94,14 +90,22 @@ def page_in(metas: list, geo, variant: str, threads: int) -> None:
 def run(metas: list, geo, variant: str, threads: int) -> dict:
     import torch
 
+    from vllm_slora.memory.uploads import Uploader
+
     cuda = torch.cuda.is_available()
-    page_in(metas[:1], geo, variant, threads)  # first-touch costs out of the timing
+    device = torch.device("cuda" if cuda else "cpu")
+    uploader = None
+    if variant == "uploader":  # made once, as the pager makes it at start-up
+        most = max(m.rows(geo) for m in metas)
+        uploader = Uploader(geo, [torch.empty(most, geo.page_width, dtype=geo.dtype, device=device)
+                                  for _ in range(geo.num_layers)])
+    page_in(metas[:1], geo, device, threads, uploader)  # first-touch costs out of the timing
     stop, loop = threading.Event(), []
     watcher = threading.Thread(target=lambda: loop.extend(engine_loop(stop))) if cuda else None
     if watcher:
         watcher.start()
     started = time.perf_counter()
-    page_in(metas, geo, variant, threads)
+    page_in(metas, geo, device, threads, uploader)
     if cuda:
         torch.cuda.synchronize()
     s = time.perf_counter() - started

@@ -253,6 +253,7 @@ class Pager:
     def stats(self) -> dict:
         out = dict(self.counters, worker_resident_adapters=len(self.resident))
         if self.bound:
-            out.update(vector_capacity=self.vectors.capacity, **self.read_ahead.stats(), **self.uploader.counters)
+            out.update(vector_capacity=self.vectors.capacity, **self.read_ahead.stats(),
+                       **self.uploader.counters)
         return out
 

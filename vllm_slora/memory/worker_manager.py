@@ -18,7 +18,6 @@ import torch
 
 from vllm.logger import init_logger
 
-from vllm_slora.config import slora_config
 from vllm_slora.layers import PagedLoRALinear, register_op
 from vllm_slora.memory.layout import GROUPS
 from vllm_slora.memory.pager import Pager
