@@ -1,6 +1,6 @@
 """How fast adapters get from their files into their pages, and what it costs the engine's thread.
 
-    python -m benchmarks.adapter_load [--adapters 64] [--threads 1,8] [--out FILE]
+    python -m benchmarks.adapter_load [--adapters 64] [--threads 1,8] [--lanes 1,3] [--out FILE]
 
 At n = 1000 and more nearly every request brings an adapter no step has
 seen, so the engine needs adapters paged in as fast as requests finish
@@ -15,7 +15,8 @@ device:
   ``--threads`` threads, as its host cache did);
 - ``uploader``: the plugin's path, ``memory/uploads.py``: the file read
   through a ring of pinned staging buffers, packed on the device and
-  scattered into 32 layers' pool rows, on one thread.
+  scattered into 32 layers' pool rows, on ``--lanes`` threads (uploads at
+  once, each with its own ring and copy stream; the "threads" column).
 
 On CUDA, meanwhile, the main thread launches a tiny kernel and waits for it
 in a loop, as the engine's thread launches its steps: the loop's latency
@@ -98,7 +99,7 @@ def run(metas: list, geo, variant: str, threads: int) -> dict:
     if variant == "uploader":  # made once, as the pager makes it at start-up
         most = max(m.rows(geo) for m in metas)
         uploader = Uploader(geo, [torch.empty(most, geo.page_width, dtype=geo.dtype, device=device)
-                                  for _ in range(geo.num_layers)])
+                                  for _ in range(geo.num_layers)], lanes=threads)
     page_in(metas[:1], geo, device, threads, uploader)  # first-touch costs out of the timing
     stop, loop = threading.Event(), []
     watcher = threading.Thread(target=lambda: loop.extend(engine_loop(stop))) if cuda else None
@@ -131,6 +132,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--adapters", type=int, default=64)
     p.add_argument("--threads", default="1,8", help="host-packed: packing threads")
+    p.add_argument("--lanes", default="1,3", help="uploader: uploads at once")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/slora-adapter-load"))
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -146,7 +148,8 @@ def main(argv=None) -> int:
         threading.Timer(2.0, stop.set).start()
         rows.append(dict(variant="idle", engine_loop_ms=pct(engine_loop(stop))))
         print(json.dumps(rows[-1]), flush=True)
-    cases = [("host-packed", int(t)) for t in args.threads.split(",")] + [("uploader", 1)]
+    cases = ([("host-packed", int(t)) for t in args.threads.split(",") if t]
+             + [("uploader", int(n)) for n in args.lanes.split(",") if n])
     for variant, threads in cases:
         rows.append(run(metas, geo, variant, threads))
         print(json.dumps(rows[-1]), flush=True)

@@ -22,6 +22,7 @@ PyTorch reference first.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -41,17 +42,32 @@ VARIANTS = {
     "few32": {"FEW_GROUPS": 32},
     "resident32-few32": {"RESIDENT_PROGRAMS_PER_SM": 32, "FEW_GROUPS": 32},
     "nosplit": {"MAX_SPLIT": 1},
+    # Before the tile list: each work item scans the group bounds; before the
+    # any-rank check: rank-0 modules run every item to find no rank.
+    "scan": {"TILE_LIST": False},
+    "norankcheck": {"ANY_RANK_CHECK": False},
+    "before": {"TILE_LIST": False, "ANY_RANK_CHECK": False},
+    "br32": {"SMALL_TILE_SHRINK": (32, 256)},  # BR 32 (64 for q,k,v)
+    "br16": {"SMALL_TILE_SHRINK": (8, 256)},  # BR 8 (16 for q,k,v: before 2026-12-02 pm)
 }
 
 
-def setup(batch: int, n: int, slots: int, d: int, widths: dict, device: str, dtype):
-    """Per module: adapters, static slot tensors (slots past n: rank 0), x, y."""
+def setup(batch: int, n: int, slots: int, d: int, widths: dict, device: str, dtype,
+          prefill: int = 0):  # fmt: skip
+    """Per module: adapters, static slot tensors (slots past n: rank 0), x, y.
+
+    ``prefill`` > 0: a mixed step, the batch's decode tokens followed by one
+    prompt chunk of that many tokens on adapter 0 (as a step that admits a
+    request while the batch decodes).
+    """
     import torch
 
     from vllm_slora.kernels import batch_meta
     from vllm_slora.kernels.synthetic import make_paged_adapters
 
-    token_lora = (torch.arange(batch, dtype=torch.int32) % n).to(device)
+    token_lora = torch.cat([torch.arange(batch, dtype=torch.int32) % n,
+                            torch.zeros(prefill, dtype=torch.int32)]).to(device)
+    batch += prefill
     meta = batch_meta(token_lora, slots)  # as the engine: None for per-token batches
     out = {}
     for i, (name, (k, ns)) in enumerate(widths.items()):
@@ -110,6 +126,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", default="64,256")
     p.add_argument("--adapters", default="5,64")
+    p.add_argument("--prefill", default="0",
+                   help="prompt tokens (of adapter 0) added to each batch, e.g. 0,256: mixed steps")
     p.add_argument("--slots", type=int, default=256)
     p.add_argument("--variants", default="all")
     p.add_argument("--dry-run", action="store_true")
@@ -130,38 +148,38 @@ def main(argv=None) -> int:
         device, dtype, d, slots = "cpu", torch.float32, 32, 8
         widths = {"qkv": (64, [64, 32, 32]), "o": (64, [64]), "gate_up": (64, [96, 96]),
                   "down": (96, [64])}
-        batches, ns, names = [40], [3], names[:2]
+        batches, ns, names, prefills = [40], [3], names[:2], [0, 24]
     else:
         device, dtype, d, slots = "cuda", torch.float16, 256, args.slots
         widths, batches, ns = MODULES, ints(args.batches), ints(args.adapters)
+        prefills = ints(args.prefill)
     max_rank = max(RANKS)
     results = {"command": "python -m benchmarks.lora_step " + " ".join(argv or sys.argv[1:]),
                "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                "slots": slots, "cases": []}
     flush_buf = torch.empty(96 << 20, dtype=torch.uint8, device=device) if device == "cuda" else None
-    for batch in batches:
-        for n in ns:
-            token_lora, meta, mods = setup(batch, n, slots, d, widths, device, dtype)
-            for name in names:
-                old = apply_variant(VARIANTS[name])
-                try:
-                    errs = {m: check(mod, token_lora, meta, max_rank) for m, mod in mods.items()}
-                    row = {"batch": batch, "adapters": n, "variant": name,
-                           "max_rel_err": max(errs.values())}
-                    if device == "cuda":
-                        from benchmarks.kernels import graph_us
+    for batch, n, prefill in itertools.product(batches, ns, prefills):
+        token_lora, meta, mods = setup(batch, n, slots, d, widths, device, dtype, prefill)
+        for name in names:
+            old = apply_variant(VARIANTS[name])
+            try:
+                errs = {m: check(mod, token_lora, meta, max_rank) for m, mod in mods.items()}
+                row = {"batch": batch, "adapters": n, "prefill": prefill, "variant": name,
+                       "max_rel_err": max(errs.values())}
+                if device == "cuda":
+                    from benchmarks.kernels import graph_us
 
-                        per = {m: graph_us(lambda mod=mod: call(mod, token_lora, meta, max_rank),
-                                           lambda: flush_buf.zero_())
-                               for m, mod in mods.items()}
-                        row["us_per_module"] = per
-                        row["step_ms"] = LAYERS * sum(per.values()) / 1e3
-                    results["cases"].append(row)
-                    print(json.dumps(row), flush=True)
-                finally:
-                    apply_variant(old)
-            if args.out:
-                args.out.write_text(json.dumps(results, indent=1))
+                    per = {m: graph_us(lambda mod=mod: call(mod, token_lora, meta, max_rank),
+                                       lambda: flush_buf.zero_())
+                           for m, mod in mods.items()}
+                    row["us_per_module"] = per
+                    row["step_ms"] = LAYERS * sum(per.values()) / 1e3
+                results["cases"].append(row)
+                print(json.dumps(row), flush=True)
+            finally:
+                apply_variant(old)
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1))
     print(table(results["cases"]))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
@@ -170,11 +188,11 @@ def main(argv=None) -> int:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| batch | adapters | variant | step LoRA ms | qkv us | o us | gate_up us | down us | err |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| batch | adapters | prefill | variant | step LoRA ms | qkv us | o us | gate_up us "
+             "| down us | err |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         per = r.get("us_per_module", {})
-        lines.append(f"| {r['batch']} | {r['adapters']} | {r['variant']} | "
+        lines.append(f"| {r['batch']} | {r['adapters']} | {r.get('prefill', 0)} | {r['variant']} | "
                      f"{r.get('step_ms', float('nan')):.2f} | "
                      + " | ".join(f"{per.get(m, float('nan')):.1f}" for m in MODULES)
                      + f" | {r['max_rel_err']:.1e} |")

@@ -26,7 +26,8 @@ COLUMNS = {
               "start-up failed | start-up too slow | skipped (time budget)",
     "req/s": "finished requests / wall time of the measurement",
     "out tok/s": "generated tokens / wall time",
-    "steady tok/s": "generated tokens / s over the steady window: from the start to the last "
+    "steady tok/s": "generated tokens / s over the steady window: from when the first wave "
+                    "has its first tokens (tokens generated >= the fullest batch) to the last "
                     "moment the waiting queue was non-empty (the batch as full as it can be)",
     "mean batch": "mean running requests over the point (sampled every 0.5 s)",
     "queue>0": "share of the point's samples with requests waiting",

@@ -50,11 +50,11 @@ from benchmarks import report
 from benchmarks.adapter_pool import adapter_bytes, make_folders
 from benchmarks.metrics import not_run
 from benchmarks.offline import error_line
-from benchmarks.systems import PLUGIN_VARS, SYSTEMS, configs, describe, engine_kwargs
+from benchmarks.systems import ORDER, PLUGIN_VARS, configs, describe, engine_kwargs
 from benchmarks.workload import TARGETS, WorkloadSpec, generate, write_trace
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_SYSTEMS = list(SYSTEMS)
+ALL_SYSTEMS = list(ORDER)  # by importance (systems.ORDER)
 # Start-up grace after a configuration's share: engine shutdown, abort of a stopped measurement.
 GRACE_S = 30
 
@@ -75,7 +75,7 @@ PRESETS = {
     # Online: fewer configurations (the ablations are throughput questions)
     # and fewer requests, since each measurement lasts requests / rate.
     "headline-online": dict(DEFAULTS, mode="online", requests=96, rate=6.0,
-                            systems=["base", "stock", "slora"]),
+                            systems=["base", "slora", "stock"]),
     # CPU (the test suite's run): tiny model, short requests.
     "tiny": dict(DEFAULTS, arch="tiny", n=[2, 5], requests=16, systems=["base", "stock"],
                  stock_max_loras=[4], ranks=[8, 16], input_range=[8, 32], output_range=[4, 16],

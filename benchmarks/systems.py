@@ -30,9 +30,10 @@ PLUGIN_ENV = {
 }
 # Removed from the caller's environment so that only the configuration sets them.
 PLUGIN_VARS = ("VLLM_SLORA", "VLLM_SLORA_KERNELS", "VLLM_SLORA_UNIFY_MEM")
-# Run order, by importance: when the time budget runs short (run.py), the
-# configurations at the end are the ones cut; they also inherit what earlier
-# ones left unused.
+# Run order when all are asked for, by importance: when the time budget
+# runs short (run.py), the configurations at the end are the ones cut; they
+# also inherit what earlier ones left unused. ``--systems`` gives its own
+# order (a call that must not lose stock names it first).
 ORDER = ("base", "slora", "stock", "slora-bmm", "slora-no-unifymem")
 
 
@@ -49,7 +50,7 @@ def configs(systems, stock_max_loras) -> list[Config]:
     if unknown:
         raise ValueError(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
     out = []
-    for system in sorted(set(systems), key=ORDER.index):
+    for system in dict.fromkeys(systems):  # the caller's order, once each
         if system == "stock":
             out += [Config("stock", f"stock (max_loras={m})", {"VLLM_PLUGINS": STOCK_PLUGINS}, m)
                     for m in sorted(stock_max_loras, reverse=True)]

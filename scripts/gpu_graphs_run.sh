@@ -9,7 +9,8 @@
 #             kernel tests of the grouping (KERNEL_K selects, KERNEL_S limits,
 #             KERNEL_TESTS=0 skips them)
 #   KTESTS=.. kernel tests first (pytest -k expression over tests/kernels;
-#             KTESTS_S limits), e.g. "graph_replay"
+#             KTESTS_S limits), e.g. "graph_replay"; when they fail, the
+#             timing stages (LSTEP, STEPS, BENCH) are skipped
 #   PYTEST=.. any pytest arguments, run first of all (PYTEST_S limits), e.g.
 #             "tests/paging/test_pager.py -k upload"
 #   LSTEP=.. arguments for `python -m benchmarks.lora_step` (LoRA kernel time
@@ -42,8 +43,11 @@ fi
 if [ -n "${KTESTS:-}" ]; then
   timeout "$(cap ${KTESTS_S:-150})" python3 -m pytest -q -rs tests/kernels -k "$KTESTS" \
     > $O/pytest-ktests.txt 2>&1
-  echo "kernel tests rc=$? ${SECONDS}s" | tee -a $O/steps.txt
+  rc=$?
+  echo "kernel tests rc=$rc ${SECONDS}s" | tee -a $O/steps.txt
   tail -3 $O/pytest-ktests.txt
+  # Failed kernels make every timing after them meaningless: skip those stages.
+  if [ $rc != 0 ]; then LSTEP= BENCH= STEPS=; echo "timings skipped" | tee -a $O/steps.txt; fi
 fi
 if [ "${SMOKE:-0}" = 1 ]; then
   timeout "$(cap ${SMOKE_S:-150})" python3 scripts/gpu_smoke.py --out $O/smoke > $O/smoke.txt 2>&1

@@ -127,10 +127,10 @@ def test_adapter_folders_share_weight_files(tmp_path, tiny_model):
 
 
 def test_configs_and_serve_flags():
-    plan = configs(["stock", "slora-bmm", "base"], [16, 64])
-    assert [c.label for c in plan] == ["base", "stock (max_loras=64)", "stock (max_loras=16)", "slora-bmm"]
-    assert plan[3].env == {"VLLM_SLORA": "1", "VLLM_SLORA_KERNELS": "bmm"}
-    kw = engine_kwargs(plan[1], model="/m", dummy=True, max_lora_rank=64, max_cpu_loras=8, slora_max_loras=64,
+    plan = configs(["stock", "slora-bmm", "base", "stock"], [16, 64])  # run in the order given
+    assert [c.label for c in plan] == ["stock (max_loras=64)", "stock (max_loras=16)", "slora-bmm", "base"]
+    assert plan[2].env == {"VLLM_SLORA": "1", "VLLM_SLORA_KERNELS": "bmm"}
+    kw = engine_kwargs(plan[0], model="/m", dummy=True, max_lora_rank=64, max_cpu_loras=8, slora_max_loras=64,
                        max_model_len=1024, eager=True, extra={})
     assert kw["max_cpu_loras"] == 64  # never below max_loras
     flags = serve_flags(kw)
@@ -164,14 +164,22 @@ def test_budget_that_cannot_cover_one_engine_starts_nothing(tmp_path):
 def test_steady_state_window_ends_with_the_queue():
     from benchmarks.metrics import steady_state
 
-    # (time, running, waiting, generated tokens): queue empties at t=3, then drains.
+    # (time, running, waiting, generated tokens): the first wave of 8 has its
+    # first tokens at t=1; the queue empties at t=3, then the batch drains.
     samples = [(0, 0, 50, 0), (1, 8, 40, 100), (2, 8, 20, 300), (3, 8, 5, 500), (4, 4, 0, 560),
                (5, 0, 0, 580)]
     got = steady_state(samples)
-    assert got["steady_s"] == 3 and got["steady_tok_per_s"] == pytest.approx(500 / 3)
+    assert got["steady_s"] == 2 and got["steady_tok_per_s"] == pytest.approx(400 / 2)
     assert got["waiting_share"] == pytest.approx(4 / 6) and got["mean_running"] == pytest.approx(28 / 6)
+    # A slow start (adapters of the first wave still paging in): the window
+    # starts once the tokens reach the batch's size (t=2), not at t=0.
+    slow = [(0, 8, 50, 0), (1, 8, 40, 4), (2, 8, 40, 8), (3, 8, 30, 208), (4, 8, 5, 408),
+            (5, 0, 0, 500)]
+    got = steady_state(slow)
+    assert got["steady_s"] == 2 and got["steady_tok_per_s"] == pytest.approx(200)
     assert steady_state(samples[:1])["steady_tok_per_s"] is None
     assert steady_state([(0, 4, 0, 0), (1, 4, 0, 50)])["steady_tok_per_s"] is None  # never queued
+    assert steady_state([(0, 8, 9, 0), (1, 8, 9, 4)])["steady_tok_per_s"] is None  # never full
 
 
 def test_ratios_never_mix_methods():

@@ -210,11 +210,20 @@ def test_meta_given(triton_backend, by_adapter):
     check(SMALL, 64, [64, 32, 32], 32, torch.float16, decode_batch(len(SMALL), 12, 6), meta=True)
 
 
-def test_group_by_adapter(triton_backend):
+@pytest.mark.parametrize("on", ["kernel", "torch"])
+def test_group_by_adapter(triton_backend, on, monkeypatch):
+    if on == "torch":  # CPU without the interpreter: the host fallback
+        if DEVICE != "cpu":
+            pytest.skip("the torch fallback runs on CPU tensors only")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
     gen = torch.Generator().manual_seed(7)
-    for t, num_loras in [(1, 1), (37, 5), (2500, 70)]:  # 2500 > one chunk (2048)
-        token_lora = torch.randint(-1, num_loras, (t,), generator=gen, dtype=torch.int32)
+    # Tile lists of BM 16, 32 (2500 > one chunk of 2048) and 64; one adapter
+    # with 300 tokens and three empty ones.
+    for t, num_loras in [(1, 1), (37, 5), (2500, 70), (300, 4)]:
+        high = 1 if t == 300 else num_loras
+        token_lora = torch.randint(-1, high, (t,), generator=gen, dtype=torch.int32)
         meta = kernels.group_by_adapter(token_lora.to(DEVICE), num_loras).cpu()
+        assert meta.numel() == grouped.meta_size(t, num_loras)
         bounds, idx = meta[: num_loras + 1], meta[num_loras + 1 : num_loras + 1 + t]
         counts = torch.bincount(token_lora[token_lora >= 0].long(), minlength=num_loras)
         assert bounds[0] == 0 and torch.equal(bounds[1:] - bounds[:-1], counts.int())
@@ -222,9 +231,18 @@ def test_group_by_adapter(triton_backend):
             got = idx[bounds[lora] : bounds[lora + 1]].sort().values
             assert torch.equal(got, (token_lora == lora).nonzero().squeeze(1).int())
         # The groups to scan and the tiles of 16, 32, 64 tokens (the kernels' work).
-        assert meta[-4] == int(token_lora.max()) + 1
+        info = grouped.meta_info(meta, t, num_loras)
+        assert info[0] == int(token_lora.max()) + 1
         for i, bm in enumerate(grouped.TILE_BMS):
-            assert meta[-3 + i] == int(((counts + bm - 1) // bm).sum()), (t, bm)
+            assert info[1 + i] == int(((counts + bm - 1) // bm).sum()), (t, bm)
+        # The tile list: each adapter's positions in order, cut every BM.
+        bm = grouped.adapter_tile_bm(t, num_loras)
+        want = [(lora, lo, min(lo + bm, int(bounds[lora + 1])))
+                for lora in range(num_loras)
+                for lo in range(int(bounds[lora]), int(bounds[lora + 1]), bm)]
+        got = info[4:4 + 3 * len(want)].view(-1, 3).tolist()
+        assert [tuple(e) for e in got] == want, (t, bm)
+        assert len(want) <= grouped.max_tiles(t, num_loras, bm)
 
 
 @pytest.mark.parametrize("resident", [1, 64])
@@ -440,3 +458,29 @@ def test_gpu_few_long_segments_split_k(triton_backend):
     # Prefill of few long segments on down (K = 11008): split-K + reduce.
     token_lora, segments = make_segments([700, 500], [0, 1])
     check([16, 64], 11008, [4096], 256, torch.bfloat16, token_lora, segments, device="cuda")
+
+
+@pytest.mark.parametrize("t", [6, 40])  # one tile per token; grouped by adapter
+def test_module_with_rank_in_one_slot_only(triton_backend, t):
+    # The kernels skip a module on which no adapter slot has a rank (the
+    # engine calls gate_up and down also when the step's adapters target only
+    # q,k,v,o). Here only the last of 5 slots has one: its tokens get LoRA,
+    # the others' rows stay bit-identical; then no slot has one: nothing changes.
+    ad = make_paged_adapters([8, 16, 8, 16, 8], 64, [64], 32, torch.float16, device=DEVICE)
+    gen = torch.Generator().manual_seed(3)
+    token_lora = torch.randint(-1, 5, (t,), generator=gen, dtype=torch.int32)
+    token_lora[:2] = torch.tensor([4, 0])
+    token_lora = token_lora.to(DEVICE)
+    x = torch.randn(t, 64, generator=gen).half().to(DEVICE)
+    y0 = torch.randn(t, 64, generator=gen).half().to(DEVICE)
+    for ranks in ([0, 0, 0, 0, 8], [0] * 5):
+        rank = torch.tensor(ranks, dtype=torch.int32, device=DEVICE)
+        y, want = y0.clone(), y0.clone()
+        args = (ad.pool, ad.a_rows[0], ad.b_rows[0], ad.lora_start, rank, ad.lora_scale, token_lora)
+        kernels.paged_lora(x, y, *args, max_rank=16)
+        reference.paged_lora(x, want, *args)
+        untouched = token_lora != 4 if ranks[4] else torch.ones_like(token_lora, dtype=torch.bool)
+        assert torch.equal(y[untouched], y0[untouched])
+        if ranks[4]:
+            assert not torch.equal(y[0], y0[0])
+            assert rel_err(y, want) <= TOL[torch.float16]

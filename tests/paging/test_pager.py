@@ -159,6 +159,39 @@ def test_upload_puts_every_vector_in_its_pages(tiny_model, tmp_path, monkeypatch
             assert pool[others].abs().sum() == 0
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_uploads_at_once_land_as_one_at_a_time(tiny_model, tmp_path, device):
+    """Four adapters queued together on three lanes (threads, rings, copy
+    streams), waited for in reverse order, fill their rows as a one-lane
+    uploader does, and nothing else."""
+    from vllm_slora.memory.layout import PageGeometry, read_adapter_meta
+    from vllm_slora.memory.uploads import Uploader
+    from vllm_slora.testing.adapters import make_peft_adapter
+
+    cfg = tiny_config(tiny_model)
+    geo = PageGeometry.create(cfg, torch.float32, 2 * BLOCK * 64 * 4)
+    metas = [read_adapter_meta(str(make_peft_adapter(tmp_path / f"a{i}", tiny_model, r, seed=i)))
+             for i, r in enumerate([8, 16, 4, 8])]
+    sizes = [m.rows(geo) for m in metas]
+    num_rows = sum(sizes) + 7
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(1))
+    rows = order[:sum(sizes)].to(device).split(sizes)
+    dev = torch.device(device)
+    pools = {}
+    for lanes in (1, 3):
+        pools[lanes] = [torch.zeros(num_rows, geo.page_width, device=device)
+                        for _ in range(cfg.num_hidden_layers)]
+        uploader = Uploader(geo, pools[lanes], slots=2, slot_bytes=4096, lanes=lanes)
+        for upload in reversed([uploader.submit(m, r) for m, r in zip(metas, rows)]):
+            upload.wait(dev)
+        assert uploader.counters["uploads"] == 4
+    if device == "cuda":
+        torch.cuda.synchronize()
+    for one, three in zip(pools[1], pools[3]):
+        assert one.abs().sum() > 0 and torch.equal(one, three)
+        assert one[order[sum(sizes):].to(device)].abs().sum() == 0
+
+
 def dense_lora(x, path, layer, kinds, scale, widths):
     from safetensors.torch import load_file
 

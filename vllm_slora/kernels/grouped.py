@@ -19,12 +19,18 @@ ways to form groups (``MODE``), picked on the host from shapes only:
     one group per adapter: ``group_by_adapter`` (one small Triton launch)
     lists each adapter's tokens, like vLLM's LoRAKernelMeta but without
     sorting or host sync: ``meta`` int32 = [bounds (L+1) | token index (T) |
-    scratch (L + T) | groups to scan (1) | tiles of BM = 16, 32, 64 (3)];
-    adapter l owns token_index[bounds[l]:bounds[l+1]]. Callers may build it
-    once per batch and pass it to every layer.
+    scratch (L + T) | groups to scan (1) | tiles of BM = 16, 32, 64 (3) |
+    tile list (3 x MT)]; adapter l owns token_index[bounds[l]:bounds[l+1]].
+    Callers may build it once per batch and pass it to every layer.
 
-Tile map, no host sync: tile p finds its group from the groups' sizes (a
-cumulative sum of ceil(size / BM) over the group bounds, in registers).
+Tile map, no host sync. ADAPTERS: ``group_by_adapter`` writes the tile
+list, (adapter, first, end position) of every tile of the BM the plans
+pick for that batch shape (``adapter_tile_bm``), so a work item finds its
+tile with one load. SEGMENTS (and ADAPTERS with ``TILE_LIST`` off, for
+comparison): tile p finds its group from the groups' sizes (a cumulative
+sum of ceil(size / BM) over the group bounds, in registers), a scan of
+every group per work item. The list cut the dependent loads before an
+item's first page from about six to three.
 
 Persistent programs: the grid depends only on shapes (T, the adapter slots,
 the widths; CUDA-graph safe) and is capped at RESIDENT_PROGRAMS_PER_SM
@@ -109,8 +115,16 @@ RESIDENT_PROGRAMS_PER_SM = 16
 # Plans (split-K, expand column streaming) size the work as if a step in
 # ADAPTERS mode had at most this many adapters.
 FEW_GROUPS = 8
-# Tile sizes whose tile counts group_by_adapter stores (meta[-3:]).
+# Tile sizes whose tile counts group_by_adapter stores (after the groups to scan).
 TILE_BMS = (16, 32, 64)
+# ADAPTERS mode reads each item's tile from group_by_adapter's tile list
+# (False: scans the group bounds per item, the earlier way; a knob for
+# ``benchmarks.lora_step``).
+TILE_LIST = True
+# Programs exit at once when no adapter slot has a rank on the module (one
+# vector load of the slots' ranks, beside the first tile's); a knob for
+# ``benchmarks.lora_step``.
+ANY_RANK_CHECK = True
 # Pipeline depth of the small-tile (BM = 16) shrink; expand column block.
 SHRINK_STAGES = 4
 EXPAND_BN = 128
@@ -126,7 +140,12 @@ EXPAND_STAGES = 3
 # Warps of the small-tile (BM = 16) shrink and expand programs (8 expand
 # warps: 3-7% on decode batches of o and down on an H100).
 SMALL_TILE_WARPS = (4, 8)
-# Small-tile shrink step: BR rank-vectors x BK columns (BK <= D).
+# Small-tile shrink step: BR rank-vectors x BK columns (BK <= D); BR is
+# doubled for fused slices (q,k,v: three times the items already). In an
+# engine-like step (``benchmarks.lora_step``, H200, B = 256) BR = 32 cut q,k,v
+# by 13% at 5 adapters and 25% in a mixed step with a 256-token prompt, and
+# left 256 adapters level, while o (one slice) at 256 adapters was 15%
+# slower with it.
 SMALL_TILE_SHRINK = (16, 256)
 # Programmatic dependent launch of the expand behind the shrink in ``lora``
 # (the expand's prologue and B-page lookups overlap the shrink's tail): None
@@ -142,16 +161,21 @@ PDL: bool | None = None if os.environ.get("VLLM_SLORA_PDL", "") != "0" else Fals
 
 @triton.jit
 def _tile(p, token_lora_ptr, bounds_ptr, glora_ptr, NG,
-          MODE: tl.constexpr, BM: tl.constexpr, NGB: tl.constexpr):  # fmt: skip
+          MODE: tl.constexpr, BM: tl.constexpr, NGB: tl.constexpr, LIST: tl.constexpr):  # fmt: skip
     """(adapter, first position, end position) of tile p; adapter -1: no work.
 
     Positions index the tokens (PER_TOKEN, SEGMENTS) or the group-ordered
-    token list (ADAPTERS).
+    token list (ADAPTERS). LIST (ADAPTERS only): read the tile list.
     """
     if MODE == 0:
         lora = tl.load(token_lora_ptr + p)
         lo = p
         hi = p + 1
+    elif LIST:
+        entry = glora_ptr + 4 + p * 3  # after the groups to scan and 3 tile counts
+        lora = tl.load(entry)
+        lo = tl.load(entry + 1)
+        hi = tl.load(entry + 2)
     else:
         # g = number of groups whose tiles all come before p; prev = how many
         # tiles those are. Groups' tile counts are cumulated NGB at a time.
@@ -217,6 +241,18 @@ def _num_tiles(glora_ptr, TILES, MODE: tl.constexpr, BM: tl.constexpr):
 
 
 @triton.jit
+def _if_any_rank(n_items, lora_rank_ptr, L, RANK_LB: tl.constexpr):
+    """n_items, or 0 when no adapter slot has a rank on this module (RANK_LB
+    >= L: one vector load; 0: no check). The engine calls every LoRA'd
+    module of every layer, also those no adapter of the step targets."""
+    if RANK_LB > 0:
+        offs = tl.arange(0, RANK_LB)
+        ranks = tl.load(lora_rank_ptr + offs, mask=offs < L, other=0)
+        n_items = tl.where(tl.max(ranks, 0) > 0, n_items, 0)
+    return n_items
+
+
+@triton.jit
 def _mma(a, b, acc, DOT_F32: tl.constexpr):
     # DOT_F32: fp32 operands (fp32 pools, and the CPU interpreter, whose
     # tl.dot is wrong for bf16); otherwise fp16/bf16 tensor cores.
@@ -226,7 +262,8 @@ def _mma(a, b, acc, DOT_F32: tl.constexpr):
         return tl.dot(a, b, acc)
 
 
-@triton.jit(do_not_specialize=["NG", "TILES", "K", "R_MAX", "K_SPLIT", "NUM_R", "SPLIT", "NUM_S"])
+@triton.jit(do_not_specialize=["NG", "TILES", "K", "R_MAX", "K_SPLIT", "NUM_R", "SPLIT", "NUM_S",
+                               "L"])
 def _shrink_kernel(
     x_ptr,  # [T, K]
     pool_ptr,  # [num_rows, D]
@@ -242,6 +279,7 @@ def _shrink_kernel(
     idx_ptr,  # group-ordered tokens [T] (ADAPTERS)
     NG,
     TILES,  # tiles bound (the tile count is read from meta in ADAPTERS mode)
+    L,  # adapter slots
     K,
     R_MAX,
     K_SPLIT,  # K elements per split: NPG pages or fewer
@@ -261,6 +299,8 @@ def _shrink_kernel(
     BK: tl.constexpr,
     NPG: tl.constexpr,  # power of two >= pages per split
     NGB: tl.constexpr,
+    LIST: tl.constexpr,  # ADAPTERS: tiles from group_by_adapter's tile list
+    RANK_LB: tl.constexpr,  # power of two >= L, or 0: skip the any-rank check
     DOT_F32: tl.constexpr,
     PDL: tl.constexpr,  # let the expand (launched with PDL) start its prologue now
 ):
@@ -270,31 +310,34 @@ def _shrink_kernel(
     # read one x tile run together and find it in L2.
     per_tile = NUM_R * SPLIT * NUM_S
     n_items = _num_tiles(glora_ptr, TILES, MODE, BM) * per_tile
+    n_items = _if_any_rank(n_items, lora_rank_ptr, L, RANK_LB)
     for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
         p = item // per_tile
         q = item % per_tile
         rb = q % NUM_R
         c = (q // NUM_R) % SPLIT
         s = q // (NUM_R * SPLIT)
-        lora, lo, hi = _tile(p, token_lora_ptr, bounds_ptr, glora_ptr, NG, MODE, BM, NGB)
+        lora, lo, hi = _tile(p, token_lora_ptr, bounds_ptr, glora_ptr, NG, MODE, BM, NGB, LIST)
+        # rank and start side by side (both need only the adapter): one
+        # dependent load fewer before the pages.
         rank = tl.load(lora_rank_ptr + tl.maximum(lora, 0))
+        start = tl.load(lora_start_ptr + tl.maximum(lora, 0))
         rank = tl.where(lora >= 0, tl.minimum(rank, R_MAX), 0)
         if rb * BR < rank:
-            _shrink_item(x_ptr, pool_ptr, out_ptr, rows0_ptr, rows1_ptr, rows2_ptr, lora_start_ptr,
+            _shrink_item(x_ptr, pool_ptr, out_ptr, rows0_ptr, rows1_ptr, rows2_ptr, start,
                          idx_ptr, lora, lo, hi, rank, rb, c, s, K, K_SPLIT, x_stride, pool_stride,
                          rows_stride, out_stride_c, out_stride_s, out_stride_t, MODE, D, BM, BR,
                          BK, NPG, DOT_F32)  # fmt: skip
 
 
 @triton.jit
-def _shrink_item(x_ptr, pool_ptr, out_ptr, rows0_ptr, rows1_ptr, rows2_ptr, lora_start_ptr,
+def _shrink_item(x_ptr, pool_ptr, out_ptr, rows0_ptr, rows1_ptr, rows2_ptr, start,
                  idx_ptr, lora, lo, hi, rank, rb, c, s, K, K_SPLIT, x_stride, pool_stride,
                  rows_stride, out_stride_c, out_stride_s, out_stride_t, MODE: tl.constexpr,
                  D: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
                  NPG: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
     """One work item: rank block rb of split c of slice s of one tile."""
     r0 = rb * BR
-    start = tl.load(lora_start_ptr + lora)
     rows_ptr = pick(s, rows0_ptr, rows1_ptr, rows2_ptr)
     tok, mask_m = _tile_tokens(lo, hi, idx_ptr, MODE, BM)
 
@@ -433,7 +476,7 @@ def _expand_columns(v_rows, pool_ptr, y_ptr, rows_ptr, tok, mask_m, start, rank,
         tl.store(y_tile, y, mask=mask_m[:, None] & live)
 
 
-@triton.jit(do_not_specialize=["NG", "TILES", "n0", "n1", "n2", "NUM_N", "NUM_S"])
+@triton.jit(do_not_specialize=["NG", "TILES", "L", "n0", "n1", "n2", "NUM_N", "NUM_S"])
 def _expand_kernel(
     v_ptr,  # fp32 [S, T, R_MAX], or partials [V_SPLIT, S, T, R_MAX]
     pool_ptr,  # [num_rows, D]
@@ -450,6 +493,7 @@ def _expand_kernel(
     idx_ptr,
     NG,
     TILES,  # tiles bound (the tile count is read from meta in ADAPTERS mode)
+    L,  # adapter slots
     n0,  # width of slice 0, 1, 2
     n1,
     n2,
@@ -469,11 +513,14 @@ def _expand_kernel(
     NGB: tl.constexpr,
     V_SPLIT: tl.constexpr,
     NBP: tl.constexpr,  # column blocks per program (> 1: rank <= BR, one rank step)
+    LIST: tl.constexpr,
+    RANK_LB: tl.constexpr,
     DOT_F32: tl.constexpr,
     PDL: tl.constexpr,  # launched with PDL behind the shrink: wait before reading v
 ):
     per_tile = NUM_N * NUM_S
     n_items = _num_tiles(glora_ptr, TILES, MODE, BM) * per_tile
+    n_items = _if_any_rank(n_items, lora_rank_ptr, L, RANK_LB)
     for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
         p = item // per_tile
         q = item % per_tile
@@ -481,26 +528,30 @@ def _expand_kernel(
         s = q // NUM_N
         width = tl.where(s == 0, n0, tl.where(s == 1, n1, n2))
         col = nb * BN * NBP
-        lora, lo, hi = _tile(p, token_lora_ptr, bounds_ptr, glora_ptr, NG, MODE, BM, NGB)
+        lora, lo, hi = _tile(p, token_lora_ptr, bounds_ptr, glora_ptr, NG, MODE, BM, NGB, LIST)
         rank = tl.load(lora_rank_ptr + tl.maximum(lora, 0))
+        start = tl.load(lora_start_ptr + tl.maximum(lora, 0))
+        scale = tl.load(lora_scale_ptr + tl.maximum(lora, 0))
         rank = tl.where((lora >= 0) & (col < width), tl.minimum(rank, R_MAX), 0)
         if rank > 0:
-            _expand_item(v_ptr, pool_ptr, y_ptr, rows0_ptr, rows1_ptr, rows2_ptr, lora_start_ptr,
-                         lora_scale_ptr, idx_ptr, lora, lo, hi, rank, s, col, width, n0, n1, R_MAX,
+            _expand_item(v_ptr, pool_ptr, y_ptr, rows0_ptr, rows1_ptr, rows2_ptr, start,
+                         scale, idx_ptr, lora, lo, hi, rank, s, col, width, n0, n1, R_MAX,
                          v_stride_c, v_stride_s, v_stride_t, pool_stride, y_stride, MODE, D, BM, BR,
                          BN, V_SPLIT, NBP, DOT_F32, PDL)  # fmt: skip
+    if PDL:
+        # A program that read no v still ends after the shrink: what runs
+        # after this kernel in the stream may rely on the shrink's writes.
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
-def _expand_item(v_ptr, pool_ptr, y_ptr, rows0_ptr, rows1_ptr, rows2_ptr, lora_start_ptr,
-                 lora_scale_ptr, idx_ptr, lora, lo, hi, rank, s, col, width, n0, n1, R_MAX,
+def _expand_item(v_ptr, pool_ptr, y_ptr, rows0_ptr, rows1_ptr, rows2_ptr, start,
+                 scale, idx_ptr, lora, lo, hi, rank, s, col, width, n0, n1, R_MAX,
                  v_stride_c, v_stride_s, v_stride_t, pool_stride, y_stride, MODE: tl.constexpr,
                  D: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
                  V_SPLIT: tl.constexpr, NBP: tl.constexpr, DOT_F32: tl.constexpr,
                  PDL: tl.constexpr):  # fmt: skip
     """One work item: column block(s) col of slice s of one tile."""
-    start = tl.load(lora_start_ptr + lora)
-    scale = tl.load(lora_scale_ptr + lora)
     rows_ptr = pick(s, rows0_ptr, rows1_ptr, rows2_ptr)
     # Slice s starts after slices 0..s-1 in y; table s has width // D columns.
     y_col = tl.multiple_of(tl.where(s == 0, 0, tl.where(s == 1, n0, n0 + n1)), D)
@@ -544,12 +595,13 @@ def _expand_item(v_ptr, pool_ptr, y_ptr, rows0_ptr, rows1_ptr, rows2_ptr, lora_s
 @triton.jit(do_not_specialize=["T", "L"])
 def _group_by_adapter_kernel(
     token_lora_ptr,  # int32 [T]
-    meta_ptr,  # int32 [L + 1 + T + L + T + 4]
+    meta_ptr,  # int32 [meta_size(T, L)]
     T,
     L,
     LB: tl.constexpr,
     CH: tl.constexpr,
     ONE_CHUNK: tl.constexpr,  # T <= CH: keep each token's slot in registers
+    TBM: tl.constexpr,  # tile size of the tile list (adapter_tile_bm)
 ):
     """One program: counting sort of the tokens by adapter. A token's slot
     within its adapter comes from an atomic counter, so the order within an
@@ -579,6 +631,7 @@ def _group_by_adapter_kernel(
         tl.store(idx + first + r, offs, mask=ok)
         tl.store(rnk + T, tl.max(tl.where(ok, lora + 1, 0), 0))
         _store_tile_counts(rnk + T + 1, counts)
+        _store_tile_list(rnk + T + 4, counts, ends, offs_l, mask_l, TBM)
     else:
         used = 0
         for t0 in range(0, T, CH):
@@ -596,6 +649,7 @@ def _group_by_adapter_kernel(
         tl.store(bounds + offs_l, ends - counts, mask=mask_l)
         tl.store(bounds + L, tl.sum(counts, 0))
         _store_tile_counts(rnk + T + 1, counts)
+        _store_tile_list(rnk + T + 4, counts, ends, offs_l, mask_l, TBM)
         tl.debug_barrier()
         for t0 in range(0, T, CH):
             offs = t0 + tl.arange(0, CH)
@@ -612,6 +666,22 @@ def _store_tile_counts(ptr, counts):
     tl.store(ptr, tl.sum((counts + 15) // 16, 0))
     tl.store(ptr + 1, tl.sum((counts + 31) // 32, 0))
     tl.store(ptr + 2, tl.sum((counts + 63) // 64, 0))
+
+
+@triton.jit
+def _store_tile_list(ptr, counts, ends, offs_l, mask_l, BM: tl.constexpr):
+    """(adapter, first, end position) of every tile of BM tokens, adapter by
+    adapter: the tiles of adapter l follow those of adapters < l."""
+    tiles = (counts + BM - 1) // BM
+    first = tl.cumsum(tiles, 0) - tiles
+    lo0 = ends - counts
+    for j in range(0, tl.max(tiles, 0)):
+        m = mask_l & (j < tiles)
+        entry = ptr + (first + j) * 3
+        lo = lo0 + j * BM
+        tl.store(entry, offs_l, mask=m)
+        tl.store(entry + 1, lo, mask=m)
+        tl.store(entry + 2, tl.minimum(lo + BM, ends), mask=m)
 
 
 # ---------------------------------------------------------------------------
@@ -663,8 +733,27 @@ class Plan:
     nbp: int = 1  # column blocks per expand program
 
 
+def adapter_tile_bm(t: int, num_loras: int) -> int:
+    """Tile size of ADAPTERS mode for a batch shape: from the average tokens
+    per group, as if all num_loras groups were used (shapes only)."""
+    avg = t / max(1, min(num_loras, t))
+    return 64 if avg >= 48 else (32 if avg >= 24 else 16)
+
+
+def max_tiles(t: int, num_loras: int, bm: int) -> int:
+    """Tiles of bm tokens that t tokens in at most num_loras groups can make."""
+    return triton.cdiv(t, bm) + min(num_loras, t)
+
+
 def meta_size(t: int, num_loras: int) -> int:
-    return 2 * num_loras + 2 * t + 2 + len(TILE_BMS)
+    info = 1 + len(TILE_BMS)  # groups to scan, tile counts
+    return 2 * num_loras + 2 * t + 1 + info + 3 * max_tiles(t, num_loras, adapter_tile_bm(t, num_loras))
+
+
+def meta_info(meta: torch.Tensor, t: int, num_loras: int) -> torch.Tensor:
+    """The view of meta from its groups-to-scan entry: [groups to scan, tiles
+    of BM = 16, 32, 64, tile list (adapter, first, end) x max_tiles]."""
+    return meta[2 * num_loras + 2 * t + 1:]
 
 
 def meta_chunk(t: int) -> int:
@@ -677,12 +766,12 @@ def group_by_adapter(token_lora: torch.Tensor, num_loras: int,
                      out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Tokens listed by adapter, on device, one launch, no host sync.
 
-    Returns int32 meta [L + 1 + T + L + T + 4]: meta[:L+1] are the bounds
+    Returns int32 meta [meta_size(T, L)]: meta[:L+1] are the bounds
     (adapter l owns positions bounds[l]..bounds[l+1]-1), meta[L+1:L+1+T] the
-    token index at each position, meta[-4] one past the last adapter that
-    has tokens (the groups the kernels scan), meta[-3:] the tiles of BM =
-    16, 32 and 64 tokens the groups make (the kernels' work); the rest is
-    scratch. Tokens
+    token index at each position; then (``meta_info``) one past the last
+    adapter that has tokens (the groups the kernels scan), the tiles of BM
+    = 16, 32 and 64 tokens the groups make (the kernels' work), and the tile
+    list for BM = ``adapter_tile_bm(T, L)``; the rest is scratch. Tokens
     with adapter -1 (or >= num_loras) are in no group. Build it once per
     batch and pass it as ``meta`` to every layer's call to skip this launch
     there. ``out``: a buffer of ``meta_size(T, L)`` int32 to fill instead of
@@ -696,9 +785,10 @@ def group_by_adapter(token_lora: torch.Tensor, num_loras: int,
         raise ValueError(f"meta buffer must be int32 [{size}], got {out.dtype} {tuple(out.shape)}")
     else:
         meta = out
+    info = meta_info(meta, t, num_loras)
     if t == 0:
         meta[: num_loras + 1].zero_()
-        meta[-4:] = 0
+        info[:4] = 0
         return meta
     if not token_lora.is_cuda and not interpreter_active():
         # CPU without the interpreter: the same result with torch (host sync).
@@ -709,15 +799,23 @@ def group_by_adapter(token_lora: torch.Tensor, num_loras: int,
         meta[0] = 0
         meta[1 : num_loras + 1] = counts.cumsum(0)
         meta[num_loras + 1 : num_loras + 1 + t] = order.int()
-        meta[-4] = int(torch.where(ok, token_lora + 1, 0).max())
+        info[0] = int(torch.where(ok, token_lora + 1, 0).max())
         for i, bm in enumerate(TILE_BMS):
-            meta[len(meta) - 3 + i] = int(((counts + bm - 1) // bm).sum())
+            info[1 + i] = int(((counts + bm - 1) // bm).sum())
+        bm = adapter_tile_bm(t, num_loras)
+        ends = counts.cumsum(0)
+        entries = [(lora, lo, min(lo + bm, int(ends[lora])))
+                   for lora in range(num_loras)
+                   for lo in range(int(ends[lora] - counts[lora]), int(ends[lora]), bm)]
+        if entries:
+            info[4:4 + 3 * len(entries)] = torch.tensor(entries, dtype=torch.int32).view(-1)
         return meta
     lb = max(16, _pow2(num_loras))
     ch = meta_chunk(t)
     _group_by_adapter_kernel[(1,)](
-        token_lora, meta, t, num_loras, LB=lb, CH=ch, ONE_CHUNK=t <= ch, num_warps=4
-    )
+        token_lora, meta, t, num_loras, LB=lb, CH=ch, ONE_CHUNK=t <= ch,
+        TBM=adapter_tile_bm(t, num_loras), num_warps=4,
+    )  # fmt: skip
     return meta
 
 
@@ -750,7 +848,7 @@ def make_groups(
     size = meta_size(t, num_loras)
     if meta.dtype != torch.int32 or meta.numel() != size:
         raise ValueError("meta must come from group_by_adapter(token_lora, num_loras)")
-    return Groups(ADAPTERS, num_loras, meta, meta[size - 1 - len(TILE_BMS) :], meta[num_loras + 1 :])
+    return Groups(ADAPTERS, num_loras, meta, meta_info(meta, t, num_loras), meta[num_loras + 1 :])
 
 
 def plan(groups: Groups, t: int, k: int, n_max: int, s: int, r_max: int, d: int,
@@ -774,9 +872,8 @@ def _plan(mode, ng, t, k, n_max, s, r_max, d, device_index, dtype, knobs):
     else:
         # Tile size: average tokens per non-empty group, assuming all
         # groups are used; work: tiles as if FEW_GROUPS groups were.
+        bm = adapter_tile_bm(t, ng)  # SEGMENTS: ng segments, the same rule
         ng = max(1, min(ng, t))
-        avg = t / ng
-        bm = 64 if avg >= 48 else (32 if avg >= 24 else 16)
         if mode == ADAPTERS:
             est_tiles = triton.cdiv(t, bm) + min(ng, few_groups)
         else:
@@ -785,7 +882,8 @@ def _plan(mode, ng, t, k, n_max, s, r_max, d, device_index, dtype, knobs):
     r_pow2 = max(16, _pow2(r_max))
     # Shrink: [BM, BK] x [BK, BR] steps. Small tiles stream A in full pages.
     if bm == 16:
-        br_s, bk = min(small_shrink[0], r_pow2), min(d, small_shrink[1])
+        br_s = min(small_shrink[0] * (2 if s > 1 else 1), r_pow2)
+        bk = min(d, small_shrink[1])
         warps_s, stages_s = small_warps[0], shrink_stages
     else:
         br_s, bk, warps_s, stages_s = min(64, r_pow2), min(d, 128), 4, 3
@@ -857,11 +955,22 @@ def launch_shrink(x, pool, tables, lora_start, lora_rank, token_lora, out, group
     _shrink_kernel[grid](
         x, pool, out, *padded, lora_start, lora_rank, token_lora,
         groups.bounds, groups.glora, groups.idx,
-        groups.ng, pl.tiles, k, r_max, pl.k_split, num_r, pl.split, s,
+        groups.ng, pl.tiles, lora_rank.shape[0], k, r_max, pl.k_split, num_r, pl.split, s,
         x.stride(0), pool.stride(0), padded[0].stride(0), stride_c, o_s, o_t,
         MODE=groups.mode, D=d, BM=pl.bm, BR=pl.br_s, BK=pl.bk, NPG=pl.npg, NGB=NGB,
+        LIST=_tile_list(groups), RANK_LB=_rank_lb(lora_rank),
         DOT_F32=_dot_f32(x), PDL=pdl, num_warps=pl.warps_s, num_stages=pl.stages_s,
     )  # fmt: skip
+
+
+def _rank_lb(lora_rank: torch.Tensor) -> int:
+    """RANK_LB: the any-rank check's vector width (0 = no check)."""
+    n = lora_rank.shape[0]
+    return _pow2(n) if ANY_RANK_CHECK and 0 < n <= 4096 else 0
+
+
+def _tile_list(groups: Groups) -> bool:
+    return TILE_LIST and groups.mode == ADAPTERS
 
 
 def launch_reduce(ws, out, token_lora, lora_rank) -> None:
@@ -894,9 +1003,10 @@ def launch_expand(v, pool, tables, lora_start, lora_rank, lora_scale, token_lora
     _expand_kernel[grid](
         v, pool, y, *padded, lora_start, lora_rank, lora_scale, token_lora,
         groups.bounds, groups.glora, groups.idx,
-        groups.ng, pl.tiles, *widths, r_max, num_n, s,
+        groups.ng, pl.tiles, lora_rank.shape[0], *widths, r_max, num_n, s,
         stride_c, v.stride(-3), v.stride(-2), pool.stride(0), y.stride(0),
-        MODE=groups.mode, D=d, BM=pl.bm, BR=pl.br_e, BN=pl.bn, NGB=NGB,
+        MODE=groups.mode, D=d, BM=pl.bm, BR=pl.br_e, BN=pl.bn, NGB=NGB, LIST=_tile_list(groups),
+        RANK_LB=_rank_lb(lora_rank),
         V_SPLIT=v_split, NBP=pl.nbp, DOT_F32=_dot_f32(y), PDL=pdl, num_warps=pl.warps_e,
         num_stages=pl.stages_e, launch_pdl=pdl,
     )  # fmt: skip
