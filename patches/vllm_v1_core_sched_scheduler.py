@@ -36,6 +36,7 @@ import copy
 import functools
 import inspect
 import itertools
+import time
 
 from vllm_slora.patches import PatchTargetChanged, guard
 
@@ -109,6 +110,7 @@ def apply() -> None:
     def schedule(self, *args, **kwargs):
         pool = self.kv_cache_manager.adapters
         evictions = pool.counters["evictions"] if pool is not None else 0
+        started = time.perf_counter()
         output = stock_schedule(self, *args, **kwargs)
         if pool is not None:
             upcoming = _upcoming(self, pool, HINT_AHEAD)
@@ -117,6 +119,10 @@ def apply() -> None:
             if pool.counters["evictions"] == evictions and not output.preempted_req_ids:
                 pool.load_ahead(upcoming[:LOAD_AHEAD], pool.kv_reserve(KEEP_FREE))
             hints = [path for lora_id, path in upcoming if lora_id not in pool.resident]
+            # Scheduling time per step, paging included (the plan's stats
+            # carry the total so far, hence it stops before take_plan).
+            pool.counters["schedule_s"] += time.perf_counter() - started
+            pool.counters["schedules"] += 1
             setattr(output, ATTR, pool.take_plan(hints, _distinct_adapters(self, output)))
             self.grammar_compile_error_reqs.update(self.kv_cache_manager.faults)
         return output

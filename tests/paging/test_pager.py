@@ -192,6 +192,62 @@ def test_uploads_at_once_land_as_one_at_a_time(tiny_model, tmp_path, device):
         assert one[order[sum(sizes):].to(device)].abs().sum() == 0
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_pack_by_kind_equals_pack_by_tensor(tiny_model, tmp_path, monkeypatch, device):
+    """The uploads' packer (one gather per kind and A/B over the file's bytes)
+    gives pack_adapter's pages bit for bit: fp16, bf16 and fp32 files, TP 1
+    and 2, slices and layers the adapter lacks (zero pages in dirty memory);
+    a file with a kind in two dtypes takes pack_adapter's own path."""
+    from safetensors.torch import load_file, save_file
+
+    from vllm_slora.memory.layout import (ADAPTER_FILE, PageGeometry, pack_adapter,
+                                          pack_file_bytes, read_adapter_meta, read_header)
+    from vllm_slora.testing.adapters import make_peft_adapter
+
+    cfg = tiny_config(tiny_model)
+    empty = torch.empty
+
+    def dirty(*a, **k):
+        t = empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(7)
+
+    cases = []
+    for i, dtype in enumerate(["float16", "bfloat16", "float32"]):
+        path = make_peft_adapter(tmp_path / dtype, tiny_model, 8, dtype=dtype, seed=i,
+                                 target_modules=("q_proj", "v_proj", "o_proj", "down_proj"))
+        cases.append(path)
+    # Layer 0 without its q_proj tensors; v_proj of layer 1 in another dtype.
+    for name, edit in (("no-layer", "drop"), ("mixed", "cast")):
+        path = make_peft_adapter(tmp_path / name, tiny_model, 8, dtype="float16", seed=7,
+                                 target_modules=("q_proj", "v_proj"))
+        file = path / ADAPTER_FILE
+        t = load_file(str(file))
+        for key in [k for k in t if ("layers.0." in k and "q_proj" in k)]:
+            if edit == "drop":
+                del t[key]
+        for key in [k for k in t if ("layers.1." in k and "v_proj" in k)]:
+            if edit == "cast":
+                t[key] = t[key].float()
+        save_file(t, str(file))
+        cases.append(path)
+    for path in cases:
+        meta = read_adapter_meta(str(path))
+        with open(path / ADAPTER_FILE, "rb") as f:
+            header, start = read_header(f)
+            raw = f.read()
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device)
+        for tp_size in (1, 2):
+            for p in range(tp_size):
+                geo = PageGeometry.create(cfg, torch.float16, 2 * BLOCK * 64 * 2 // tp_size,
+                                          tp_size=tp_size, tp_rank=p)
+                want = pack_adapter(meta, geo, load_file(str(path / ADAPTER_FILE)))
+                with monkeypatch.context() as m:  # memory as an allocator hands it back
+                    m.setattr(torch, "empty", dirty)
+                    got = pack_file_bytes(meta, geo, data, header, device=device)
+                assert got.device.type == device
+                assert torch.equal(got.cpu(), want), (path.name, tp_size, p)
+
+
 def dense_lora(x, path, layer, kinds, scale, widths):
     from safetensors.torch import load_file
 

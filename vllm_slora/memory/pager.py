@@ -101,6 +101,10 @@ class Pager:
         self.meta: torch.Tensor | None = None
         self.scheduler_stats: dict = {}
         self.counters = dict(loads=0, evictions=0, pages_written=0)
+        # Engine-thread seconds: applying the scheduler's plans, building
+        # step metadata, and, within that, blocked on uploads (file reads
+        # not done when the adapter is first used).
+        self.seconds = dict(apply_s=0.0, set_batch_s=0.0, upload_wait_s=0.0)
         self._chunk_rows: torch.Tensor | None = None  # int64 [rows_per_block], block 0
         self._block_stride_rows = 0
         self.uploader: Uploader | None = None
@@ -161,6 +165,13 @@ class Pager:
 
     # -- the scheduler's plan -----------------------------------------------
     def apply(self, plan: PagingPlan) -> None:
+        started = time.perf_counter()
+        try:
+            self._apply(plan)
+        finally:
+            self.seconds["apply_s"] += time.perf_counter() - started
+
+    def _apply(self, plan: PagingPlan) -> None:
         self.check_scheduler_geometry(plan.stats)
         self.scheduler_stats = plan.stats
         for event in plan.events:
@@ -203,8 +214,10 @@ class Pager:
 
     def _wait_copied(self, res: Resident) -> None:
         if res.copied is not None:
+            started = time.perf_counter()
             res.copied.wait(self.device)
             res.copied = None
+            self.seconds["upload_wait_s"] += time.perf_counter() - started
 
     def _evict(self, lora_id: int) -> None:
         res = self.resident.pop(lora_id)
@@ -220,6 +233,14 @@ class Pager:
         capture): their tokens get no LoRA, but the step still counts as a
         LoRA step, so that a capture records every layer's kernels.
         """
+        started = time.perf_counter()
+        try:
+            self._set_batch(token_ids, ignore)
+        finally:
+            self.seconds["set_batch_s"] += time.perf_counter() - started
+
+    def _set_batch(self, token_ids: np.ndarray, ignore: set[int]) -> None:
+        # The body of set_batch.
         self.meta = None
         uniq, inverse = np.unique(token_ids, return_inverse=True)
         lora_ids = [int(i) for i in uniq if i > 0 and int(i) not in ignore]
@@ -251,7 +272,8 @@ class Pager:
         self.batch = Batch(lora_ids, max_rank)
 
     def stats(self) -> dict:
-        out = dict(self.counters, worker_resident_adapters=len(self.resident))
+        out = dict(self.counters, worker_resident_adapters=len(self.resident),
+                   **{k: round(v, 3) for k, v in self.seconds.items()})
         if self.bound:
             out.update(vector_capacity=self.vectors.capacity, **self.read_ahead.stats(),
                        **self.uploader.counters)

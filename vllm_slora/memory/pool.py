@@ -95,7 +95,8 @@ class AdapterPool:
         self.seen: set[int] = set()
         self.events: list[Load | Evict] = []
         self.counters = dict(loads=0, loaded_ahead=0, evictions=0, evictions_spared=0, reloads=0,
-                             peak_adapters=0, peak_blocks=0, max_distinct_in_step=0)
+                             peak_adapters=0, peak_blocks=0, max_distinct_in_step=0,
+                             schedules=0, schedule_s=0.0)  # steps scheduled, their seconds
 
     # -- queries ---------------------------------------------------------
     def blocks_for(self, path: str) -> int:
@@ -247,6 +248,7 @@ class AdapterPool:
 
     def stats(self) -> dict:
         return dict(self.counters,
+                    schedule_s=round(self.counters["schedule_s"], 3),
                     resident_adapters=len(self.resident),
                     resident_blocks=self.resident_blocks,
                     resident_pages=self.resident_blocks * self.geo.rows_per_block,

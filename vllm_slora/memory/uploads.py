@@ -5,9 +5,9 @@ cache (``read_ahead.py`` asks the kernel to read it ahead). Paging it in
 takes one host copy: the uploader thread reads the file a chunk at a time
 into a ring of ``SLOTS`` pinned staging buffers (allocated once), sends each
 chunk to a device buffer on the copy stream, packs the adapter there
-(``layout.pack_adapter`` on the device's views of the file's tensors: B
-transposed, dtype converted, this TP rank's shard) and scatters each layer's
-pages into its pool rows. The engine's thread only queues the upload and,
+(``layout.pack_file_bytes``: one gather per module kind and A or B over
+the file's bytes on the device: B transposed, dtype converted, this TP
+rank's shard) and scatters each layer's pages into its pool rows. The engine's thread only queues the upload and,
 where the adapter is first used, makes its stream wait for the upload's
 event (``Upload.wait``).
 
@@ -42,8 +42,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_slora.memory.layout import (ADAPTER_FILE, AdapterMeta, PageGeometry, pack_adapter,
-                                      read_header, tensors_from_bytes)
+from vllm_slora.memory.layout import (ADAPTER_FILE, AdapterMeta, PageGeometry, pack_file_bytes,
+                                      read_header)
 
 # Staging slots in a lane's ring: enough to overlap reading one with sending others.
 SLOTS = 4
@@ -133,8 +133,7 @@ class Uploader:
             data = torch.empty(size, dtype=torch.uint8, device=self.device)
             for lo in range(0, size, step):
                 self._chunk(lane, f, data[lo:lo + step], path)
-        packed = pack_adapter(meta, self.geo, tensors_from_bytes(meta.path, data, header),
-                              device=self.device)
+        packed = pack_file_bytes(meta, self.geo, data, header, device=self.device)
         for layer, pool in enumerate(self.pools):
             pool.index_copy_(0, rows, packed[layer])
         with self._lock:
