@@ -245,6 +245,21 @@ def test_group_by_adapter(triton_backend, on, monkeypatch):
         assert len(want) <= grouped.max_tiles(t, num_loras, bm)
 
 
+def test_meta_buffer_for_the_most_tokens_holds_every_batch():
+    # The pager allocates group_by_adapter's buffer once, for max_tokens, and
+    # hands each forward its first meta_size(t) entries. The tile list's BM
+    # grows with t (16 -> 32 at 24 tokens per adapter slot): a size that
+    # followed BM would be larger just below that step than at it.
+    from vllm_slora.memory.step import StepBuffers, StepLimits
+
+    for slots in (1, 8, 256):
+        sizes = [grouped.meta_size(t, slots) for t in range(0, 64 * slots + 2)]
+        assert all(a <= b for a, b in zip(sizes, sizes[1:])), slots
+    step = StepBuffers(StepLimits(max_tokens=24 * 8, max_loras=8, max_rank=16), torch.device("cpu"))
+    for t in range(1, 24 * 8 + 1):
+        assert step.meta_for(t).numel() == grouped.meta_size(t, 8)
+
+
 @pytest.mark.parametrize("resident", [1, 64])
 def test_few_adapters_in_many_slots(triton_backend, by_adapter, monkeypatch, resident):
     # As in a CUDA graph captured for 64 adapter slots: a step of 3 adapters

@@ -746,8 +746,12 @@ def max_tiles(t: int, num_loras: int, bm: int) -> int:
 
 
 def meta_size(t: int, num_loras: int) -> int:
+    """int32 entries of ``group_by_adapter``'s result for t tokens. Never
+    smaller for more tokens (a static buffer for the most tokens holds every
+    smaller batch's): the tile list is sized for the smallest BM, whatever
+    BM the batch gets."""
     info = 1 + len(TILE_BMS)  # groups to scan, tile counts
-    return 2 * num_loras + 2 * t + 1 + info + 3 * max_tiles(t, num_loras, adapter_tile_bm(t, num_loras))
+    return 2 * num_loras + 2 * t + 1 + info + 3 * max_tiles(t, num_loras, min(TILE_BMS))
 
 
 def meta_info(meta: torch.Tensor, t: int, num_loras: int) -> torch.Tensor:
