@@ -357,7 +357,8 @@ def pack_file_bytes(meta: AdapterMeta, geo: PageGeometry, data: torch.Tensor, he
                                                  or e["data_offsets"][0] % dtype.itemsize
                                                  for _, e in entries)):
                 return fallback()
-            plan.append((kind, ab, lo, hi, [layer for layer, _ in entries], dtype, len(starts)))
+            plan.append((kind, ab, k, n, lo, hi, [layer for layer, _ in entries], dtype,
+                         len(starts)))
             starts += [e["data_offsets"][0] // dtype.itemsize for _, e in entries]
     packed = torch.empty(layers, meta.rows(geo), d, dtype=geo.dtype, device=device)
     starts_t = torch.tensor(starts, dtype=torch.int64)
@@ -365,13 +366,12 @@ def pack_file_bytes(meta: AdapterMeta, geo: PageGeometry, data: torch.Tensor, he
         starts_t = starts_t.pin_memory().to(device, non_blocking=True)
     else:
         starts_t = starts_t.to(device)
-    for kind, ab, lo, hi, have, dtype, first in plan:
+    for kind, ab, k, n, lo, hi, have, dtype, first in plan:
         dst = packed[:, lo:hi].view(layers, -1)
         if len(have) < layers:  # layers the adapter lacks: zero pages
             dst[sorted(set(range(layers)) - set(have))] = 0
         if not have:
             continue
-        k, n = geo.full_widths[KINDS.index(kind)]
         typed = data[:data.numel() // dtype.itemsize * dtype.itemsize].view(dtype)
         index = (starts_t[first:first + len(have), None]
                  + _pattern(kind, ab, r, k, n, geo, device)[None, :])

@@ -7,9 +7,9 @@ into a ring of ``SLOTS`` pinned staging buffers (allocated once), sends each
 chunk to a device buffer on the copy stream, packs the adapter there
 (``layout.pack_file_bytes``: one gather per module kind and A or B over
 the file's bytes on the device: B transposed, dtype converted, this TP
-rank's shard) and scatters each layer's pages into its pool rows. The engine's thread only queues the upload and,
-where the adapter is first used, makes its stream wait for the upload's
-event (``Upload.wait``).
+rank's shard) and scatters each layer's pages into its pool rows. The
+engine's thread only queues the upload and, where the adapter is first
+used, makes its stream wait for the upload's event (``Upload.wait``).
 
 Why not a host cache of packed adapters: packing on the host wrote every
 adapter into fresh memory, and first-touch page faults (or pinning it,
