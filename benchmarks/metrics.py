@@ -76,11 +76,21 @@ def steady_state(samples: list[tuple[float, float, float, float]]) -> dict:
     queued = [i for i, s in enumerate(samples) if s[2] > 0]
     out = {"mean_running": sum(running) / len(running),
            "waiting_share": len(queued) / len(samples), "steady_s": None, "steady_tok_per_s": None}
-    fullest = max(running)
-    first = next((i for i, s in enumerate(samples) if s[3] >= max(fullest, 1)), None)
-    if queued and first is not None and queued[-1] > first:
-        t0, t1 = samples[first], samples[queued[-1]]
-        if t1[0] > t0[0]:
-            out["steady_s"] = round(t1[0] - t0[0], 2)
-            out["steady_tok_per_s"] = (t1[3] - t0[3]) / (t1[0] - t0[0])
+    window = steady_window(samples)
+    if window is not None:
+        t0, t1 = samples[window[0]], samples[window[1]]
+        out["steady_s"] = round(t1[0] - t0[0], 2)
+        out["steady_tok_per_s"] = (t1[3] - t0[3]) / (t1[0] - t0[0])
     return out
+
+
+def steady_window(samples: list[tuple[float, float, float, float]]) -> tuple[int, int] | None:
+    """Indices of the first and last sample of ``steady_state``'s window."""
+    if len(samples) < 2:
+        return None
+    queued = [i for i, s in enumerate(samples) if s[2] > 0]
+    fullest = max(s[1] for s in samples)
+    first = next((i for i, s in enumerate(samples) if s[3] >= max(fullest, 1)), None)
+    if queued and first is not None and queued[-1] > first and samples[queued[-1]][0] > samples[first][0]:
+        return first, queued[-1]
+    return None

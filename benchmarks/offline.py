@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.metrics import not_run, steady_state, summarize
+from benchmarks import steplog
+from benchmarks.metrics import not_run, steady_state, steady_window, summarize
 from benchmarks.workload import read_trace
 
 
@@ -105,9 +106,13 @@ class Driver:
     """Runs traces through one engine; LoRA ids are unique per measurement so
     that every measurement starts with cold adapter caches."""
 
-    def __init__(self, llm, events: Events):
+    def __init__(self, llm, events: Events, step_log: str | None = None):
         self.llm, self.events = llm, events
         self.next_lora_id = 1
+        self.step_log = step_log
+        cc = llm.llm_engine.vllm_config.compilation_config
+        # Steps of more tokens run without a CUDA graph.
+        self.graph_max = max(cc.cudagraph_capture_sizes or [0]) if cc.cudagraph_mode else 0
 
     def lora(self, name: str, path: Path):
         from vllm.lora.request import LoRARequest
@@ -147,6 +152,7 @@ class Driver:
         engine = self.llm.llm_engine
         ttft, latency, out_tokens, status = [], [], 0, "ok"
         start = time.perf_counter()
+        wall = time.time() - start  # perf_counter -> the step log's wall clock
         window_end = start + window_s if window_s else float("inf")
         ids = self.llm.enqueue(prompts, params, lora_request=lora_requests, use_tqdm=False)
         last_report, samples = 0.0, []
@@ -178,15 +184,26 @@ class Driver:
         elif status == "window":
             note = f"fixed {window_s:g} s window: {len(latency)}/{len(reqs)} finished"
         self.events.emit("progress", label=point["label"], done=len(latency))
-        return summarize(requests=len(reqs), elapsed_s=elapsed, ttft=ttft, latency=latency,
-                         output_tokens=out_tokens, input_tokens=sum(len(r.prompt) for r in reqs),
-                         status=status, slo_ttft_s=slo_ttft_s, note=note) | steady_state(samples)
+        result = summarize(requests=len(reqs), elapsed_s=elapsed, ttft=ttft, latency=latency,
+                           output_tokens=out_tokens, input_tokens=sum(len(r.prompt) for r in reqs),
+                           status=status, slo_ttft_s=slo_ttft_s, note=note) | steady_state(samples)
+        window = steady_window(samples)
+        if self.step_log and window is not None:
+            # The engine core appends its records every half second while it
+            # steps: the window's last half second may be missing (a mean).
+            t0, t1 = (samples[i][0] + wall for i in window)
+            result["steps"] = steplog.summarize(steplog.read(self.step_log), t0, t1, self.graph_max)
+        return result
 
 
 def main(spec_path: str, events_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     events = Events(events_path)
     deadline, points = spec["deadline"], spec["points"]
+    if spec.get("step_log"):
+        # The engine core's per-step log: set before vLLM or the plugin is
+        # imported (its patch reads it once), inherited by the engine's processes.
+        os.environ["VLLM_SLORA_STEP_LOG"] = spec["step_log"]
     try:
         if spec["env"].get("VLLM_SLORA") == "1":
             import vllm_slora
@@ -197,7 +214,7 @@ def main(spec_path: str, events_path: str) -> int:
         start = time.perf_counter()
         llm = LLM(**spec["engine_kwargs"])
         start_s = time.perf_counter() - start
-        driver = Driver(llm, events)
+        driver = Driver(llm, events, spec.get("step_log"))
         warmup_s = driver.warmup(points[0]["trace"], spec["warmup_adapters"]) if spec["warmup"] else 0.0
         events.emit("ready", start_s=start_s, warmup_s=warmup_s, versions=versions(),
                     device=device_name(), engine=engine_facts(llm))

@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks import steplog
 from benchmarks.systems import SYSTEMS
 
 COLUMNS = {
@@ -188,6 +189,17 @@ def summary(results: dict) -> list[str]:
     return lines
 
 
+def step_rows(results: dict) -> list[str]:
+    """One row per measured point that has a step log."""
+    rows = []
+    for i, n in enumerate(results["config"]["n"]):
+        for s in results["systems"]:
+            p = point_at(s, n)
+            if p and p.get("steps") and (i == 0 or s["system"] != "base"):  # base: one point
+                rows.append(steplog.line(f"n={n} {named(results, s)}", p["steps"]))
+    return rows
+
+
 def named(results: dict, s: dict) -> str:
     """A system's label, with its call in a merged file."""
     labels = call_labels(results)
@@ -223,6 +235,10 @@ def markdown(results: dict, stem: str) -> str:
         out += [f"- {call_labels(results)[c['id']]}: {c['id']} on {c.get('device') or '?'}: "
                 f"`{c['command']}`" for c in results["calls"]]
     out += ["", "## Plugin vs stock and base", ""] + (summary(results) or ["- no plugin system in this run"])
+    steps = step_rows(results)
+    if steps:
+        out += ["", "## Steps in the steady window (engine core's step log, `benchmarks/steplog.py`)", "",
+                steplog.HEADER] + steps
     out += ["", "## Engines", ""] + [engine_line(results, s) for s in results["systems"]]
     failures = [s for s in results["systems"] if s.get("error")]
     if failures:

@@ -213,6 +213,11 @@ def child_pythonpath(workdir: Path) -> tuple[str, str | None]:
     return os.pathsep.join([path, str(ROOT)]), warning
 
 
+# The entry point that loads only the engine core's step log
+# (patches/vllm_v1_engine_core.py), nothing else of the plugin.
+STEP_LOG_PLUGIN = "vllm_slora_steplog"
+
+
 def child_env(config, cfg: dict, prep: dict) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in PLUGIN_VARS + ("VLLM_PLUGINS",)}
     env.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
@@ -222,6 +227,8 @@ def child_env(config, cfg: dict, prep: dict) -> dict:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         env["VLLM_LORA_RESOLVER_CACHE_DIR"] = str(prep["adapters_root"])
     env.update(config.env)
+    if "VLLM_PLUGINS" in env:  # base and stock: without the plugin, with its step log
+        env["VLLM_PLUGINS"] += "," + STEP_LOG_PLUGIN
     return env
 
 
@@ -275,6 +282,8 @@ class Child:
         self.log = run_dir / "logs" / f"{stem}.log"
         self.server_log = run_dir / "logs" / f"{stem}.server.log"
         self.events_path = run_dir / "logs" / f"{stem}.events.jsonl"
+        self.step_log = run_dir / "logs" / f"{stem}.steps.jsonl"
+        self.step_log.unlink(missing_ok=True)
         spec_path = run_dir / "specs" / f"{stem}.json"
         for p in (spec_path, self.log):
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -284,7 +293,7 @@ class Child:
             window_s=cfg["window_s"],
             warmup_prompt_len=min(64, cfg["input_range"][1]),
             warmup_adapters=[] if config.system == "base" else prep["warmup_adapters"],
-            server_log=str(self.server_log))))
+            server_log=str(self.server_log), step_log=str(self.step_log))))
         self.events_path.write_text("")
         self.ready: dict = {}
         self.results: dict[str, dict] = {}

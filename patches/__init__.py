@@ -15,8 +15,10 @@ from types import ModuleType
 from vllm_slora.activation import VllmVersionError, check_vllm_version
 
 # Applied in every process, mode on or off: they only add the --plugin flag,
-# the checks that go with it and the plugin's variables to vLLM's known ones.
-CLI_PATCHES = ["vllm_engine_arg_utils", "vllm_envs"]
+# the checks that go with it and the plugin's variables to vLLM's known ones,
+# and, when VLLM_SLORA_STEP_LOG names a file, the benchmarks' step log.
+STEP_LOG_PATCHES = ["vllm_v1_engine_core"]
+CLI_PATCHES = ["vllm_engine_arg_utils", "vllm_envs", *STEP_LOG_PATCHES]
 # Applied in every process when S-LoRA mode is on.
 MODE_PATCHES: list[str] = [
     "vllm_v1_core_sched_scheduler",
@@ -63,6 +65,12 @@ def _apply(names: list[str]) -> None:
 
 def apply_cli_patches() -> None:
     _apply(CLI_PATCHES)
+
+
+def apply_step_log() -> None:
+    """Only the step log (entry point ``vllm_slora_steplog``; no-op unless
+    ``VLLM_SLORA_STEP_LOG`` is set)."""
+    _apply(STEP_LOG_PATCHES)
 
 
 def apply_mode_patches() -> None:

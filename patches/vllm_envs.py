@@ -34,10 +34,14 @@ VARIABLES = (
     "VLLM_SLORA_UNIFY_MEM",
     "VLLM_SLORA_SEPARATE_FRACTION",
     "VLLM_SLORA_PDL",  # kernels/grouped.py
+    "VLLM_SLORA_REPLAY",  # kernels/replay.py
     "VLLM_SLORA_METRICS_DIR",  # metrics.py
     "VLLM_SLORA_TRACE",  # activation.py (tests)
+    "VLLM_SLORA_STEP_LOG",  # patches/vllm_v1_engine_core.py (benchmarks)
+    "VLLM_SLORA_STEP_STACKS",
 )
-PER_RUN = ("VLLM_SLORA_METRICS_DIR", "VLLM_SLORA_TRACE")
+PER_RUN = ("VLLM_SLORA_METRICS_DIR", "VLLM_SLORA_TRACE", "VLLM_SLORA_STEP_LOG",
+           "VLLM_SLORA_STEP_STACKS")
 
 
 def apply() -> None:

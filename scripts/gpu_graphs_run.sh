@@ -22,7 +22,9 @@
 #   ALOAD=... arguments for `python -m benchmarks.adapter_load` (host-cache
 #             read and packing rate of 7B adapters; ALOAD_S limits), e.g. "--adapters 64"
 #   BENCH=... arguments for `python -m benchmarks.run` (the headline workload
-#             with CUDA graphs on), e.g. "--systems base,slora,stock --n 5,1000"
+#             with CUDA graphs on), e.g. "--systems base,slora,stock --n 5,1000";
+#             with VLLM_SLORA_STEP_STACKS=1 the engine thread's stacks per point
+#             (bench-logs/*.stacks.txt)
 set -u
 source .gpu/activate.sh
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
@@ -94,6 +96,10 @@ if [ -n "${BENCH:-}" ]; then
     $BENCH > $O/bench.txt 2>&1
   echo "bench rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   cp -r /tmp/slora-bench/runs/*/logs $O/bench-logs 2>/dev/null
+  for f in $O/bench-logs/*.stacks; do  # VLLM_SLORA_STEP_STACKS=1: per point
+    [ -e "$f" ] && python3 -m benchmarks.stacks "$f" --events "${f%.steps.jsonl.stacks}.events.jsonl" \
+      --top 40 > "${f%.steps.jsonl.stacks}.stacks.txt" 2>&1
+  done
 fi
 tail -5 $O/pytest-gpu.txt 2>/dev/null; tail -12 $O/step-time.txt 2>/dev/null; tail -40 $O/bench.txt 2>/dev/null
 tar czf $OUT/graphs.tgz -C $O .

@@ -66,6 +66,20 @@ def register() -> None:
     apply_cli_patches()
 
 
+def register_step_log() -> None:
+    """Entry point ``vllm_slora_steplog``: the engine core's per-step log
+    (``VLLM_SLORA_STEP_LOG``) and nothing else, for the benchmarks' engines
+    that run without the plugin (base, stock)."""
+    from vllm_slora.patches import apply_step_log
+
+    try:
+        check_vllm_version()
+    except VllmVersionError as e:
+        logger.warning("%s; no step log", e)
+        return
+    apply_step_log()
+
+
 def enable() -> None:
     """Switch S-LoRA mode on for this process and the vLLM processes it starts.
 

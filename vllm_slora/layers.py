@@ -36,7 +36,9 @@ import weakref
 import torch
 from torch import nn
 
-from vllm_slora.kernels import batch_meta, paged_lora, paged_lora_expand, paged_lora_shrink
+from vllm_slora.kernels import (batch_meta, grouped, paged_lora, paged_lora_expand,
+                                paged_lora_shrink)
+from vllm_slora.kernels.replay import Recorder
 from vllm_slora.memory.layout import COLUMN_PARALLEL, GROUPS
 
 # Layers by the address of their ``lora_key`` buffer (the op's handle on its layer).
@@ -114,12 +116,35 @@ class PagedLoRALinear(nn.Module):
         if self.tp_size > 1:
             self._apply_sharded(x2, y2, token_lora, step)
             return
+        pool = self.pager.pools[self.layer_idx]
+        replays = self.pager.replays
+        if replays is not None and not torch.cuda.is_current_stream_capturing():
+            # Eager steps (larger than any CUDA graph): the first layer's call
+            # for this group and size is recorded, the others replay it.
+            # One recording per group, the last size's: eager steps rarely
+            # repeat a size, and each recording keeps its workspaces (a
+            # cache by size grew to an out-of-memory at 2,000 adapters).
+            key = (t, grouped.knob_state())
+            last = replays.get(self.group)
+            if last is not None and last[0] == key and last[1].matches(x=x2, pool=pool, y=y2):
+                last[1](x=x2, pool=pool, y=y2)
+                self.pager.counters["lora_replays"] += 1
+                return
+            replays.pop(self.group, None)  # its workspaces go before new ones are made
+            a_rows, b_rows = self.pager.vectors.group_tables[self.group]
+            record = Recorder(x=x2, pool=pool, y=y2)
+            grouped.lora(x2, y2, pool, a_rows, b_rows, step.lora_start, step.rank[self.group],
+                         step.lora_scale, token_lora, limits.max_rank, None, self.pager.meta,
+                         record)
+            if record.result() is not None:
+                replays[self.group] = (key, record.result())
+            return
         a_rows, b_rows = self.pager.vectors.group_tables[self.group]
         if len(a_rows) == 1:
             a_rows, b_rows = a_rows[0], b_rows[0]
         # Already inside the opaque op vllm::slora_paged_lora: skip the
         # kernels' own custom-op dispatch.
-        paged_lora(x2, y2, self.pager.pools[self.layer_idx], a_rows, b_rows,
+        paged_lora(x2, y2, pool, a_rows, b_rows,
                    step.lora_start, step.rank[self.group], step.lora_scale, token_lora,
                    max_rank=limits.max_rank, meta=self.pager.meta, dispatch=False)
 

@@ -182,6 +182,53 @@ def test_steady_state_window_ends_with_the_queue():
     assert steady_state([(0, 8, 9, 0), (1, 8, 9, 4)])["steady_tok_per_s"] is None  # never full
 
 
+def test_step_log_splits_steps_by_how_vllm_runs_them(tmp_path):
+    from types import SimpleNamespace
+
+    from benchmarks import steplog
+    from vllm_slora.patches.vllm_v1_engine_core import install
+
+    # The patch's timers on a fake engine core: one record per step with
+    # tokens, requests, decode requests and the host seconds of its calls.
+    calls = []
+    scheduler = SimpleNamespace(schedule=lambda: calls.append("s"),
+                                update_from_output=lambda out, model_output: calls.append("u"))
+    executor = SimpleNamespace(execute_model=lambda out, non_block=False: calls.append("e"),
+                               sample_tokens=lambda g, non_block=False: calls.append("t"))
+    log = install(SimpleNamespace(scheduler=scheduler, model_executor=executor), str(tmp_path / "s.jsonl"))
+    steps = [{"a": 1, "b": 1}, {"a": 1, "b": 300}, {"a": 1, "b": 1, "c": 40}, {}]
+    for per_request in steps:
+        out = SimpleNamespace(num_scheduled_tokens=per_request,
+                              total_num_scheduled_tokens=sum(per_request.values()))
+        scheduler.schedule()
+        executor.execute_model(out, non_block=True)
+        executor.sample_tokens(None, non_block=True)
+        scheduler.update_from_output(out, None)
+    log.flush()
+    assert calls == list("setu") * 4
+    recs = steplog.read(tmp_path / "s.jsonl")
+    assert [r[1:4] for r in recs] == [[2, 2, 2], [301, 2, 1], [42, 3, 2]]  # the empty step: none
+    assert all(len(r) == 9 and r[4] == pytest.approx(sum(r[5:]), abs=1e-5) for r in recs)
+    from vllm_slora.patches.vllm_v1_engine_core import CALLS
+    assert CALLS == steplog.CALLS
+
+    # summarize: periods between consecutive records inside the window.
+    records = [[10.0, 256, 256, 256, 0.002, 0, 0.002, 0, 0], [10.020, 256, 256, 256, 0.003, 0, 0.003, 0, 0],
+               [10.060, 512, 257, 256, 0.010, 0.002, 0.008, 0, 0], [10.080, 200, 180, 179, 0.004, 0, 0.004, 0, 0],
+               [10.100, 256, 256, 256, 0.002, 0, 0.002, 0, 0], [11.0, 256, 256, 256, 0.002, 0, 0.002, 0, 0]]
+    got = steplog.summarize(records, 10.0, 10.1, graph_max=256)
+    assert got["steps"] == 4 and got["period_ms"] == pytest.approx(25.0)
+    assert got["tokens_per_step"] == pytest.approx((256 + 512 + 200 + 256) / 4)
+    assert got["host_ms"] == pytest.approx(4.75) and got["host_share"] == pytest.approx(0.019 / 0.1)
+    k = got["kinds"]
+    assert k["decode"]["share"] == 0.5 and k["decode"]["period_ms"] == pytest.approx(20.0)
+    assert k["large"]["tokens"] == 512 and k["large"]["period_ms"] == pytest.approx(40.0)
+    assert k["mixed"]["tokens"] == 200 and k["large"]["time_share"] == pytest.approx(0.4)
+    assert got["calls_ms"]["schedule"] == pytest.approx(0.5) and got["calls_ms"]["execute_model"] == 4.25
+    assert steplog.summarize(records, 20.0, 30.0, 256) is None
+    assert "| x | 4 | 306 | 25.0 | 4.8 (19%) | 50% x 256 tok, 20.0 ms |" in steplog.line("x", got)
+
+
 def test_ratios_never_mix_methods():
     steady = {"status": "ok", "req_per_s": 2.0, "steady_tok_per_s": 300.0}
     window = {"status": "window", "req_per_s": 1.0, "steady_tok_per_s": 100.0}

@@ -118,8 +118,10 @@ def test_plugin_variables_are_known_to_vllm(tmp_path):
     assert used and used <= set(vllm_envs.VARIABLES), used - set(vllm_envs.VARIABLES)
     values = {"VLLM_SLORA": "0", "VLLM_SLORA_KERNELS": "auto", "VLLM_SLORA_CUDAGRAPH": "captured",
               "VLLM_SLORA_UNIFY_MEM": "1", "VLLM_SLORA_SEPARATE_FRACTION": "0.25",
-              "VLLM_SLORA_PDL": "1", "VLLM_SLORA_METRICS_DIR": str(tmp_path / "m"),
-              "VLLM_SLORA_TRACE": str(tmp_path / "trace")}
+              "VLLM_SLORA_PDL": "1", "VLLM_SLORA_REPLAY": "1",
+              "VLLM_SLORA_METRICS_DIR": str(tmp_path / "m"),
+              "VLLM_SLORA_TRACE": str(tmp_path / "trace"),
+              "VLLM_SLORA_STEP_LOG": str(tmp_path / "steps.jsonl"), "VLLM_SLORA_STEP_STACKS": "0"}
     assert set(values) == set(vllm_envs.VARIABLES)
     proc = run_py("""
         from vllm.plugins import load_general_plugins
@@ -128,6 +130,7 @@ def test_plugin_variables_are_known_to_vllm(tmp_path):
         envs.validate_environ(hard_fail=True)
         factors = envs.compile_factors()
         assert factors["VLLM_SLORA_METRICS_DIR"] == factors["VLLM_SLORA_TRACE"], factors
+        assert factors["VLLM_SLORA_STEP_LOG"] == factors["VLLM_SLORA_TRACE"], factors
         assert factors["VLLM_SLORA_KERNELS"] != factors["VLLM_SLORA_TRACE"], factors
         print("validated")
     """, env=values)

@@ -133,3 +133,67 @@ def test_gpu_graph_replays_new_steps(monkeypatch, pdl, shape, t):
     k, ns = shape
     err = run_sequence(k, ns, 256, torch.float16, t, steps=24, device="cuda", graph=True)
     assert err <= TOL[torch.float16]
+
+
+@pytest.mark.parametrize("shape", LLAMA_MODULES.values(), ids=LLAMA_MODULES.keys())
+@pytest.mark.parametrize("t", [40, 300, 1000], ids=lambda t: f"t{t}")
+def test_recorded_launches_replay_another_layer(monkeypatch, shape, t):
+    """Eager steps record one layer's launches and replay them for the next
+    layers with their x, pool and y (kernels/replay.py): each replay must
+    give exactly what the kernels give called through Triton for that layer,
+    and a tensor Triton would compile differently for (misaligned) must not
+    match. Under the interpreter nothing is recorded (the layers then take
+    the ordinary path)."""
+    from vllm_slora.kernels.replay import Recorder
+
+    monkeypatch.setattr(kernels, "_FORCED", "triton")
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+    k, ns = shape if cuda else (64, [64, 32, 32][:len(shape[1])])
+    if not cuda:
+        t = min(t, 40)
+    d = 256 if cuda else 32
+    ranks = [MIXED[i % len(MIXED)] for i in range(12)]
+    ad = make_paged_adapters(ranks, k, ns, d, dtype, device=device, seed=1)
+    other = ad.pool.clone()
+    other[~other.isnan()] *= -0.7  # another layer: same tables, other weights
+    buf = StepBuffers(StepLimits(max_tokens=t, max_loras=SLOTS, max_rank=max(ranks)),
+                      torch.device(device))
+    rng = np.random.default_rng(t)
+    token_lora, chosen = random_step(rng, t, len(ranks))
+    rk = ad.lora_rank.cpu()[chosen].tolist()
+    by_group = {g: rk if g == "qkv_proj" else [0] * len(rk) for g in GROUPS}
+    buf.write(token_lora, ad.lora_start.cpu()[chosen].tolist(), by_group, by_group,
+              ad.lora_scale.cpu()[chosen].tolist())
+    tl_ = buf.token_lora[:t]
+    meta = kernels.batch_meta(tl_, SLOTS, out=buf.meta_for(t))
+    gen = torch.Generator().manual_seed(t)
+
+    def layer_inputs():
+        return (torch.randn(t, k, generator=gen).to(dtype).to(device),
+                torch.randn(t, sum(ns), generator=gen).to(dtype).to(device))
+
+    def through_triton(x, pool, y, record=None):
+        grouped.lora(x, y, pool, ad.a_rows, ad.b_rows, buf.lora_start, buf.rank["qkv_proj"],
+                     buf.lora_scale, tl_, max(ranks), None, meta, record)
+
+    x0, y0 = layer_inputs()
+    want0 = y0.clone()
+    through_triton(x0, ad.pool, want0)
+    rec = Recorder(x=x0, pool=ad.pool, y=y0)
+    through_triton(x0, ad.pool, y0, rec)
+    assert torch.equal(y0, want0)  # recording launches as usual
+    replay = rec.result()
+    if not cuda:
+        assert replay is None
+        return
+    assert replay is not None and 2 <= len(replay.launches) <= 3
+    for pool in (other, ad.pool, other):
+        x, y = layer_inputs()
+        want = y.clone()
+        through_triton(x, pool, want)
+        assert replay.matches(x=x, pool=pool, y=y)
+        replay(x=x, pool=pool, y=y)
+        assert torch.equal(y, want)
+    shifted = torch.empty(t * k + 1, dtype=dtype, device=device)[1:].view(t, k)
+    assert not replay.matches(x=shifted, pool=ad.pool, y=y)

@@ -311,3 +311,22 @@ def test_an_adapter_that_cannot_be_paged_in_fails_only_its_request(tmp_path, tin
         manager.free(good)
     manager.free(req)
     assert "r-bad" not in manager.faults
+
+
+def test_adapter_checked_once_per_scheduling_step(tiny_model, adapters):
+    """Admission, early loads and page-in of one step read (and validate)
+    an adapter once; the next step reads its files again (an adapter
+    replaced on disk in between is budgeted as it is now)."""
+    manager = make_manager(64, tiny_model, max_lora_rank=8)
+    pool = manager.adapters
+    calls = []
+    check = pool.check
+    pool.check = lambda path: (calls.append(path), check(path))[1]
+    path = adapters[1]
+    blocks = pool.blocks_for(path)
+    assert pool.blocks_missing(7, path) == blocks
+    pool.load_ahead([(7, path)], keep_free=0)  # pages it in: meta and blocks again
+    assert 7 in pool.resident and calls == [path]
+    pool.take_plan([], 1)
+    pool.blocks_for(path)
+    assert calls == [path, path]

@@ -943,7 +943,7 @@ def resident(items: int, device: torch.device) -> int:
 
 
 def launch_shrink(x, pool, tables, lora_start, lora_rank, token_lora, out, groups: Groups,
-                  pl: Plan, pdl: bool = False) -> None:  # fmt: skip
+                  pl: Plan, pdl: bool = False, record=None) -> None:  # fmt: skip
     """Run the shrink kernel into ``out``: [S, T, R_MAX] when pl.split == 1,
     else partials [split, S, T, R_MAX]."""
     d = pool.shape[1]
@@ -956,15 +956,25 @@ def launch_shrink(x, pool, tables, lora_start, lora_rank, token_lora, out, group
         return
     stride_c = out.stride(0) if pl.split > 1 else 0
     o_s, o_t = out.stride(-3), out.stride(-2)
-    _shrink_kernel[grid](
+    _run(_shrink_kernel, grid, (
         x, pool, out, *padded, lora_start, lora_rank, token_lora,
         groups.bounds, groups.glora, groups.idx,
         groups.ng, pl.tiles, lora_rank.shape[0], k, r_max, pl.k_split, num_r, pl.split, s,
         x.stride(0), pool.stride(0), padded[0].stride(0), stride_c, o_s, o_t,
+    ), dict(
         MODE=groups.mode, D=d, BM=pl.bm, BR=pl.br_s, BK=pl.bk, NPG=pl.npg, NGB=NGB,
         LIST=_tile_list(groups), RANK_LB=_rank_lb(lora_rank),
         DOT_F32=_dot_f32(x), PDL=pdl, num_warps=pl.warps_s, num_stages=pl.stages_s,
-    )  # fmt: skip
+    ), record)  # fmt: skip
+
+
+def _run(fn, grid, args: tuple, kwargs: dict, record=None) -> None:
+    """``fn[grid](*args, **kwargs)``, or through ``record`` (a
+    ``replay.Recorder``), which also keeps the launch for replays."""
+    if record is None:
+        fn[grid](*args, **kwargs)
+    else:
+        record.launch(fn, grid, args, kwargs)
 
 
 def _rank_lb(lora_rank: torch.Tensor) -> int:
@@ -977,18 +987,18 @@ def _tile_list(groups: Groups) -> bool:
     return TILE_LIST and groups.mode == ADAPTERS
 
 
-def launch_reduce(ws, out, token_lora, lora_rank) -> None:
+def launch_reduce(ws, out, token_lora, lora_rank, record=None) -> None:
     split, s, t, r_max = ws.shape
     bt = 8
-    _reduce_kernel[(triton.cdiv(t, bt), s)](
+    _run(_reduce_kernel, (triton.cdiv(t, bt), s), (
         ws, out, token_lora, lora_rank, t, r_max, split,
         ws.stride(0), ws.stride(1), ws.stride(2), out.stride(0), out.stride(1),
-        BT=bt, BRM=max(16, _pow2(r_max)), num_warps=2,
-    )  # fmt: skip
+    ), dict(BT=bt, BRM=max(16, _pow2(r_max)), num_warps=2), record)  # fmt: skip
 
 
 def launch_expand(v, pool, tables, lora_start, lora_rank, lora_scale, token_lora, y,
-                  groups: Groups, pl: Plan, v_split: int = 1, pdl: bool = False) -> None:  # fmt: skip
+                  groups: Groups, pl: Plan, v_split: int = 1, pdl: bool = False,
+                  record=None) -> None:  # fmt: skip
     """Run the expand kernel; v is [S, T, R_MAX] or partials [v_split, S, T, R_MAX].
 
     pdl: launch with programmatic dependent launch; only right behind the
@@ -1004,16 +1014,17 @@ def launch_expand(v, pool, tables, lora_start, lora_rank, lora_scale, token_lora
     if grid[0] == 0:
         return
     stride_c = v.stride(0) if v_split > 1 else 0
-    _expand_kernel[grid](
+    _run(_expand_kernel, grid, (
         v, pool, y, *padded, lora_start, lora_rank, lora_scale, token_lora,
         groups.bounds, groups.glora, groups.idx,
         groups.ng, pl.tiles, lora_rank.shape[0], *widths, r_max, num_n, s,
         stride_c, v.stride(-3), v.stride(-2), pool.stride(0), y.stride(0),
+    ), dict(
         MODE=groups.mode, D=d, BM=pl.bm, BR=pl.br_e, BN=pl.bn, NGB=NGB, LIST=_tile_list(groups),
         RANK_LB=_rank_lb(lora_rank),
         V_SPLIT=v_split, NBP=pl.nbp, DOT_F32=_dot_f32(y), PDL=pdl, num_warps=pl.warps_e,
         num_stages=pl.stages_e, launch_pdl=pdl,
-    )  # fmt: skip
+    ), record)  # fmt: skip
 
 
 def _check_tables(tables: Sequence[torch.Tensor]) -> None:
@@ -1078,9 +1089,12 @@ def describe(groups: Groups, pl: Plan, r_max: int) -> str:
 
 
 def lora(x, y, pool, a_tables, b_tables, lora_start, lora_rank, lora_scale, token_lora,
-         max_rank: int, segments=None, meta=None) -> None:  # fmt: skip
+         max_rank: int, segments=None, meta=None, record=None) -> None:  # fmt: skip
     """y += scale * x @ A^T @ B^T: grouping and plan once, split-K partials
-    summed by the expand where they are small."""
+    summed by the expand where they are small. ``record``: a
+    ``replay.Recorder`` that keeps the launches (and their workspaces) for
+    replays with another layer's x, pool and y."""
+    keep = record.keep if record is not None else (lambda t: t)
     d = check_pool(x, pool)
     check_pool(y, pool)
     _check_tables(a_tables)
@@ -1101,22 +1115,32 @@ def lora(x, y, pool, a_tables, b_tables, lora_start, lora_rank, lora_scale, toke
     # behind it; behind a reduce launch it would only wait.
     pdl = use_pdl(dev) and (pl.split == 1 or fuse_partials(groups, pl, r_max))
     if pl.split == 1:
-        v = torch.empty((s, t, r_max), dtype=torch.float32, device=dev)
-        launch_shrink(x, pool, a_tables, lora_start, lora_rank, token_lora, v, groups, pl, pdl)
+        v = keep(torch.empty((s, t, r_max), dtype=torch.float32, device=dev))
+        launch_shrink(x, pool, a_tables, lora_start, lora_rank, token_lora, v, groups, pl, pdl,
+                      record)
         v_split = 1
     else:
-        ws = torch.empty((pl.split, s, t, r_max), dtype=torch.float32, device=dev)
-        launch_shrink(x, pool, a_tables, lora_start, lora_rank, token_lora, ws, groups, pl, pdl)
+        ws = keep(torch.empty((pl.split, s, t, r_max), dtype=torch.float32, device=dev))
+        launch_shrink(x, pool, a_tables, lora_start, lora_rank, token_lora, ws, groups, pl, pdl,
+                      record)
         if fuse_partials(groups, pl, r_max):
             v, v_split = ws, pl.split
         else:
-            v = torch.empty((s, t, r_max), dtype=torch.float32, device=dev)
-            launch_reduce(ws, v, token_lora, lora_rank)
+            v = keep(torch.empty((s, t, r_max), dtype=torch.float32, device=dev))
+            launch_reduce(ws, v, token_lora, lora_rank, record)
             v_split = 1
     launch_expand(
         v, pool, b_tables, lora_start, lora_rank, lora_scale, token_lora, y, groups, pl, v_split,
-        pdl,
+        pdl, record,
     )
+
+
+def knob_state() -> tuple:
+    """The module settings a recorded launch depends on (a replay's cache key)."""
+    return (PROGRAMS_PER_SM, MAX_SPLIT, SHRINK_STAGES, EXPAND_BN, EXPAND_MAX_NBP,
+            EXPAND_PROGRAMS_PER_SM, EXPAND_STAGES, SMALL_TILE_WARPS, BIG_TILE_PROGRAMS_PER_SM,
+            SMALL_TILE_SHRINK, FEW_GROUPS, FUSED_PARTIALS_BYTES, RESIDENT_PROGRAMS_PER_SM,
+            TILE_LIST, ANY_RANK_CHECK, PDL)
 
 
 def use_pdl(device: torch.device) -> bool:

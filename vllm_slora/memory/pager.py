@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from vllm_slora import metrics
+from vllm_slora.kernels import replay
 from vllm_slora.memory.layout import GROUPS, PageGeometry
 from vllm_slora.memory.plan import Evict, Load, PagingPlan
 from vllm_slora.memory.read_ahead import ReadAhead
@@ -78,6 +79,33 @@ def block_chunks(kv: torch.Tensor, num_blocks: int) -> tuple[tuple[int, ...], in
     return offsets, size, size
 
 
+class PinnedRing:
+    """Host-to-device copies of small tensors through pinned buffers made
+    once: ``SLOTS`` buffers of ``capacity`` elements used in turn, each
+    reused after its previous copy finished (an event; long ago, normally)."""
+
+    SLOTS = 8
+
+    def __init__(self, capacity: int, dtype: torch.dtype, device: torch.device):
+        self.device = device
+        self.host = [torch.empty(capacity, dtype=dtype).pin_memory() for _ in range(self.SLOTS)]
+        self.sent: list[torch.cuda.Event | None] = [None] * self.SLOTS
+        self.next = 0
+
+    def send(self, t: torch.Tensor) -> torch.Tensor:
+        n = t.numel()
+        if n > self.host[0].numel():
+            return t.pin_memory().to(self.device, non_blocking=True)
+        i, self.next = self.next, (self.next + 1) % self.SLOTS
+        if self.sent[i] is not None:
+            self.sent[i].synchronize()
+        self.host[i][:n].copy_(t.reshape(-1))
+        out = self.host[i][:n].to(self.device, non_blocking=True).view(t.shape)
+        self.sent[i] = torch.cuda.Event()
+        self.sent[i].record()
+        return out
+
+
 class Pager:
     """Created with the model; ``bind`` (first plan, KV cache allocated) makes it usable."""
 
@@ -100,11 +128,16 @@ class Pager:
         # set by the forward's first LoRA layer, read by all.
         self.meta: torch.Tensor | None = None
         self.scheduler_stats: dict = {}
-        self.counters = dict(loads=0, evictions=0, pages_written=0)
+        # lora_replays: LoRA calls of eager steps replayed (kernels/replay.py)
+        self.counters = dict(loads=0, evictions=0, pages_written=0, lora_replays=0)
         # Engine-thread seconds: applying the scheduler's plans, building
         # step metadata, and, within that, blocked on uploads (file reads
         # not done when the adapter is first used).
         self.seconds = dict(apply_s=0.0, set_batch_s=0.0, upload_wait_s=0.0)
+        # The last recorded LoRA launches of an eager step per layer group:
+        # group -> ((tokens, knobs), Replay) (kernels/replay.py); None where
+        # the kernels are not Triton's.
+        self.replays: dict | None = None
         self._chunk_rows: torch.Tensor | None = None  # int64 [rows_per_block], block 0
         self._block_stride_rows = 0
         self.uploader: Uploader | None = None
@@ -147,6 +180,10 @@ class Pager:
         self.vectors = VectorSpace(self.geo, self.device, vector_capacity(self.geo, num_blocks))
         self.step = StepBuffers(limits, self.device)
         self.uploader = Uploader(self.geo, self.pools)
+        if self.device.type == "cuda":
+            self._ids_ring = PinnedRing(num_blocks, torch.int64, self.device)
+        if replay.enabled(self.step.token_lora):
+            self.replays = {}
 
     def check_scheduler_geometry(self, stats: dict) -> None:
         mine = (self.geo.page_width, self.geo.rows_per_block)
@@ -159,8 +196,10 @@ class Pager:
         """Pool rows (int64) of ``block_ids``, in block order."""
         ids = torch.tensor(block_ids, dtype=torch.int64)
         if self.device.type == "cuda":
-            # From pinned memory: a pageable copy would wait for the queued steps.
-            ids = ids.pin_memory().to(self.device, non_blocking=True)
+            # From pinned memory (a pageable copy would wait for the queued
+            # steps), staged in a ring allocated once: pinning a new tensor
+            # per page-in cost ~1 ms of the engine's thread (cudaHostAlloc).
+            ids = self._ids_ring.send(ids)
         return (ids[:, None] * self._block_stride_rows + self._chunk_rows[None, :]).reshape(-1)
 
     # -- the scheduler's plan -----------------------------------------------

@@ -94,13 +94,24 @@ class AdapterPool:
         self.ever_evicted: set[int] = set()
         self.seen: set[int] = set()
         self.events: list[Load | Evict] = []
+        self._step_meta: dict = {}  # path -> adapter_meta, this scheduling step's reads
         self.counters = dict(loads=0, loaded_ahead=0, evictions=0, evictions_spared=0, reloads=0,
                              peak_adapters=0, peak_blocks=0, max_distinct_in_step=0,
                              schedules=0, schedule_s=0.0)  # steps scheduled, their seconds
 
     # -- queries ---------------------------------------------------------
-    def blocks_for(self, path: str) -> int:
-        meta = adapter_meta(path, self.check)
+    def meta(self, path: str):
+        """``adapter_meta`` of ``path``, read (checked) once per scheduling
+        step: admission, early loads and page-in ask for the same adapters
+        several times a step (``take_plan`` forgets the step's reads)."""
+        meta = self._step_meta.get(path)
+        if meta is None:
+            meta = self._step_meta[path] = adapter_meta(path, self.check)
+        return meta
+
+    def blocks_for(self, path: str, meta=None) -> int:
+        """KV blocks the adapter's pages take (``meta``: its ``adapter_meta``, if read)."""
+        meta = meta or self.meta(path)
         blocks = self.geo.blocks_for(meta.rank, meta.kinds)
         # Block 0 is vLLM's null block; a separate region holds only its share.
         usable = getattr(self.block_pool, "capacity", self.block_pool.num_gpu_blocks - 1)
@@ -154,11 +165,13 @@ class AdapterPool:
         try:
             room = self.block_pool.get_num_free_blocks() + self.evictable_blocks()
             for lora_id, path in upcoming:
+                if lora_id in self.resident:
+                    continue
                 try:
                     need = self.blocks_for(path)
                 except AdapterFault:
                     continue  # its request fails at admission, with the cause
-                if lora_id in self.resident or room - need < keep_free:
+                if room - need < keep_free:
                     continue
                 while self.block_pool.get_num_free_blocks() < need and self.evict_one():
                     pass
@@ -183,13 +196,14 @@ class AdapterPool:
         return int(fraction * self.block_pool.num_gpu_blocks) if self.unified else 0
 
     def _page_in(self, lora_id: int, path: str) -> Resident:
-        rank = adapter_meta(path, self.check).rank
+        meta = self.meta(path)
+        rank = meta.rank
         while self.resident_vectors + rank > self.vector_capacity:
             if not self.evict_one():
                 raise RuntimeError(f"adapter '{path}' (rank {rank}) does not fit the vector "
                                    f"tables: {self.resident_vectors} of {self.vector_capacity} "
                                    f"rank-vectors are held by running requests")
-        blocks = self.block_pool.get_new_blocks(self.blocks_for(path))
+        blocks = self.block_pool.get_new_blocks(self.blocks_for(path, meta))
         res = self.resident[lora_id] = Resident(path, blocks, rank)
         self.events.append(Load(lora_id, path, [b.block_id for b in blocks]))
         self.counters["loads"] += 1
@@ -242,16 +256,18 @@ class AdapterPool:
         self.counters["max_distinct_in_step"] = max(
             self.counters["max_distinct_in_step"], distinct_in_step)
         events, self.events = self.events, []
+        self._step_meta.clear()
         stats = self.stats()
         metrics.record("scheduler", stats)
         return PagingPlan(events=events, prefetch=prefetch, stats=stats)
 
     def stats(self) -> dict:
+        blocks = self.resident_blocks
         return dict(self.counters,
                     schedule_s=round(self.counters["schedule_s"], 3),
                     resident_adapters=len(self.resident),
-                    resident_blocks=self.resident_blocks,
-                    resident_pages=self.resident_blocks * self.geo.rows_per_block,
+                    resident_blocks=blocks,
+                    resident_pages=blocks * self.geo.rows_per_block,
                     cached_unreferenced=len(self.unreferenced),
                     distinct_adapters_seen=len(self.seen),
                     free_blocks=self.block_pool.get_num_free_blocks(),

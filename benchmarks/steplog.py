@@ -1,0 +1,88 @@
+"""Where a point's steps spend their time, from the engine core's step log.
+
+Every offline engine writes one record per step (``patches/vllm_v1_engine_core.py``,
+``VLLM_SLORA_STEP_LOG``): ``[time, tokens, requests, decode requests, host s,
+host s of schedule, execute_model, sample_tokens, update_from_output]``.
+``summarize`` takes the steps of a window (the point's steady window) and
+splits them by how vLLM runs them: ``decode`` (every request one token: a
+full CUDA graph when the batch fits a capture size), ``mixed`` (prompt
+tokens too, at most the largest capture size: piecewise graphs) and
+``large`` (more tokens than any capture size: no graph). Per kind: its share
+of the steps, mean tokens, mean period (time since the previous step's
+results, i.e. the step's share of the wall clock) and mean host seconds of
+the engine's thread. ``host_share`` near 1 means the engine's thread set the
+pace, not the GPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+KINDS = ("decode", "mixed", "large")
+# As in patches/vllm_v1_engine_core.py (not imported: it needs vLLM).
+CALLS = ("schedule", "execute_model", "sample_tokens", "update_from_output")
+
+
+def read(path: str | Path) -> list[list[float]]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written as we read
+            continue
+    return out
+
+
+def kind(tokens: int, requests: int, decode: int, graph_max: int) -> str:
+    if tokens > graph_max:
+        return "large"
+    return "decode" if decode == requests else "mixed"
+
+
+def summarize(records: list[list[float]], t0: float, t1: float, graph_max: int) -> dict | None:
+    """Steps whose period lies inside [t0, t1] (wall-clock seconds)."""
+    steps = []
+    for prev, rec in zip(records, records[1:]):
+        if prev[0] >= t0 and rec[0] <= t1:
+            steps.append((rec[0] - prev[0], *rec[1:]))
+    if not steps:
+        return None
+    wall = sum(s[0] for s in steps)
+    out = {"steps": len(steps), "period_ms": 1e3 * wall / len(steps),
+           "tokens_per_step": sum(s[1] for s in steps) / len(steps),
+           "host_ms": 1e3 * sum(s[4] for s in steps) / len(steps),
+           "host_share": sum(s[4] for s in steps) / wall if wall > 0 else None,
+           "graph_max": graph_max, "kinds": {}}
+    if all(len(s) == 5 + len(CALLS) for s in steps):  # the host seconds of each call
+        out["calls_ms"] = {c: 1e3 * sum(s[5 + i] for s in steps) / len(steps)
+                           for i, c in enumerate(CALLS)}
+    for k in KINDS:
+        mine = [s for s in steps if kind(s[1], s[2], s[3], graph_max) == k]
+        if mine:
+            n = len(mine)
+            out["kinds"][k] = {"share": n / len(steps), "tokens": sum(s[1] for s in mine) / n,
+                               "period_ms": 1e3 * sum(s[0] for s in mine) / n,
+                               "host_ms": 1e3 * sum(s[4] for s in mine) / n,
+                               "time_share": sum(s[0] for s in mine) / wall if wall > 0 else None}
+    return out
+
+
+def line(label: str, s: dict | None) -> str:
+    """One markdown row: label | steps | tokens/step | period | host | per kind."""
+    if not s:
+        return f"| {label} | - | - | - | - | - | - | - |"
+    cells = []
+    for k in KINDS:
+        d = s["kinds"].get(k)
+        cells.append(f"{100 * d['share']:.0f}% x {d['tokens']:.0f} tok, {d['period_ms']:.1f} ms"
+                     if d else "-")
+    return (f"| {label} | {s['steps']} | {s['tokens_per_step']:.0f} | {s['period_ms']:.1f} | "
+            f"{s['host_ms']:.1f} ({100 * s['host_share']:.0f}%) | " + " | ".join(cells) + " |")
+
+
+HEADER = ("| point | steps | tokens/step | ms/step | host ms/step (share) | decode steps | "
+          "mixed steps (piecewise) | larger than any graph |\n|---|---|---|---|---|---|---|---|")

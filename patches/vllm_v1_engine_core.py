@@ -1,0 +1,174 @@
+"""Patch of ``vllm.v1.engine.core`` (vLLM 0.26.0): a per-step log for the benchmarks.
+
+Why: an end-to-end point says how fast a system is, not where its steps'
+time goes: how many tokens each step ran, how long each took, and whether
+the engine's thread (scheduling, preparing and launching the forward,
+processing outputs) or the GPU set the pace. vLLM's iteration stats reach
+the front end with token counts but no times. The benchmarks need these for
+every system alike (base, stock, the plugin).
+
+What: only when ``VLLM_SLORA_STEP_LOG`` names a file (S-LoRA mode on or
+off): the first ``EngineCore.step`` or ``step_with_batch_queue`` wraps, on
+its own instance, the scheduler's ``schedule`` and ``update_from_output`` and the
+executor's ``execute_model`` and ``sample_tokens`` with timers. Each
+``update_from_output`` (a step's results are in) adds one record to a list
+that is appended to the file every half second as JSON lines:
+``[time, tokens, requests, decode requests, host seconds, and those of
+each call]``, where host seconds are the engine thread's time in those
+four calls since the previous record (with async scheduling the next step's schedule and launch
+run before this step's results are processed, so a record holds one step's
+worth of host work, not exactly this step's). The step's period is the time
+since the previous record; a period close to its host seconds means the
+engine's thread, not the GPU, set the pace. ``benchmarks/steplog.py`` reads
+the file.
+
+Guard: vLLM 0.26.x; ``EngineCore.step`` and ``step_with_batch_queue``; a
+scheduler or executor without the four methods wrapped fails the first step.
+Goes away if vLLM's iteration stats gain step times.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import threading
+import time
+
+from vllm_slora.patches import guard
+
+TARGET = "vllm.v1.engine.core"
+ENV = "VLLM_SLORA_STEP_LOG"
+STACKS_ENV = "VLLM_SLORA_STEP_STACKS"
+FLUSH_S = 0.5
+
+
+# The calls timed, in the order of a record's seconds after the total.
+CALLS = ("schedule", "execute_model", "sample_tokens", "update_from_output")
+
+
+class StepLog:
+    """Timers around an engine core's per-step calls, and the file they go to."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.records: list[list] = []
+        self.seconds = dict.fromkeys(CALLS, 0.0)
+        self.flushed = time.monotonic()
+
+    def timed(self, fn, call: str):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[call] += time.perf_counter() - started
+        return wrapper
+
+    def step_done(self, scheduler_output) -> None:
+        tokens = scheduler_output.total_num_scheduled_tokens
+        if tokens:
+            per_request = scheduler_output.num_scheduled_tokens
+            decode = sum(1 for n in per_request.values() if n == 1)
+            split = [round(self.seconds[c], 6) for c in CALLS]
+            self.records.append([round(time.time(), 6), tokens, len(per_request), decode,
+                                 round(sum(split), 6), *split])
+            self.seconds = dict.fromkeys(CALLS, 0.0)
+        if time.monotonic() - self.flushed >= FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        self.flushed = time.monotonic()
+        if not self.records:
+            return
+        with open(self.path, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in self.records))
+        self.records = []
+
+
+def install(core, path: str) -> StepLog:
+    """Wrap ``core``'s scheduler and executor calls (instance attributes only)."""
+    log = StepLog(path)
+    scheduler, executor = core.scheduler, core.model_executor
+    scheduler.schedule = log.timed(scheduler.schedule, "schedule")
+    executor.execute_model = log.timed(executor.execute_model, "execute_model")
+    executor.sample_tokens = log.timed(executor.sample_tokens, "sample_tokens")
+    stock_update = log.timed(scheduler.update_from_output, "update_from_output")
+
+    @functools.wraps(stock_update)
+    def update_from_output(scheduler_output, *args, **kwargs):
+        out = stock_update(scheduler_output, *args, **kwargs)
+        log.step_done(scheduler_output)
+        return out
+
+    scheduler.update_from_output = update_from_output
+    if os.environ.get(STACKS_ENV, "").strip() not in ("", "0"):
+        StackSampler(threading.get_ident(), path + ".stacks").start()
+    return log
+
+
+class StackSampler(threading.Thread):
+    """``VLLM_SLORA_STEP_STACKS=1``: where the engine's thread is, sampled.
+
+    Every ``INTERVAL_S`` it reads the engine thread's Python stack
+    (``sys._current_frames``; no privileges, no native frames: a wait inside
+    a C call shows as the Python line that made it) and counts it; every
+    ``WRITE_S`` the counts go to ``<step log>.stacks`` as one JSON line
+    ``{"t": wall time, "samples": n, "stacks": {"leaf;caller;...": count}}``.
+    Costs the engine about one GIL hand-over per sample: for diagnosis only.
+    """
+
+    INTERVAL_S, WRITE_S, DEPTH = 0.001, 2.0, 14
+
+    def __init__(self, thread_id: int, path: str):
+        super().__init__(name="slora-stack-sampler", daemon=True)
+        self.thread_id, self.path = thread_id, path
+
+    def run(self) -> None:
+        counts: dict[str, int] = {}
+        samples, written = 0, time.monotonic()
+        while True:
+            time.sleep(self.INTERVAL_S)
+            frame = sys._current_frames().get(self.thread_id)
+            if frame is None:
+                return  # the engine's thread ended
+            key = []
+            while frame is not None and len(key) < self.DEPTH:
+                code = frame.f_code
+                key.append(f"{os.path.basename(code.co_filename)}:{frame.f_lineno}:{code.co_name}")
+                frame = frame.f_back
+            del frame
+            stack = ";".join(key)
+            counts[stack] = counts.get(stack, 0) + 1
+            samples += 1
+            if time.monotonic() - written >= self.WRITE_S:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps({"t": round(time.time(), 3), "samples": samples,
+                                        "stacks": counts}) + "\n")
+                counts, samples, written = {}, 0, time.monotonic()
+
+
+def apply() -> None:
+    path = os.environ.get(ENV)
+    if not path:
+        return
+    from vllm.v1.engine import core
+
+    guard(core, "EngineCore.step", "EngineCore.step_with_batch_queue")
+    EngineCore = core.EngineCore
+
+    def logged(stock):
+        @functools.wraps(stock)
+        def step(self, *args, **kwargs):
+            if getattr(self, "_slora_step_log", None) is None:
+                self._slora_step_log = install(self, path)
+            return stock(self, *args, **kwargs)
+        return step
+
+    # The engine core's own process loads plugins inside EngineCore.__init__,
+    # before it binds step_fn to one of these: wrapping them is in time,
+    # wrapping __init__ would not be.
+    EngineCore.step = logged(EngineCore.step)
+    EngineCore.step_with_batch_queue = logged(EngineCore.step_with_batch_queue)
