@@ -2,7 +2,8 @@
 
 ``make_tiny_llama`` writes a config.json and seeded random weights
 (safetensors), small enough for CPU tests and exact comparisons with a plain
-PyTorch forward. ``make_llama_config`` writes the config.json of a real
+PyTorch forward; ``arch`` picks another Llama-style architecture (Mistral,
+Qwen2 with q/k/v biases, Qwen3 with q/k norms and a head_dim of its own). ``make_llama_config`` writes the config.json of a real
 architecture for ``load_format="dummy"`` benchmarks.
 """
 
@@ -43,6 +44,22 @@ def llama_config(*, hidden_size: int, intermediate_size: int, num_hidden_layers:
         "attention_bias": False,
         "mlp_bias": False,
     }
+
+
+# Llama-style architectures the tests build tiny: what each changes in the
+# config and which extra weights it has (q/k/v biases, q/k norms).
+ARCHITECTURES = {
+    "llama": dict(config={}, qkv_bias=False, qk_norm=False),
+    "mistral": dict(config={"architectures": ["MistralForCausalLM"], "model_type": "mistral",
+                            "sliding_window": None}, qkv_bias=False, qk_norm=False),
+    "qwen2": dict(config={"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+                          "use_sliding_window": False, "sliding_window": None,
+                          "max_window_layers": 0}, qkv_bias=True, qk_norm=False),
+    # head_dim 64 with hidden 128 and 4 heads: q is wider than the hidden size.
+    "qwen3": dict(config={"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+                          "use_sliding_window": False, "sliding_window": None,
+                          "max_window_layers": 0, "head_dim": 64}, qkv_bias=False, qk_norm=True),
+}
 
 
 def make_llama_config(path: str | Path, arch: str = "llama-2-7b", dtype: str = "float16") -> Path:
@@ -91,18 +108,33 @@ def tiny_weights(config: dict, seed: int) -> dict:
 
 def make_tiny_llama(path: str | Path, *, hidden: int = 128, layers: int = 2, heads: int = 4,
                     kv_heads: int = 2, intermediate: int = 256, vocab: int = 512,
-                    seed: int = 0, dtype: str = "float32") -> Path:
-    """A tiny GQA Llama with seeded weights, loadable by vLLM and transformers."""
+                    seed: int = 0, dtype: str = "float32", arch: str = "llama") -> Path:
+    """A tiny GQA model of a Llama-style ``arch`` (``ARCHITECTURES``) with
+    seeded weights, loadable by vLLM and transformers."""
     import torch
     from safetensors.torch import save_file
 
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    spec = ARCHITECTURES[arch]
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = llama_config(hidden_size=hidden, intermediate_size=intermediate,
                           num_hidden_layers=layers, num_attention_heads=heads,
                           num_key_value_heads=kv_heads, vocab_size=vocab, dtype=dtype,
-                          max_position_embeddings=2048)
+                          max_position_embeddings=2048) | spec["config"]
     weights = tiny_weights(config, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    kv_out = config["num_key_value_heads"] * config["head_dim"]
+    widths = {"q_proj": config["num_attention_heads"] * config["head_dim"], "k_proj": kv_out,
+              "v_proj": kv_out}
+    for i in range(layers):
+        p = f"model.layers.{i}.self_attn."
+        if spec["qkv_bias"]:
+            weights |= {p + f"{m}.bias": 0.1 * torch.randn(n, generator=g) for m, n in widths.items()}
+        if spec["qk_norm"]:
+            weights |= {p + f"{m}.weight": 1 + 0.1 * torch.randn(config["head_dim"], generator=g)
+                        for m in ("q_norm", "k_norm")}
     torch_dtype = getattr(torch, dtype)
     save_file({k: v.to(torch_dtype).contiguous() for k, v in weights.items()},
               str(path / "model.safetensors"))
