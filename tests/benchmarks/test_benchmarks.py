@@ -229,6 +229,26 @@ def test_step_log_splits_steps_by_how_vllm_runs_them(tmp_path):
     assert "| x | 4 | 306 | 25.0 | 4.8 (19%) | 50% x 256 tok, 20.0 ms |" in steplog.line("x", got)
 
 
+def test_stack_samples_add_up_per_function_and_leaf(tmp_path):
+    from benchmarks import stacks
+
+    # Two writes of the sampler: leaf first; the second falls outside --to.
+    path = tmp_path / "s.stacks"
+    path.write_text(json.dumps({"t": 10.0, "samples": 10, "stacks": {
+        "streams.py:254:synchronize;core.py:9:step": 6,
+        "layers.py:159:_slora_paged_lora;llama.py:3:forward;core.py:9:step": 3,
+        "layers.py:160:_slora_paged_lora;layers.py:159:_slora_paged_lora;core.py:9:step": 1}})
+        + "\n" + json.dumps({"t": 20.0, "samples": 5, "stacks": {"a.py:1:f": 5}}) + "\n")
+    counts, total = stacks.load(path, None, 15.0)
+    assert total == 10 and sum(counts.values()) == 10
+    inclusive, leaves = stacks.shares(counts, total)
+    inc = dict(inclusive)
+    assert inc["core.py:step"] == 1.0
+    assert inc["layers.py:_slora_paged_lora"] == pytest.approx(0.4)  # once per stack, not per frame
+    assert leaves[0] == ("streams.py:254:synchronize", 0.6)
+    assert stacks.load(path)[1] == 15
+
+
 def test_ratios_never_mix_methods():
     steady = {"status": "ok", "req_per_s": 2.0, "steady_tok_per_s": 300.0}
     window = {"status": "window", "req_per_s": 1.0, "steady_tok_per_s": 100.0}
