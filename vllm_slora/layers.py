@@ -136,8 +136,9 @@ class PagedLoRALinear(nn.Module):
             grouped.lora(x2, y2, pool, a_rows, b_rows, step.lora_start, step.rank[self.group],
                          step.lora_scale, token_lora, limits.max_rank, None, self.pager.meta,
                          record)
-            if record.result() is not None:
-                replays[self.group] = (key, record.result())
+            recorded = record.result()
+            if recorded is not None:
+                replays[self.group] = (key, recorded)
             return
         a_rows, b_rows = self.pager.vectors.group_tables[self.group]
         if len(a_rows) == 1:

@@ -3,8 +3,9 @@
 ``make_tiny_llama`` writes a config.json and seeded random weights
 (safetensors), small enough for CPU tests and exact comparisons with a plain
 PyTorch forward; ``arch`` picks another Llama-style architecture (Mistral,
-Qwen2 with q/k/v biases, Qwen3 with q/k norms and a head_dim of its own). ``make_llama_config`` writes the config.json of a real
-architecture for ``load_format="dummy"`` benchmarks.
+Qwen2 with q/k/v biases, Qwen3 with q/k norms and a head_dim of its own).
+``make_llama_config`` writes the config.json of a real architecture for
+``load_format="dummy"`` benchmarks.
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ def make_tiny_llama(path: str | Path, *, hidden: int = 128, layers: int = 2, hea
     import torch
     from safetensors.torch import save_file
 
+    from vllm_slora.testing.adapters import module_shapes
+
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     spec = ARCHITECTURES[arch]
@@ -125,9 +128,8 @@ def make_tiny_llama(path: str | Path, *, hidden: int = 128, layers: int = 2, hea
                           max_position_embeddings=2048) | spec["config"]
     weights = tiny_weights(config, seed)
     g = torch.Generator().manual_seed(seed + 1)
-    kv_out = config["num_key_value_heads"] * config["head_dim"]
-    widths = {"q_proj": config["num_attention_heads"] * config["head_dim"], "k_proj": kv_out,
-              "v_proj": kv_out}
+    shapes = module_shapes(config)
+    widths = {m: shapes[m][1] for m in ("q_proj", "k_proj", "v_proj")}
     for i in range(layers):
         p = f"model.layers.{i}.self_attn."
         if spec["qkv_bias"]:
