@@ -189,14 +189,16 @@ def summary(results: dict) -> list[str]:
     return lines
 
 
-def step_rows(results: dict) -> list[str]:
-    """One row per measured point that has a step log."""
+def step_rows(results: dict, line=steplog.line) -> list[str]:
+    """One row (``line``) per measured point that has a step log."""
     rows = []
     for i, n in enumerate(results["config"]["n"]):
         for s in results["systems"]:
             p = point_at(s, n)
             if p and p.get("steps") and (i == 0 or s["system"] != "base"):  # base: one point
-                rows.append(steplog.line(f"n={n} {named(results, s)}", p["steps"]))
+                row = line(f"n={n} {named(results, s)}", p["steps"])
+                if row:
+                    rows.append(row)
     return rows
 
 
@@ -239,6 +241,10 @@ def markdown(results: dict, stem: str) -> str:
     if steps:
         out += ["", "## Steps in the steady window (engine core's step log, `benchmarks/steplog.py`)", "",
                 steplog.HEADER] + steps
+    host = step_rows(results, steplog.host_line)
+    if host:
+        out += ["", "## The engine thread's time per step (steady window; CPU below host: "
+                "waiting, for the GPU, a lock or the GIL)", "", steplog.HOST_HEADER] + host
     out += ["", "## Engines", ""] + [engine_line(results, s) for s in results["systems"]]
     failures = [s for s in results["systems"] if s.get("error")]
     if failures:

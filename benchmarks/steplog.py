@@ -2,7 +2,8 @@
 
 Every offline engine writes one record per step (``patches/vllm_v1_engine_core.py``,
 ``VLLM_SLORA_STEP_LOG``): ``[time, tokens, requests, decode requests, host s,
-host s of schedule, execute_model, sample_tokens, update_from_output]``.
+host s of schedule, execute_model, sample_tokens, update_from_output, CPU s,
+{plugin's engine-thread s by name}]`` (older logs end after the calls).
 ``summarize`` takes the steps of a window (the point's steady window) and
 splits them by how vLLM runs them: ``decode`` (every request one token: a
 full CUDA graph when the batch fits a capture size), ``mixed`` (prompt
@@ -57,9 +58,16 @@ def summarize(records: list[list[float]], t0: float, t1: float, graph_max: int) 
            "host_ms": 1e3 * sum(s[4] for s in steps) / len(steps),
            "host_share": sum(s[4] for s in steps) / wall if wall > 0 else None,
            "graph_max": graph_max, "kinds": {}}
-    if all(len(s) == 5 + len(CALLS) for s in steps):  # the host seconds of each call
-        out["calls_ms"] = {c: 1e3 * sum(s[5 + i] for s in steps) / len(steps)
-                           for i, c in enumerate(CALLS)}
+    n, at = len(steps), 5 + len(CALLS)
+    if all(len(s) >= at for s in steps):  # the host seconds of each call
+        out["calls_ms"] = {c: 1e3 * sum(s[5 + i] for s in steps) / n for i, c in enumerate(CALLS)}
+    if all(len(s) >= at + 2 for s in steps):  # CPU seconds, the plugin's seconds
+        out["cpu_ms"] = 1e3 * sum(s[at] for s in steps) / n
+        names = sorted({k for s in steps for k in s[at + 1]})
+        # per step: seconds (names ending in _s) as ms (named _ms), counts as they are
+        out["plugin"] = {k.removesuffix("_s") + "_ms" if k.endswith("_s") else k:
+                         (1e3 if k.endswith("_s") else 1) * sum(s[at + 1].get(k, 0.0) for s in steps) / n
+                         for k in names}
     for k in KINDS:
         mine = [s for s in steps if kind(s[1], s[2], s[3], graph_max) == k]
         if mine:
@@ -83,6 +91,20 @@ def line(label: str, s: dict | None) -> str:
     return (f"| {label} | {s['steps']} | {s['tokens_per_step']:.0f} | {s['period_ms']:.1f} | "
             f"{s['host_ms']:.1f} ({100 * s['host_share']:.0f}%) | " + " | ".join(cells) + " |")
 
+
+def host_line(label: str, s: dict | None) -> str | None:
+    """One markdown row of where the engine thread's time went, per step:
+    label | host | CPU | each call | the plugin's own figures."""
+    if not s or "calls_ms" not in s:
+        return None
+    calls = " | ".join(f"{s['calls_ms'][c]:.1f}" for c in CALLS)
+    cpu = f"{s['cpu_ms']:.1f}" if "cpu_ms" in s else "-"
+    plugin = ", ".join(f"{k} {v:.1f}" for k, v in (s.get("plugin") or {}).items())
+    return f"| {label} | {s['host_ms']:.1f} | {cpu} | {calls} | {plugin or '-'} |"
+
+
+HOST_HEADER = ("| point | host ms/step | of it CPU | schedule | execute_model | sample_tokens | "
+               "update_from_output | the plugin's own, per step |\n|---|---|---|---|---|---|---|---|")
 
 HEADER = ("| point | steps | tokens/step | ms/step | host ms/step (share) | decode steps | "
           "mixed steps (piecewise) | larger than any graph |\n|---|---|---|---|---|---|---|---|")

@@ -14,13 +14,19 @@ executor's ``execute_model`` and ``sample_tokens`` with timers. Each
 ``update_from_output`` (a step's results are in) adds one record to a list
 that is appended to the file every half second as JSON lines:
 ``[time, tokens, requests, decode requests, host seconds, and those of
-each call]``, where host seconds are the engine thread's time in those
-four calls since the previous record (with async scheduling the next step's schedule and launch
-run before this step's results are processed, so a record holds one step's
-worth of host work, not exactly this step's). The step's period is the time
-since the previous record; a period close to its host seconds means the
-engine's thread, not the GPU, set the pace. ``benchmarks/steplog.py`` reads
-the file.
+each call, CPU seconds, plugin seconds]``, where host seconds are the
+engine thread's time in those four calls since the previous record (with
+async scheduling the next step's schedule and launch run before this
+step's results are processed, so a record holds one step's worth of host
+work, not exactly this step's), CPU seconds the CPU time the engine's thread
+used in them (host seconds well above it: the thread waited, for the GPU,
+a lock or the GIL), and plugin figures, in S-LoRA mode, the plugin's own
+figures by name since the previous record (``vllm_slora.metrics.PER_STEP``:
+the engine thread's seconds applying paging plans, building step metadata,
+waiting for uploads; the upload lanes' seconds and uploads done). The step's
+period is the time since the previous record; a period close to its host
+seconds means the engine's thread, not the GPU, set the pace.
+``benchmarks/steplog.py`` reads the file.
 
 Guard: vLLM 0.26.x; ``EngineCore.step`` and ``step_with_batch_queue``; a
 scheduler or executor without the four methods wrapped fails the first step.
@@ -55,16 +61,19 @@ class StepLog:
         self.path = path
         self.records: list[list] = []
         self.seconds = dict.fromkeys(CALLS, 0.0)
+        self.cpu = 0.0
+        self.plugin: dict[str, float] = {}  # vllm_slora.metrics.PER_STEP at the last record
         self.flushed = time.monotonic()
 
     def timed(self, fn, call: str):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds[call] += time.perf_counter() - started
+                self.cpu += time.thread_time() - cpu
         return wrapper
 
     def step_done(self, scheduler_output) -> None:
@@ -74,10 +83,23 @@ class StepLog:
             decode = sum(1 for n in per_request.values() if n == 1)
             split = [round(self.seconds[c], 6) for c in CALLS]
             self.records.append([round(time.time(), 6), tokens, len(per_request), decode,
-                                 round(sum(split), 6), *split])
+                                 round(sum(split), 6), *split, round(self.cpu, 6),
+                                 self._plugin_figures()])
             self.seconds = dict.fromkeys(CALLS, 0.0)
+            self.cpu = 0.0
         if time.monotonic() - self.flushed >= FLUSH_S:
             self.flush()
+
+    def _plugin_figures(self) -> dict[str, float]:
+        """The plugin's figures by name since the last record (empty where
+        the plugin is not loaded in this process)."""
+        metrics = sys.modules.get("vllm_slora.metrics")
+        if metrics is None:
+            return {}
+        now = dict(metrics.PER_STEP)
+        out = {k: round(v - self.plugin.get(k, 0.0), 6) for k, v in now.items()}
+        self.plugin = now
+        return out
 
     def flush(self) -> None:
         self.flushed = time.monotonic()

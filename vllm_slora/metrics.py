@@ -15,8 +15,8 @@ process. How they get there, chosen from vLLM 0.26's source:
 
 So each engine process writes a small snapshot (JSON, atomic rename) of its
 counters to ``$VLLM_SLORA_METRICS_DIR/<pid>.json`` when they change, at most
-once per ``FLUSH_INTERVAL_S`` (a background thread writes what changed since:
-the engine loop does not write a file every step), and the API process
+once per ``FLUSH_INTERVAL_S`` (a background thread writes what changed: the
+engine loop never writes a file), and the API process
 registers a custom collector (``SLoraCollector``) on the registry vLLM's
 ``/metrics`` uses (``patches/vllm_entrypoints_serve_instrumentator_metrics.py``);
 it reads the snapshots at scrape time. Scheduler figures are summed over
@@ -100,6 +100,17 @@ def record(section: str, stats: dict) -> None:
     _changed()
 
 
+# The plugin's own figures by name, process totals, only added to, not
+# exported: the engine thread's seconds in its work (names ending in _s),
+# the upload lanes' (upload_*_s) and counts. The benchmarks' step log
+# (patches/vllm_v1_engine_core.py) writes each step's share.
+PER_STEP: dict[str, float] = {}
+
+
+def add(name: str, value: float) -> None:
+    PER_STEP[name] = PER_STEP.get(name, 0.0) + value
+
+
 def observe_load(seconds: float) -> None:
     with _lock:
         _state["load_seconds"][bisect.bisect_left(LOAD_BUCKETS, seconds)] += 1
@@ -107,12 +118,10 @@ def observe_load(seconds: float) -> None:
 
 
 def _changed() -> None:
-    """Write now if the last write is FLUSH_INTERVAL_S old, else leave it to
-    the background flusher."""
+    """Leave the write to the background flusher (started on the first
+    change): never a file write on the caller's thread, the engine's."""
     _flusher["dirty"] = True
-    if time.monotonic() - _flusher["last"] >= FLUSH_INTERVAL_S:
-        flush()
-    elif _flusher["thread"] is None:
+    if _flusher["thread"] is None:
         thread = threading.Thread(target=_flush_loop, name="slora-metrics", daemon=True)
         _flusher["thread"] = thread
         thread.start()

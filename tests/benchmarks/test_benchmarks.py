@@ -208,7 +208,8 @@ def test_step_log_splits_steps_by_how_vllm_runs_them(tmp_path):
     assert calls == list("setu") * 4
     recs = steplog.read(tmp_path / "s.jsonl")
     assert [r[1:4] for r in recs] == [[2, 2, 2], [301, 2, 1], [42, 3, 2]]  # the empty step: none
-    assert all(len(r) == 9 and r[4] == pytest.approx(sum(r[5:]), abs=1e-5) for r in recs)
+    assert all(len(r) == 11 and r[4] == pytest.approx(sum(r[5:9]), abs=1e-5) for r in recs)
+    assert all(0 <= r[9] <= r[4] + 1e-3 for r in recs)  # CPU seconds within the host seconds
     from vllm_slora.patches.vllm_v1_engine_core import CALLS
     assert CALLS == steplog.CALLS
 
@@ -227,6 +228,17 @@ def test_step_log_splits_steps_by_how_vllm_runs_them(tmp_path):
     assert got["calls_ms"]["schedule"] == pytest.approx(0.5) and got["calls_ms"]["execute_model"] == 4.25
     assert steplog.summarize(records, 20.0, 30.0, 256) is None
     assert "| x | 4 | 306 | 25.0 | 4.8 (19%) | 50% x 256 tok, 20.0 ms |" in steplog.line("x", got)
+    assert "cpu_ms" not in got and steplog.host_line("x", got) == (
+        "| x | 4.8 | - | 0.5 | 4.2 | 0.0 | 0.0 | - |")
+    # Records with CPU seconds and the plugin's seconds (named as they come).
+    full = [r + [r[4] / 2, {"apply_s": 0.001, "uploads_done": 3} if i % 2 else {}]
+            for i, r in enumerate(records)]
+    got = steplog.summarize(full, 10.0, 10.1, graph_max=256)
+    assert got["cpu_ms"] == pytest.approx(4.75 / 2)
+    # 2 of the 4 steps: seconds as ms, counts as counts
+    assert got["plugin"] == {"apply_ms": pytest.approx(0.5), "uploads_done": 1.5}
+    assert steplog.host_line("x", got) == (
+        "| x | 4.8 | 2.4 | 0.5 | 4.2 | 0.0 | 0.0 | apply_ms 0.5, uploads_done 1.5 |")
 
 
 def test_stack_samples_add_up_per_function_and_leaf(tmp_path):

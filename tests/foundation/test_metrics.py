@@ -50,8 +50,8 @@ def test_snapshot_written_at_most_once_per_interval_and_the_last_state_lands(tmp
     monkeypatch.setattr(metrics.os, "replace", lambda a, b: (writes.append(b), real_replace(a, b)))
     for step in range(200):  # one record per engine step, every step different
         metrics.record("scheduler", {"free_blocks": step})
-    assert len(writes) == 1  # the first step's, at once
-    time.sleep(0.6)
+    assert writes == []  # none on the engine's thread
+    time.sleep(0.5)
     (snap,) = metrics.read_snapshots(str(tmp_path))
     assert snap["scheduler"]["free_blocks"] == 199  # the last state, by the flusher
-    assert len(writes) == 2
+    assert len(writes) == 1  # nothing changed after: written once

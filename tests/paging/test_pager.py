@@ -350,3 +350,57 @@ def test_layers_compile_to_one_graph(tiny_model):
         torch.compile(layer, backend=backend, fullgraph=True)(x)
     assert len(codes) == 2 and "slora_paged_lora" in codes[0]
     assert codes[0] == codes[1]
+
+
+def test_one_plan_of_many_events_equals_dense_lora(tiny_model, adapters):
+    """A plan's loads reach the device together (``Pager._page_in``: one copy
+    of rows and table entries, one table write). Here one plan evicts,
+    loads an adapter and evicts it again, and needs the vector tables
+    compacted between two of its loads: every adapter left resident must
+    still compute the dense LoRA formula, from its own pages."""
+    from vllm_slora.layers import PagedLoRALinear, register_op
+    from vllm_slora.memory.layout import module_widths, read_adapter_meta
+    from vllm_slora.memory.pager import Pager
+    from vllm_slora.memory.plan import Evict, Load
+    from vllm_slora.memory.step import StepLimits
+    from vllm_slora.memory.vectors import VectorSpace
+
+    register_op()
+    num_blocks = 96
+    kv = {i: torch.zeros(num_blocks, 2, BLOCK, 64) for i in range(2)}
+    pager = Pager(tiny_config(tiny_model), torch.float32, torch.device("cpu"))
+    pager.bind(kv, num_blocks, StepLimits(64, 8, 32))
+    pager.vectors = VectorSpace(pager.geo, pager.device, capacity=44)
+    free = iter(range(num_blocks))
+
+    def load(lora_id, path):
+        meta = read_adapter_meta(path)
+        return Load(lora_id, path, [next(free) for _ in range(pager.geo.blocks_for(meta.rank,
+                                                                                   meta.kinds))])
+
+    r4, r8, r16, qv8 = adapters
+    pager.apply(plan(pager, load(1, r4), load(2, r8), load(3, r16)))  # vectors 0-3, 4-11, 12-27
+    assert {i: r.start for i, r in pager.resident.items()} == {1: 0, 2: 4, 3: 12}
+    # Free after Evict(1): 0-3, 28-43; 4 takes 28-35; after Evict(2): 0-11, 36-43,
+    # so 5 (rank 16) fits only once the tables are compacted; 6 comes and goes.
+    pager.apply(plan(pager, Evict(1), load(4, qv8), Evict(2), load(5, r16), load(6, r4),
+                     Evict(6)))
+    assert sorted(pager.resident) == [3, 4, 5]
+    assert sorted(r.start for r in pager.resident.values()) == [0, 16, 24]  # compacted
+    assert pager.counters["loads"] == 6 and pager.counters["evictions"] == 3
+
+    ids = np.array([3, 4, 0, 5, 5, 3, 4], dtype=np.int64)
+    pager.set_batch(ids, ignore=set())
+    widths = module_widths(tiny_config(tiny_model))
+    kinds = ("q_proj", "k_proj", "v_proj")
+    base = torch.nn.Linear(128, sum(widths[k][1] for k in kinds), bias=False)
+    layer = PagedLoRALinear(base, "model.layers.1.x.qkv_proj", "qkv_proj", pager)
+    x = torch.randn(len(ids), 128)
+    got = layer(x)
+    want = base(x).detach().clone()
+    paths = {3: r16, 4: qv8, 5: r16}
+    for i, lora_id in enumerate(ids):
+        if lora_id:
+            meta = read_adapter_meta(paths[lora_id])
+            want[i] += dense_lora(x[i:i + 1], paths[lora_id], 1, kinds, meta.scale, widths)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

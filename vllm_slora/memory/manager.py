@@ -81,11 +81,16 @@ class PagedKVCacheManager(KVCacheManager):
     def allocate_slots(self, request, *args, reserved_blocks: int = 0, **kwargs):
         pool, lora = self.adapters, request.lora_request
         stock = functools.partial(super().allocate_slots, request, *args, **kwargs)
-        if pool is None:
-            return stock(reserved_blocks=reserved_blocks)
+        if pool is None or lora is None or lora.lora_int_id <= 0 or pool.holds(request.request_id):
+            # No adapter to page in (a running request's growth, mostly: every
+            # step, every request): stock, and the evicting path only if it says no.
+            blocks = stock(reserved_blocks=reserved_blocks)
+            if blocks is not None or pool is None or not pool.unified:
+                return blocks
+            required = functools.partial(self.blocks_required, request, *args, **kwargs)
+            return self._allocate_evicting(stock, reserved_blocks, lambda: 0, required,
+                                           refused=True)
         required = functools.partial(self.blocks_required, request, *args, **kwargs)
-        if lora is None or lora.lora_int_id <= 0 or pool.holds(request.request_id):
-            return self._allocate_evicting(stock, reserved_blocks, lambda: 0, required)
         lora_id, path = lora.lora_int_id, lora.lora_path
         if request.request_id in self.faults:
             return None  # failed already; finished with its error at the end of the step
@@ -110,12 +115,14 @@ class PagedKVCacheManager(KVCacheManager):
         finally:
             pool.unpin(lora_id)
 
-    def _allocate_evicting(self, stock, reserved: int, adapter_blocks, required):
+    def _allocate_evicting(self, stock, reserved: int, adapter_blocks, required,
+                           refused: bool = False):
         """Stock ``allocate_slots`` leaving ``adapter_blocks()`` free for the
         adapter; while it says no, evict the LRU cached adapter and retry, if
-        evicting them all would make ``required()`` blocks fit."""
+        evicting them all would make ``required()`` blocks fit. ``refused``:
+        the caller's own stock call said no already."""
         pool = self.adapters
-        blocks = stock(reserved_blocks=reserved + adapter_blocks())
+        blocks = None if refused else stock(reserved_blocks=reserved + adapter_blocks())
         evictable = pool.evictable_blocks() if blocks is None and pool.unified else 0
         if not evictable:
             return blocks

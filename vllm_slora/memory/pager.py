@@ -11,6 +11,7 @@ Vocabulary: ``vllm_slora/memory/layout.py``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass
@@ -20,11 +21,15 @@ import torch
 
 from vllm_slora import metrics
 from vllm_slora.kernels import replay
-from vllm_slora.memory.layout import GROUPS, PageGeometry
+from vllm_slora.memory.layout import GROUPS, AdapterMeta, PageGeometry
 from vllm_slora.memory.plan import Evict, Load, PagingPlan
 from vllm_slora.memory.read_ahead import ReadAhead
 from vllm_slora.memory.step import StepBuffers, StepLimits
 from vllm_slora.memory.uploads import Upload, Uploader
+
+# Elements of each pinned staging buffer of a plan's rows and table entries
+# (8 of 512 KB): a plan of up to ~40 adapters of rank 64 on q,k,v,o of 7B.
+RING_ELEMENTS = 1 << 16
 from vllm_slora.memory.vectors import VectorSpace, vector_capacity
 
 
@@ -35,9 +40,15 @@ class Resident:
     rank: int
     kinds: tuple[str, ...]
     scale: float
-    rows: torch.Tensor  # int64, the pool rows it fills (same in every layer)
+    rows: np.ndarray  # int64, the pool rows it fills (same in every layer)
     block_ids: list[int]
+    meta: AdapterMeta
     copied: Upload | None = None  # its upload, until the engine's stream waited for it
+
+    @functools.cached_property
+    def group_ranks(self) -> tuple[int, ...]:
+        """Its rank in each layer group (``GROUPS`` order), 0 where it has none."""
+        return tuple(self.rank if kinds[0] in self.kinds else 0 for kinds in GROUPS.values())
 
 
 @dataclass
@@ -80,27 +91,29 @@ def block_chunks(kv: torch.Tensor, num_blocks: int) -> tuple[tuple[int, ...], in
 
 
 class PinnedRing:
-    """Host-to-device copies of small tensors through pinned buffers made
-    once: ``SLOTS`` buffers of ``capacity`` elements used in turn, each
-    reused after its previous copy finished (an event; long ago, normally)."""
+    """Host-to-device copies of small int64 arrays through pinned buffers
+    made once: ``SLOTS`` buffers of ``capacity`` elements used in turn, each
+    reused after its previous copy finished (an event; long ago, normally:
+    one copy per paging plan). Larger arrays are pinned for their copy."""
 
     SLOTS = 8
 
-    def __init__(self, capacity: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, capacity: int, device: torch.device):
         self.device = device
-        self.host = [torch.empty(capacity, dtype=dtype).pin_memory() for _ in range(self.SLOTS)]
+        self.host = [torch.empty(capacity, dtype=torch.int64).pin_memory()
+                     for _ in range(self.SLOTS)]
         self.sent: list[torch.cuda.Event | None] = [None] * self.SLOTS
         self.next = 0
 
-    def send(self, t: torch.Tensor) -> torch.Tensor:
-        n = t.numel()
+    def send(self, values: np.ndarray) -> torch.Tensor:
+        n = values.size
         if n > self.host[0].numel():
-            return t.pin_memory().to(self.device, non_blocking=True)
+            return torch.from_numpy(values).pin_memory().to(self.device, non_blocking=True)
         i, self.next = self.next, (self.next + 1) % self.SLOTS
         if self.sent[i] is not None:
             self.sent[i].synchronize()
-        self.host[i][:n].copy_(t.reshape(-1))
-        out = self.host[i][:n].to(self.device, non_blocking=True).view(t.shape)
+        self.host[i][:n].numpy()[:] = values
+        out = self.host[i][:n].to(self.device, non_blocking=True)
         self.sent[i] = torch.cuda.Event()
         self.sent[i].record()
         return out
@@ -138,7 +151,7 @@ class Pager:
         # group -> ((tokens, knobs), Replay) (kernels/replay.py); None where
         # the kernels are not Triton's.
         self.replays: dict | None = None
-        self._chunk_rows: torch.Tensor | None = None  # int64 [rows_per_block], block 0
+        self._chunk_rows: np.ndarray | None = None  # int64 [rows_per_block], block 0
         self._block_stride_rows = 0
         self.uploader: Uploader | None = None
 
@@ -175,13 +188,12 @@ class Pager:
             self.kv_tensors.append(kv)
         rows = [o // row_bytes + j for o in offsets for j in range(chunk // row_bytes)]
         assert len(rows) == self.geo.rows_per_block
-        self._chunk_rows = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        self._chunk_rows = np.asarray(rows, dtype=np.int64)
         self._block_stride_rows = stride // row_bytes
         self.vectors = VectorSpace(self.geo, self.device, vector_capacity(self.geo, num_blocks))
         self.step = StepBuffers(limits, self.device)
         self.uploader = Uploader(self.geo, self.pools)
-        if self.device.type == "cuda":
-            self._ids_ring = PinnedRing(num_blocks, torch.int64, self.device)
+        self._ring = PinnedRing(RING_ELEMENTS, self.device) if self.device.type == "cuda" else None
         if replay.enabled(self.step.token_lora):
             self.replays = {}
 
@@ -192,15 +204,19 @@ class Pager:
             raise RuntimeError(f"page geometry differs: worker (D, pages per block) = {mine}, "
                                f"scheduler = {theirs}; this KV cache layout is not supported")
 
-    def block_rows(self, block_ids: list[int]) -> torch.Tensor:
-        """Pool rows (int64) of ``block_ids``, in block order."""
-        ids = torch.tensor(block_ids, dtype=torch.int64)
-        if self.device.type == "cuda":
-            # From pinned memory (a pageable copy would wait for the queued
-            # steps), staged in a ring allocated once: pinning a new tensor
-            # per page-in cost ~1 ms of the engine's thread (cudaHostAlloc).
-            ids = self._ids_ring.send(ids)
+    def block_rows(self, block_ids: list[int]) -> np.ndarray:
+        """Pool rows (int64, host) of ``block_ids``, in block order."""
+        ids = np.asarray(block_ids, dtype=np.int64)
         return (ids[:, None] * self._block_stride_rows + self._chunk_rows[None, :]).reshape(-1)
+
+    def _send(self, values: np.ndarray) -> torch.Tensor:
+        """int64 host values on the device, without waiting for queued steps:
+        from pinned memory (a pageable copy would wait for them), through a
+        ring made once (pinning a new tensor per copy cost ~1 ms of the
+        engine's thread, cudaHostAlloc)."""
+        if self._ring is None:
+            return torch.from_numpy(values).to(self.device)
+        return self._ring.send(values)
 
     # -- the scheduler's plan -----------------------------------------------
     def apply(self, plan: PagingPlan) -> None:
@@ -208,55 +224,88 @@ class Pager:
         try:
             self._apply(plan)
         finally:
-            self.seconds["apply_s"] += time.perf_counter() - started
+            self._spent("apply_s", started)
 
     def _apply(self, plan: PagingPlan) -> None:
+        """Evictions and loads in the plan's order. A load is reserved at once
+        (vector range, table entries, on the host) and paged in with the
+        plan's other loads (``_page_in``): one copy of rows and entries to
+        the device and one table write per plan, not per adapter."""
         self.check_scheduler_geometry(plan.stats)
         self.scheduler_stats = plan.stats
+        pending: list[tuple[int, Resident, float]] = []  # lora id, reserved, seconds
         for event in plan.events:
             if isinstance(event, Evict):
+                if any(event.lora_id == lid for lid, *_ in pending):
+                    self._page_in(pending)  # loaded and evicted in one plan
                 self._evict(event.lora_id)
             else:
-                self._load(event)
+                started = time.perf_counter()
+                res = self._reserve(event, pending)
+                pending.append((event.lora_id, res, time.perf_counter() - started))
+        self._page_in(pending)
         if plan.prefetch:
             self.read_ahead.prefetch(plan.prefetch)
         if plan.events:
             metrics.record("worker", self.read_ahead.counters)
 
-    def _load(self, event: Load) -> None:
+    def _reserve(self, event: Load, pending: list[tuple[int, Resident, float]]) -> Resident:
+        """A load's host side: metadata, pool rows, its vector range (the
+        table entries queued); resident from now on, its upload not yet asked for."""
         if event.lora_id in self.resident:
             raise RuntimeError(f"scheduler paged in adapter {event.lora_id} twice")
-        started = time.perf_counter()
         meta = self.read_ahead.meta(event.path)
         rows = self.block_rows(event.block_ids)
         n = meta.rows(self.geo)
-        if n > rows.numel():
+        if n > rows.size:
             raise RuntimeError(f"adapter '{event.path}' needs {n} pages, the scheduler gave "
-                               f"{len(event.block_ids)} blocks = {rows.numel()} pages")
+                               f"{len(event.block_ids)} blocks = {rows.size} pages")
         rows = rows[:n]
-        # Queued, not done: the upload overlaps this step's forward, off this
-        # thread (``uploads.py``); the engine's stream waits for it only where
-        # the adapter is first used (``set_batch``) or its blocks are given
-        # back (``_evict``). This is what makes the scheduler's early loads
-        # (prefetch) cost no step time.
-        copied = self.uploader.submit(meta, rows)
         if self.vectors.find(meta.rank) is None and self.vectors.fits(meta.rank):
+            self._page_in(pending)  # compaction moves written entries only
             moves = self.vectors.compact()
             for res in self.resident.values():
                 res.start = moves[res.start]
         start = self.vectors.add(meta, rows)
-        self.resident[event.lora_id] = Resident(event.path, start, meta.rank, meta.kinds,
-                                                meta.scale, rows, list(event.block_ids), copied)
-        self.counters["loads"] += 1
+        res = Resident(event.path, start, meta.rank, meta.kinds, meta.scale, rows,
+                       list(event.block_ids), meta)
+        self.resident[event.lora_id] = res
+        return res
+
+    def _page_in(self, pending: list[tuple[int, Resident, float]]) -> None:
+        """The device side of the reserved loads in ``pending`` (emptied):
+        their rows and table entries in one copy, the entries in place, the
+        uploads queued (``uploads.py``: the upload overlaps this step's
+        forward, off this thread; the engine's stream waits for it only
+        where the adapter is first used, ``set_batch``, or its blocks are
+        given back, ``_evict``. This is what makes the scheduler's early
+        loads, prefetch, cost no step time)."""
+        if not pending:
+            return
+        started = time.perf_counter()
+        loads = [res for _, res, _ in pending]
+        positions, values = self.vectors.pending()
+        sizes = [res.rows.size for res in loads]
+        sent = self._send(np.concatenate([res.rows for res in loads] + [positions, values]))
+        rows = sent[:sum(sizes)].split(sizes)
+        self.vectors.write(*sent[sum(sizes):].split([positions.size, values.size]))
+        uploads = self.uploader.submit_many([(res.meta, r) for res, r in zip(loads, rows)])
+        for res, upload in zip(loads, uploads):
+            res.copied = upload
+        n = sum(sizes)
+        self.counters["loads"] += len(loads)
         self.counters["pages_written"] += n * len(self.pools)
-        metrics.observe_load(time.perf_counter() - started)
+        share = (time.perf_counter() - started) / len(loads)
+        for _, _, reserve_s in pending:
+            metrics.observe_load(reserve_s + share)
+        pending.clear()
 
     def _wait_copied(self, res: Resident) -> None:
         if res.copied is not None:
             started = time.perf_counter()
             res.copied.wait(self.device)
             res.copied = None
-            self.seconds["upload_wait_s"] += time.perf_counter() - started
+            self._spent("upload_wait_s", started)
 
     def _evict(self, lora_id: int) -> None:
         res = self.resident.pop(lora_id)
@@ -276,14 +325,19 @@ class Pager:
         try:
             self._set_batch(token_ids, ignore)
         finally:
-            self.seconds["set_batch_s"] += time.perf_counter() - started
+            self._spent("set_batch_s", started)
 
     def _set_batch(self, token_ids: np.ndarray, ignore: set[int]) -> None:
-        # The body of set_batch.
+        # The body of set_batch. Per adapter only dict lookups: a step of
+        # 256 requests may hold 256 adapters.
         self.meta = None
         uniq, inverse = np.unique(token_ids, return_inverse=True)
-        lora_ids = [int(i) for i in uniq if i > 0 and int(i) not in ignore]
-        dummy = any(int(i) in ignore for i in uniq if i > 0)
+        used = uniq > 0
+        dummy = False
+        if ignore:
+            dummies = used & np.isin(uniq, list(ignore))
+            dummy, used = bool(dummies.any()), used & ~dummies
+        lora_ids = uniq[used].tolist()
         if not lora_ids and not dummy:
             self.batch = None
             return
@@ -291,24 +345,30 @@ class Pager:
         if missing:
             raise RuntimeError(f"adapters {missing} are used by this batch but not paged in; "
                                f"the scheduler's paging plan did not reach this worker")
-        index = {lid: l for l, lid in enumerate(lora_ids)}
-        lut = np.array([index.get(int(i), -1) for i in uniq], dtype=np.int32)
+        lut = np.full(uniq.size, -1, dtype=np.int32)
+        lut[used] = np.arange(len(lora_ids), dtype=np.int32)
         res = [self.resident[i] for i in lora_ids]
         for r in res:
-            self._wait_copied(r)
-        ranks = {g: [r.rank if kinds[0] in r.kinds else 0 for r in res]
-                 for g, kinds in GROUPS.items()}
+            if r.copied is not None:
+                self._wait_copied(r)
+        by_group = np.array([r.group_ranks for r in res], dtype=np.int32).reshape(-1, len(GROUPS))
+        ranks = {g: by_group[:, j] for j, g in enumerate(GROUPS)}
         ranks_a = ranks
         if self.tp_size > 1:
-            ranks_a = {g: [self.geo.a_vectors(kinds[0], r) for r in ranks[g]]
+            ranks_a = {g: [self.geo.a_vectors(kinds[0], int(r)) for r in ranks[g]]
                        for g, kinds in GROUPS.items()}
         self.step.write(lut[inverse.reshape(-1)], [r.start for r in res], ranks, ranks_a,
                         [r.scale for r in res])
         if dummy:
             max_rank = {g: self.step.limits.max_rank for g in GROUPS}
         else:
-            max_rank = {g: max(v) for g, v in ranks.items()}
+            max_rank = {g: int(v.max()) for g, v in ranks.items()}
         self.batch = Batch(lora_ids, max_rank)
+
+    def _spent(self, name: str, started: float) -> None:
+        seconds = time.perf_counter() - started
+        self.seconds[name] += seconds
+        metrics.add(name, seconds)
 
     def stats(self) -> dict:
         out = dict(self.counters, worker_resident_adapters=len(self.resident),

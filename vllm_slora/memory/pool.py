@@ -95,6 +95,7 @@ class AdapterPool:
         self.seen: set[int] = set()
         self.events: list[Load | Evict] = []
         self._step_meta: dict = {}  # path -> adapter_meta, this scheduling step's reads
+        self._blocks = self._vectors = 0  # of the resident adapters: kept, not summed
         self.counters = dict(loads=0, loaded_ahead=0, evictions=0, evictions_spared=0, reloads=0,
                              peak_adapters=0, peak_blocks=0, max_distinct_in_step=0,
                              schedules=0, schedule_s=0.0)  # steps scheduled, their seconds
@@ -134,7 +135,7 @@ class AdapterPool:
 
     @property
     def resident_blocks(self) -> int:
-        return sum(len(r.blocks) for r in self.resident.values())
+        return self._blocks
 
     # -- references --------------------------------------------------------
     def acquire(self, request_id: str, lora_id: int, path: str) -> None:
@@ -187,7 +188,7 @@ class AdapterPool:
 
     @property
     def resident_vectors(self) -> int:
-        return sum(r.rank for r in self.resident.values())
+        return self._vectors
 
     def kv_reserve(self, fraction: float) -> int:
         """Blocks that early loads must leave free for KV: ``fraction`` of the
@@ -205,6 +206,8 @@ class AdapterPool:
                                    f"rank-vectors are held by running requests")
         blocks = self.block_pool.get_new_blocks(self.blocks_for(path, meta))
         res = self.resident[lora_id] = Resident(path, blocks, rank)
+        self._blocks += len(blocks)
+        self._vectors += rank
         self.events.append(Load(lora_id, path, [b.block_id for b in blocks]))
         self.counters["loads"] += 1
         self.counters["reloads"] += lora_id in self.ever_evicted
@@ -239,6 +242,8 @@ class AdapterPool:
             return False
         del self.unreferenced[lora_id]
         res = self.resident.pop(lora_id)
+        self._blocks -= len(res.blocks)
+        self._vectors -= res.rank
         self.block_pool.free_blocks(res.blocks)
         self.events.append(Evict(lora_id))
         self.ever_evicted.add(lora_id)

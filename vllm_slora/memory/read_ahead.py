@@ -16,9 +16,10 @@ as it is now.
 from __future__ import annotations
 
 import os
+import queue
 import threading
+import weakref
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from vllm_slora.memory.layout import ADAPTER_FILE, AdapterMeta, read_adapter_meta
@@ -31,8 +32,17 @@ class ReadAhead:
     def __init__(self, workers: int = 2):
         self.lock = threading.Lock()
         self.asked: OrderedDict[str, None] = OrderedDict()
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slora-prefetch")
         self.counters = dict(prefetched=0, hits=0, misses=0)
+        # Paths go to the workers through a C queue: the engine's thread never
+        # waits there for a Python lock (ThreadPoolExecutor.submit's) that a
+        # worker holds while it waits for the GIL.
+        self._todo: queue.SimpleQueue = queue.SimpleQueue()
+        threads = [threading.Thread(target=_serve, args=(self._todo, self.lock, self.counters),
+                                    name=f"slora-prefetch-{i}", daemon=True)
+                   for i in range(workers)]
+        for thread in threads:
+            thread.start()
+        weakref.finalize(self, _stop, self._todo, len(threads))
 
     def prefetch(self, paths: list[str]) -> None:
         with self.lock:
@@ -42,7 +52,7 @@ class ReadAhead:
             while len(self.asked) > REMEMBERED:
                 self.asked.popitem(last=False)
         for path in todo:
-            self.executor.submit(self._read_ahead, path)
+            self._todo.put(path)
 
     def meta(self, path: str) -> AdapterMeta:
         """The adapter's metadata (its files as they are now), counting a
@@ -57,18 +67,26 @@ class ReadAhead:
         with self.lock:
             self.asked.pop(path, None)
 
-    def _read_ahead(self, path: str) -> None:
+    def stats(self) -> dict:
+        return dict(self.counters)
+
+
+def _serve(todo: queue.SimpleQueue, lock: threading.Lock, counters: dict) -> None:
+    """A worker: reads ahead the paths it is given until told to stop (None)."""
+    while (path := todo.get()) is not None:
         try:
             fd = os.open(Path(path) / ADAPTER_FILE, os.O_RDONLY)
         except OSError:
-            return  # missing now: the page-in reports it, with its request
+            continue  # missing now: the page-in reports it, with its request
         try:
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         finally:
             os.close(fd)
-        with self.lock:
-            self.counters["prefetched"] += 1
+        with lock:
+            counters["prefetched"] += 1
 
-    def stats(self) -> dict:
-        return dict(self.counters)
+
+def _stop(todo: queue.SimpleQueue, workers: int) -> None:
+    for _ in range(workers):
+        todo.put(None)

@@ -21,7 +21,12 @@ waited for reads.
 Several uploads run at once, one per *lane* (a thread's ring of slots and
 its own copy stream): one thread reading 64 MB files from the page cache
 managed about 24 adapters/s inside an engine (H200, n = 2000), where
-admissions asked for about 30/s, and the steps waited.
+admissions asked for about 30/s, and the steps waited. The lanes take
+uploads from one ``queue.SimpleQueue`` (a C queue: putting one in never
+makes the engine's thread wait for a Python lock that a lane holds while
+it waits for the GIL, as ``ThreadPoolExecutor.submit`` can), in the order
+they were asked for; ``submit`` takes a plan's adapters at once, behind one
+CUDA event.
 
 Ordering on CUDA: a lane's stream first waits for the work the engine had
 queued when the upload was asked for (it may still read the adapter's
@@ -35,13 +40,16 @@ packing run with plain copies, done by the time ``wait`` returns.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+import time
+import weakref
 from pathlib import Path
 
 import torch
 
+from vllm_slora import metrics
 from vllm_slora.memory.layout import (ADAPTER_FILE, AdapterMeta, PageGeometry, pack_file_bytes,
                                       read_header)
 
@@ -55,16 +63,26 @@ LANES = 3
 class Upload:
     """One adapter's upload, until the engine's stream has waited for it."""
 
-    def __init__(self, future: Future):
-        self._future = future
+    __slots__ = ("_done", "_event", "_error")
+
+    def __init__(self):
+        self._done = threading.Event()
+        self._event: torch.cuda.Event | None = None
+        self._error: BaseException | None = None
+
+    def _finish(self, event=None, error: BaseException | None = None) -> None:
+        self._event, self._error = event, error
+        self._done.set()
 
     def wait(self, device: torch.device) -> None:
         """Block until the upload is queued (the file read), then make the
         current stream of ``device`` wait for its device work. Raises what
         the upload raised (a file that no longer matches its metadata)."""
-        event = self._future.result()
-        if event is not None:
-            torch.cuda.current_stream(device).wait_event(event)
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        if self._event is not None:
+            torch.cuda.current_stream(device).wait_event(self._event)
 
 
 class _Lane:
@@ -79,6 +97,31 @@ class _Lane:
         self.stream = torch.cuda.Stream(device) if cuda else None
 
 
+def _serve(uploader: weakref.ref, todo: queue.SimpleQueue, lane: _Lane) -> None:
+    """A lane's thread: uploads one at a time until told to stop (None).
+    Inference mode (the pools are inference tensors), the device and the
+    lane's stream are per thread: set once."""
+    with torch.inference_mode(), contextlib.ExitStack() as scope:
+        if lane.stream is not None:
+            scope.enter_context(torch.cuda.device(lane.stream.device))
+            scope.enter_context(torch.cuda.stream(lane.stream))
+        while (item := todo.get()) is not None:
+            owner = uploader()
+            if owner is None:
+                return
+            owner._one(lane, *item)
+            del owner
+
+
+def _stop(todo: queue.SimpleQueue, threads: list[threading.Thread]) -> None:
+    """Stop the lanes once the uploads queued so far are done."""
+    for _ in threads:
+        todo.put(None)
+    for thread in threads:
+        if thread is not threading.current_thread():  # the uploader freed by a lane
+            thread.join(timeout=10)
+
+
 class Uploader:
     def __init__(self, geo: PageGeometry, pools: list[torch.Tensor], slots: int = SLOTS,
                  slot_bytes: int = SLOT_BYTES, lanes: int = LANES):
@@ -87,42 +130,67 @@ class Uploader:
         self.pools = pools
         self.device = pools[0].device
         self.cuda = self.device.type == "cuda"
-        self.lanes: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
-        for _ in range(lanes):
-            self.lanes.put(_Lane(self.device, slots, slot_bytes))
-        self.thread = ThreadPoolExecutor(lanes, thread_name_prefix="slora-upload")
-        self.counters = dict(uploads=0, upload_chunks=0, upload_bytes=0)
+        self.counters = dict(uploads=0, upload_chunks=0, upload_bytes=0, upload_latency_s=0.0,
+                             upload_busy_s=0.0, uploads_done=0)
         self._lock = threading.Lock()
+        self._todo: queue.SimpleQueue = queue.SimpleQueue()
+        # The lanes' threads hold the uploader weakly: once it is collected,
+        # or at exit, ``close`` stops them (no lane inside a CUDA call while
+        # the process ends).
+        threads = [threading.Thread(target=_serve, name=f"slora-upload-{i}", daemon=True,
+                                    args=(weakref.ref(self), self._todo,
+                                          _Lane(self.device, slots, slot_bytes)))
+                   for i in range(lanes)]
+        for thread in threads:
+            thread.start()
+        self.close = weakref.finalize(self, _stop, self._todo, threads)
 
     def submit(self, meta: AdapterMeta, rows: torch.Tensor) -> Upload:
         """Queue the adapter of ``meta`` into rows ``rows`` (int64 [meta.rows(geo)],
         on the pools' device, the same in every layer) of every pool."""
-        if rows.numel() != meta.rows(self.geo):
-            raise ValueError(f"adapter '{meta.path}' has {meta.rows(self.geo)} pages per layer, "
-                             f"got {rows.numel()} rows")
+        return self.submit_many([(meta, rows)])[0]
+
+    def submit_many(self, items: list[tuple[AdapterMeta, torch.Tensor]]) -> list[Upload]:
+        """``submit`` of several adapters, uploaded in this order (as lanes
+        free up), after the work queued on the current stream so far."""
+        for meta, rows in items:
+            if rows.numel() != meta.rows(self.geo):
+                raise ValueError(f"adapter '{meta.path}' has {meta.rows(self.geo)} pages per "
+                                 f"layer, got {rows.numel()} rows")
         queued = None
-        if self.cuda:
+        if self.cuda and items:
             queued = torch.cuda.Event()
             queued.record(torch.cuda.current_stream(self.device))
-        return Upload(self.thread.submit(self._run, meta, rows, queued))
+        out, now = [], time.perf_counter()
+        for meta, rows in items:
+            upload = Upload()
+            self._todo.put((upload, meta, rows, queued, now))
+            out.append(upload)
+        return out
 
-    def _run(self, meta, rows, queued):
-        lane = self.lanes.get()  # one is free: as many threads as lanes
+    def _one(self, lane: _Lane, upload: Upload, meta, rows, queued, submitted: float) -> None:
+        started = time.perf_counter()
         try:
-            # The pools are inference tensors; inference mode is per thread.
-            with torch.inference_mode():
-                if not self.cuda:
-                    self._write(lane, meta, rows)
-                    return None
-                with torch.cuda.device(self.device), torch.cuda.stream(lane.stream):
-                    lane.stream.wait_event(queued)
-                    rows.record_stream(lane.stream)  # made on the engine's stream
-                    self._write(lane, meta, rows)
-                    done = torch.cuda.Event()
-                    done.record(lane.stream)
-                    return done
-        finally:
-            self.lanes.put(lane)
+            if not self.cuda:
+                self._write(lane, meta, rows)
+                upload._finish()
+            else:
+                lane.stream.wait_event(queued)
+                rows.record_stream(lane.stream)  # made on the engine's stream
+                self._write(lane, meta, rows)
+                done = torch.cuda.Event()
+                done.record(lane.stream)
+                upload._finish(event=done)
+        except Exception as e:  # the request's error, raised where it is waited for
+            upload._finish(error=e)
+        finished = time.perf_counter()
+        with self._lock:
+            # From submit to queued on the device, and of that, the lane's own
+            # time (the rest: waiting for a free lane).
+            for name, value in (("upload_latency_s", finished - submitted),
+                                ("upload_busy_s", finished - started), ("uploads_done", 1)):
+                self.counters[name] += value
+                metrics.add(name, value)
 
     def _write(self, lane: _Lane, meta: AdapterMeta, rows: torch.Tensor) -> None:
         path = Path(meta.path) / ADAPTER_FILE

@@ -5,6 +5,12 @@ the range ``start .. start+r-1`` (first fit) and, for each kind it has, its
 A- and B-vectors' page rows are written into that kind's ``a_rows`` /
 ``b_rows`` at those indices.
 
+Every table is a view of one int32 buffer, so that the entries of all the
+adapters a plan pages in reach the device together: ``add`` reserves the
+range and queues the entries on the host, ``pending`` hands them over (flat
+positions and values), and ``write`` puts them in place with one
+``index_copy_`` (the pager sends them with the plan's rows, one copy).
+
 The tables have a fixed capacity (``vector_capacity``), allocated once when
 the KV cache exists, so that CUDA graphs captured with them never see them
 move. When free indices are fragmented, ``compact`` moves resident ranges to
@@ -13,6 +19,7 @@ the front (row ids only, never weights) and reports the new starts.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from vllm_slora.memory.layout import GROUPS, KINDS, AdapterMeta, PageGeometry
@@ -20,6 +27,9 @@ from vllm_slora.memory.layout import GROUPS, KINDS, AdapterMeta, PageGeometry
 # At most this many resident rank-vectors (sum of resident ranks): 1,024
 # adapters of rank 128. Keeps the tables of a large KV pool small (7B: 160 MB).
 MAX_VECTORS = 1 << 17
+# Each table starts at a multiple of this many int32 (256 bytes): the
+# kernels are compiled for 16-byte aligned pointers.
+ALIGN = 64
 
 
 def vector_capacity(geo: PageGeometry, num_blocks: int) -> int:
@@ -39,14 +49,25 @@ class VectorSpace:
         self.free: list[tuple[int, int]] = [(0, capacity)]  # (start, length), sorted, merged
         self.used: dict[int, int] = {}  # start -> length
         d = geometry.page_width
+        spans, total = {}, 0
+        for kind in KINDS:
+            k, n = geometry.width(kind)
+            for ab, w in (("a", k // d), ("b", n // d)):
+                spans[kind, ab] = (total, w)
+                total += -(-capacity * w // ALIGN) * ALIGN
+        self.table = torch.zeros(total, dtype=torch.int32, device=device)
+        self._spans = spans  # (kind, "a" | "b") -> (offset in table, width)
         self.a_rows: dict[str, torch.Tensor] = {}
         self.b_rows: dict[str, torch.Tensor] = {}
         for kind in KINDS:
-            k, n = geometry.width(kind)
-            self.a_rows[kind] = torch.zeros(capacity, k // d, dtype=torch.int32, device=device)
-            self.b_rows[kind] = torch.zeros(capacity, n // d, dtype=torch.int32, device=device)
+            for ab, tables in (("a", self.a_rows), ("b", self.b_rows)):
+                off, w = spans[kind, ab]
+                tables[kind] = self.table[off:off + capacity * w].view(capacity, w)
         self.group_tables = {g: ([self.a_rows[k] for k in kinds], [self.b_rows[k] for k in kinds])
                              for g, kinds in GROUPS.items()}
+        # Entries added but not written yet: flat positions, values (host).
+        self._positions: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
 
     @property
     def resident(self) -> int:
@@ -55,8 +76,10 @@ class VectorSpace:
     def fits(self, rank: int) -> bool:
         return self.resident + rank <= self.capacity
 
-    def add(self, meta: AdapterMeta, rows: torch.Tensor) -> int:
-        """Reserve ``meta.rank`` vectors and write their page rows; return start.
+    def add(self, meta: AdapterMeta, rows: np.ndarray) -> int:
+        """Reserve ``meta.rank`` vectors for the adapter whose packed pages
+        are pool rows ``rows`` (int64, host); queue their table entries
+        (``pending``, ``write``); return the start.
 
         Call ``compact`` first when ``find(meta.rank)`` is None but ``fits``.
         """
@@ -65,13 +88,31 @@ class VectorSpace:
             raise RuntimeError(f"vector tables full: {self.resident} of {self.capacity} vectors "
                                f"resident, an adapter of rank {meta.rank} does not fit")
         self._take(start, meta.rank)
-        d, r = self.geo.page_width, meta.rank
+        r = meta.rank
         for kind, (a_off, b_off) in meta.offsets(self.geo).items():
-            k, n = self.geo.width(kind)
             ra = self.geo.a_vectors(kind, r)  # < r on TP ranks of column-parallel kinds
-            self.a_rows[kind][start:start + ra] = rows[a_off:a_off + ra * k // d].view(ra, k // d)
-            self.b_rows[kind][start:start + r] = rows[b_off:b_off + r * n // d].view(r, n // d)
+            for ab, first, count in (("a", a_off, ra), ("b", b_off, r)):
+                off, w = self._spans[kind, ab]
+                at = off + start * w
+                self._positions.append(np.arange(at, at + count * w, dtype=np.int64))
+                self._values.append(rows[first:first + count * w])
         return start
+
+    def pending(self) -> tuple[np.ndarray, np.ndarray]:
+        """The queued entries (flat positions into ``table``, values), int64,
+        handed over: the caller sends them to the device and calls ``write``."""
+        if not self._positions:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty
+        out = np.concatenate(self._positions), np.concatenate(self._values).astype(np.int64)
+        self._positions, self._values = [], []
+        return out
+
+    def write(self, positions: torch.Tensor, values: torch.Tensor) -> None:
+        """Entries ``pending`` handed over, now on the tables' device, in place
+        (on the current stream: after the steps already queued)."""
+        if positions.numel():
+            self.table.index_copy_(0, positions, values.to(torch.int32))
 
     def remove(self, start: int) -> None:
         length = self.used.pop(start)
@@ -93,8 +134,11 @@ class VectorSpace:
         """Move every resident range to the front, in order; {old start: new start}.
 
         Table rows are copied on the current stream, after the work already
-        queued that reads them, so in-flight steps see the old rows.
+        queued that reads them, so in-flight steps see the old rows. Entries
+        still pending would land at the old starts: write them first.
         """
+        if self._positions:
+            raise RuntimeError("vector table entries are pending: write them before compacting")
         moves, at = {}, 0
         for start in sorted(self.used):
             length = self.used[start]
