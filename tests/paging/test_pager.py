@@ -404,3 +404,24 @@ def test_one_plan_of_many_events_equals_dense_lora(tiny_model, adapters):
             meta = read_adapter_meta(paths[lora_id])
             want[i] += dense_lora(x[i:i + 1], paths[lora_id], 1, kinds, meta.scale, widths)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_upload_lanes_end_with_their_uploader(tiny_model, adapters):
+    """The lanes' threads hold their uploader weakly: a pager that goes away
+    takes its lanes (and their staging buffers) with it, after the uploads
+    it asked for."""
+    import gc
+
+    from vllm_slora.memory.plan import Load
+
+    pager = make_pager(tiny_model, cpu_attn_kv(2))
+    pager.apply(plan(pager, Load(1, adapters[0], [5, 9, 2, 7])))
+    _, _, (_, threads), _ = pager.uploader.close.peek()  # (uploader, _stop, args, kwargs)
+    assert len(threads) == 3 and all(t.is_alive() for t in threads)
+    upload = pager.resident[1].copied
+    del pager
+    gc.collect()
+    upload.wait(torch.device("cpu"))  # it was done, not dropped
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
