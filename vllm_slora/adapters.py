@@ -27,13 +27,15 @@ request, whose outputs would be NaN logits, i.e. garbage.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_slora.memory.layout import (ADAPTER_FILE, CONFIG_FILE, KINDS, PageGeometry, file_version,
-                                      module_widths, split_key)
+from vllm_slora.memory.layout import (ADAPTER_FILE, CONFIG_FILE, KINDS, AdapterMeta, PageGeometry,
+                                      file_version, module_widths, split_key)
 
 
 class AdapterError(ValueError):
@@ -50,6 +52,14 @@ class AdapterInfo:
     rank: int
     kinds: tuple[str, ...]  # as layout.read_adapter_meta: fused groups completed
     blocks: int | None  # KV blocks its pages take (None: geometry unknown)
+    scale: float = 1.0  # as layout.read_adapter_meta: lora_alpha / r (rslora: / sqrt(r))
+    version: tuple = ()  # layout.file_version of the folder checked
+
+    def meta(self, path: str) -> AdapterMeta:
+        """The ``layout.AdapterMeta`` of the folder checked: what the pager
+        would read from its files, without reading them again."""
+        return AdapterMeta(path=str(path), rank=self.rank, kinds=self.kinds, scale=self.scale,
+                           version=self.version)
 
 
 def check_adapter(path: str, name: str | None, hf_config, max_rank: int, *,
@@ -61,7 +71,8 @@ def check_adapter(path: str, name: str | None, hf_config, max_rank: int, *,
     pays a few ``stat`` calls; ``weights=True`` also reads every tensor.
     """
     key = _version(path, name)
-    info = _check_headers(path, name, key, _model_key(hf_config), max_rank)
+    info = dataclasses.replace(_check_headers(path, name, key, _model_key(hf_config), max_rank),
+                               version=key[1:])
     if weights:
         _check_finite(path, name, key)
     blocks = None
@@ -72,7 +83,7 @@ def check_adapter(path: str, name: str | None, hf_config, max_rank: int, *,
                 f"needs {blocks} KV blocks for its pages (rank {info.rank}), the KV cache has "
                 f"{usable_blocks}; give vLLM more KV cache memory (--gpu-memory-utilization, "
                 f"VLLM_CPU_KVCACHE_SPACE) or use a smaller rank"))
-    return AdapterInfo(info.rank, info.kinds, blocks)
+    return dataclasses.replace(info, blocks=blocks)
 
 
 def _version(path: str, name: str | None) -> tuple:
@@ -174,7 +185,9 @@ def _check_headers(path: str, name: str | None, version: tuple, model: tuple,
     for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
         if kinds & set(group):
             kinds |= set(group)
-    return AdapterInfo(rank, tuple(k for k in KINDS if k in kinds), None)
+    alpha = cfg.get("lora_alpha", rank)
+    scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    return AdapterInfo(rank, tuple(k for k in KINDS if k in kinds), None, float(scale))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -330,3 +330,29 @@ def test_adapter_checked_once_per_scheduling_step(tiny_model, adapters):
     pool.take_plan([], 1)
     pool.blocks_for(path)
     assert calls == [path, path]
+
+
+@pytest.mark.parametrize("variant", ["all", "q-v", "alpha", "rslora"])
+def test_loads_carry_what_the_worker_would_read(tmp_path, tiny_model, variant):
+    """The scheduler's checked metadata rides on the adapter's Load (the
+    worker then reads no file): it must equal what the worker would read,
+    field for field (rank, the kinds of fused groups completed, the scale
+    with alpha and rslora, the file version)."""
+    from vllm_slora.memory.layout import read_adapter_meta
+    from vllm_slora.testing.adapters import make_peft_adapter
+
+    kwargs = {"q-v": dict(target_modules=("q_proj", "v_proj")), "alpha": dict(alpha=16),
+              "rslora": dict(alpha=12)}.get(variant, {})
+    path = make_peft_adapter(tmp_path / variant, tiny_model, 4, seed=2, **kwargs)
+    if variant == "rslora":
+        cfg_file = path / "adapter_config.json"
+        cfg_file.write_text(json.dumps(json.loads(cfg_file.read_text()) | {"use_rslora": True}))
+    manager = make_manager(64, tiny_model, max_lora_rank=8)
+    req = make_request("r", str(path), 3)
+    assert manager.allocate_slots(req, 20) is not None
+    (load,) = manager.adapters.take_plan([], 1).events
+    want = read_adapter_meta(str(path))
+    assert load.meta == want
+    assert want.scale == {"alpha": 4.0, "rslora": 6.0}.get(variant, 1.0)
+    if variant == "q-v":
+        assert want.kinds == ("q_proj", "k_proj", "v_proj")

@@ -254,7 +254,11 @@ class Pager:
         table entries queued); resident from now on, its upload not yet asked for."""
         if event.lora_id in self.resident:
             raise RuntimeError(f"scheduler paged in adapter {event.lora_id} twice")
-        meta = self.read_ahead.meta(event.path)
+        if event.meta is not None:  # as the scheduler read it when it checked the adapter
+            meta = event.meta
+            self.read_ahead.count(event.path)
+        else:
+            meta = self.read_ahead.meta(event.path)
         rows = self.block_rows(event.block_ids)
         n = meta.rows(self.geo)
         if n > rows.size:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vllm_slora.memory.layout import AdapterMeta
+
 ATTR = "slora"
 
 
@@ -18,6 +20,10 @@ class Load:
     lora_id: int
     path: str
     block_ids: list[int]
+    # What the scheduler read of the adapter's files when it checked them
+    # (layout.AdapterMeta), so that the worker does not read them again;
+    # None: the worker reads them.
+    meta: AdapterMeta | None = None
 
 
 @dataclass

@@ -14,7 +14,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from vllm_slora import metrics
-from vllm_slora.memory.layout import PageGeometry, read_adapter_meta
+from vllm_slora.memory.layout import AdapterMeta, PageGeometry, read_adapter_meta
 from vllm_slora.memory.plan import Evict, Load, PagingPlan
 from vllm_slora.memory.vectors import vector_capacity
 
@@ -26,13 +26,15 @@ class AdapterFault(Exception):
     use it fail (``PagedKVCacheManager``); the engine goes on."""
 
 
-def adapter_meta(path: str, check=None):
-    """Rank and module kinds of an adapter: ``check(path)`` where given (the
-    header checks of ``vllm_slora.adapters``, cached per file version, which
-    return both), else ``read_adapter_meta``; any error (disk, JSON,
-    safetensors, validation) turned into an ``AdapterFault``."""
+def adapter_meta(path: str, check=None) -> AdapterMeta:
+    """The ``AdapterMeta`` of an adapter (rank, module kinds, scale, file
+    version): from ``check(path)`` where given (the header checks of
+    ``vllm_slora.adapters``, cached per file version, which read all of it),
+    else ``read_adapter_meta``; any error (disk, JSON, safetensors,
+    validation) turned into an ``AdapterFault``. It travels to the workers
+    with the adapter's ``Load``, so they do not read the files again."""
     try:
-        return check(path) if check is not None else read_adapter_meta(path)
+        return check(path).meta(path) if check is not None else read_adapter_meta(path)
     except Exception as e:  # noqa: BLE001 - every cause is the adapter's fault
         raise AdapterFault(f"adapter '{path}' cannot be paged in: {e}") from e
 
@@ -80,7 +82,8 @@ class AdapterPool:
     def __init__(self, block_pool, geometry: PageGeometry, check=None):
         self.block_pool = block_pool
         # check(path) validates the adapter's files for this model and returns
-        # its rank and kinds (see ``adapter_meta``); None: headers are only read.
+        # an ``adapters.AdapterInfo`` (see ``adapter_meta``); None: headers are
+        # only read.
         self.check = check
         self.unified = not isinstance(block_pool, SeparateRegion)
         self.geo = geometry
@@ -208,7 +211,7 @@ class AdapterPool:
         res = self.resident[lora_id] = Resident(path, blocks, rank)
         self._blocks += len(blocks)
         self._vectors += rank
-        self.events.append(Load(lora_id, path, [b.block_id for b in blocks]))
+        self.events.append(Load(lora_id, path, [b.block_id for b in blocks], meta))
         self.counters["loads"] += 1
         self.counters["reloads"] += lora_id in self.ever_evicted
         self.seen.add(lora_id)

@@ -58,10 +58,14 @@ class ReadAhead:
         """The adapter's metadata (its files as they are now), counting a
         hit if its file was read ahead."""
         meta = read_adapter_meta(path)
+        self.count(path)
+        return meta
+
+    def count(self, path: str) -> None:
+        """Count a page-in of ``path``: a hit if its file was read ahead."""
         with self.lock:
             hit = path in self.asked
             self.counters["hits" if hit else "misses"] += 1
-        return meta
 
     def drop(self, path: str) -> None:
         with self.lock:
