@@ -30,12 +30,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_slora.memory.layout import (ADAPTER_FILE, CONFIG_FILE, KINDS, AdapterMeta, PageGeometry,
-                                      file_version, module_widths, split_key)
+                                      file_version, lora_scale, module_widths, split_key)
 
 
 class AdapterError(ValueError):
@@ -71,8 +70,7 @@ def check_adapter(path: str, name: str | None, hf_config, max_rank: int, *,
     pays a few ``stat`` calls; ``weights=True`` also reads every tensor.
     """
     key = _version(path, name)
-    info = dataclasses.replace(_check_headers(path, name, key, _model_key(hf_config), max_rank),
-                               version=key[1:])
+    info = _check_headers(path, name, key, _model_key(hf_config), max_rank)
     if weights:
         _check_finite(path, name, key)
     blocks = None
@@ -83,7 +81,7 @@ def check_adapter(path: str, name: str | None, hf_config, max_rank: int, *,
                 f"needs {blocks} KV blocks for its pages (rank {info.rank}), the KV cache has "
                 f"{usable_blocks}; give vLLM more KV cache memory (--gpu-memory-utilization, "
                 f"VLLM_CPU_KVCACHE_SPACE) or use a smaller rank"))
-    return dataclasses.replace(info, blocks=blocks)
+    return dataclasses.replace(info, blocks=blocks, version=key[1:])
 
 
 def _version(path: str, name: str | None) -> tuple:
@@ -185,9 +183,7 @@ def _check_headers(path: str, name: str | None, version: tuple, model: tuple,
     for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
         if kinds & set(group):
             kinds |= set(group)
-    alpha = cfg.get("lora_alpha", rank)
-    scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
-    return AdapterInfo(rank, tuple(k for k in KINDS if k in kinds), None, float(scale))
+    return AdapterInfo(rank, tuple(k for k in KINDS if k in kinds), None, lora_scale(cfg, rank))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -234,11 +234,15 @@ def _read_adapter_meta(path: str, version: tuple) -> AdapterMeta:
     for group in PACKED.values():
         if kinds & set(group):
             kinds |= set(group)
-    alpha = cfg.get("lora_alpha", rank)
-    scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     return AdapterMeta(path=str(path), rank=rank,
-                       kinds=tuple(k for k in KINDS if k in kinds), scale=float(scale),
+                       kinds=tuple(k for k in KINDS if k in kinds), scale=lora_scale(cfg, rank),
                        version=version)
+
+
+def lora_scale(cfg: dict, rank: int) -> float:
+    """PEFT's scaling of an adapter config: lora_alpha / r (/ sqrt(r) with rslora)."""
+    alpha = cfg.get("lora_alpha", rank)
+    return float(alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank)
 
 
 def pack_adapter(meta: AdapterMeta, geo: PageGeometry, tensors: dict,

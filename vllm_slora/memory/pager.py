@@ -26,24 +26,25 @@ from vllm_slora.memory.plan import Evict, Load, PagingPlan
 from vllm_slora.memory.read_ahead import ReadAhead
 from vllm_slora.memory.step import StepBuffers, StepLimits
 from vllm_slora.memory.uploads import Upload, Uploader
+from vllm_slora.memory.vectors import VectorSpace, vector_capacity
 
 # Elements of each pinned staging buffer of a plan's rows and table entries
 # (8 of 512 KB): a plan of up to ~40 adapters of rank 64 on q,k,v,o of 7B.
 RING_ELEMENTS = 1 << 16
-from vllm_slora.memory.vectors import VectorSpace, vector_capacity
 
 
 @dataclass
 class Resident:
-    path: str
+    meta: AdapterMeta  # path, rank, kinds, scale
     start: int  # first vector
-    rank: int
-    kinds: tuple[str, ...]
-    scale: float
     rows: np.ndarray  # int64, the pool rows it fills (same in every layer)
     block_ids: list[int]
-    meta: AdapterMeta
     copied: Upload | None = None  # its upload, until the engine's stream waited for it
+
+    path = property(lambda self: self.meta.path)
+    rank = property(lambda self: self.meta.rank)
+    kinds = property(lambda self: self.meta.kinds)
+    scale = property(lambda self: self.meta.scale)
 
     @functools.cached_property
     def group_ranks(self) -> tuple[int, ...]:
@@ -271,8 +272,7 @@ class Pager:
             for res in self.resident.values():
                 res.start = moves[res.start]
         start = self.vectors.add(meta, rows)
-        res = Resident(event.path, start, meta.rank, meta.kinds, meta.scale, rows,
-                       list(event.block_ids), meta)
+        res = Resident(meta, start, rows, list(event.block_ids))
         self.resident[event.lora_id] = res
         return res
 
@@ -290,13 +290,13 @@ class Pager:
         loads = [res for _, res, _ in pending]
         positions, values = self.vectors.pending()
         sizes = [res.rows.size for res in loads]
+        n = sum(sizes)
         sent = self._send(np.concatenate([res.rows for res in loads] + [positions, values]))
-        rows = sent[:sum(sizes)].split(sizes)
-        self.vectors.write(*sent[sum(sizes):].split([positions.size, values.size]))
-        uploads = self.uploader.submit_many([(res.meta, r) for res, r in zip(loads, rows)])
+        self.vectors.write(*sent[n:].split([positions.size, values.size]))
+        uploads = self.uploader.submit_many([(res.meta, r)
+                                             for res, r in zip(loads, sent[:n].split(sizes))])
         for res, upload in zip(loads, uploads):
             res.copied = upload
-        n = sum(sizes)
         self.counters["loads"] += len(loads)
         self.counters["pages_written"] += n * len(self.pools)
         share = (time.perf_counter() - started) / len(loads)
@@ -353,8 +353,7 @@ class Pager:
         lut[used] = np.arange(len(lora_ids), dtype=np.int32)
         res = [self.resident[i] for i in lora_ids]
         for r in res:
-            if r.copied is not None:
-                self._wait_copied(r)
+            self._wait_copied(r)
         by_group = np.array([r.group_ranks for r in res], dtype=np.int32).reshape(-1, len(GROUPS))
         ranks = {g: by_group[:, j] for j, g in enumerate(GROUPS)}
         ranks_a = ranks
