@@ -76,7 +76,9 @@ def _write_file(path: Path, config: dict, rank: int, targets, buf: np.ndarray, o
 def weight_pool(root: Path, model_path: Path, ranks, targets, pool: int, seed: int = 0) -> dict[int, list[Path]]:
     """``pool`` distinct weight files per rank under ``root/weights`` (kept if there)."""
     config = json.loads((Path(model_path) / "config.json").read_text())
-    files = {r: [root / "weights" / f"r{r}-{j}.safetensors" for j in range(pool)] for r in sorted(set(ranks))}
+    tag = "-".join(m.split("_")[0] for m in targets)  # the files of other targets differ
+    files = {r: [root / "weights" / f"{tag}-r{r}-{j}.safetensors" for j in range(pool)]
+             for r in sorted(set(ranks))}
     missing = [(r, j) for r, paths in files.items() for j, p in enumerate(paths) if not p.exists()]
     if not missing:
         return files

@@ -21,7 +21,8 @@ from benchmarks import steplog
 from benchmarks.systems import SYSTEMS
 
 COLUMNS = {
-    "n": "number of adapters in the trace",
+    "point": "the trace: n adapters, and (online) its arrival rate, and what differs from S-LoRA's "
+             "default workload (alpha < 1: skewed popularity; targets=all: the seven projections)",
     "system": "configuration; `best` marks the stock max_loras with the highest req/s at that n",
     "status": "ok | too slow (stopped at its time share; partial req/s in parentheses) | failed | "
               "start-up failed | start-up too slow | skipped (time budget)",
@@ -32,8 +33,8 @@ COLUMNS = {
                     "moment the waiting queue was non-empty (the batch as full as it can be)",
     "mean batch": "mean running requests over the point (sampled every 0.5 s)",
     "queue>0": "share of the point's samples with requests waiting",
-    "vs stock": "steady tok/s / steady tok/s of the best stock at that n (req/s where a "
-                "point has no steady window)",
+    "vs stock": "steady tok/s / steady tok/s of the best stock at that point (online: achieved "
+                "tok/s; req/s where a point has neither)",
     "vs base": "the same against base (no LoRA; the same requests)",
     "TTFT p50/p90/p99": "first-token latency percentiles, s (offline: from handing the whole trace "
                         "to the engine, so mostly queueing)",
@@ -42,20 +43,35 @@ COLUMNS = {
 }
 
 
-def point_at(system: dict, n: int) -> dict | None:
-    """The measurement of ``system`` for the trace with ``n`` adapters (base: its only one)."""
+def point_keys(results: dict) -> list[dict]:
+    """The run's points in order: label, n, rate, alpha, targets, and the
+    label of base's point with the same requests (files before points had
+    labels only by n, and one base point)."""
+    return results.get("points") or [{"label": f"n={n}", "n": n, "rate": None, "alpha": 1.0,
+                                      "targets": "attn", "base": "base", "legacy": True} for n in results["config"]["n"]]
+
+
+def point_at(system: dict | None, key: dict) -> dict | None:
+    """The measurement of ``system`` at point ``key`` (base: the same requests without adapters)."""
+    if system is None:
+        return None
+    base = system["system"] == "base"
     for p in system["points"]:
-        if p["n"] == n or (system["system"] == "base" and p["n"] == 0):
+        if p["label"] == (key["base"] if base else key["label"]):
             return p
-    return None
+    # Files from before point labels: base had one point for every n.
+    return system["points"][0] if base and len(system["points"]) == 1 and key.get("legacy") else None
 
 
 def ok_rate(p: dict | None) -> float | None:
-    """The point's throughput for ratios: steady tok/s, else req/s of a finished point."""
+    """The point's throughput for ratios: steady tok/s, else (online) achieved
+    tok/s, else req/s of a finished point."""
     if not p or p.get("status") not in ("ok", "window"):
         return None
     if p.get("steady_tok_per_s"):
         return p["steady_tok_per_s"]
+    if p.get("achieved_tok_per_s"):
+        return p["achieved_tok_per_s"]
     return p["req_per_s"] if p.get("status") == "ok" else None
 
 
@@ -76,13 +92,15 @@ def merge(paths: list[Path], out: Path) -> dict:
                            for s in r["systems"]])
     merged["config"] = dict(first["config"],
                             n=sorted({n for r in runs for n in r["config"]["n"]}))
+    keys = {k["label"]: k for r in runs for k in point_keys(r)}
+    merged["points"] = sorted(keys.values(), key=lambda k: list(keys).index(k["label"]))
     out.write_text(json.dumps(merged, indent=1))
     return merged
 
 
-def best_stock(results: dict, n: int, call: str | None = None) -> dict | None:
-    """The stock configuration with the highest throughput at n (of one call, if given)."""
-    rated = [(ok_rate(point_at(s, n)), s) for s in results["systems"]
+def best_stock(results: dict, key: dict, call: str | None = None) -> dict | None:
+    """The stock configuration with the highest throughput at a point (of one call, if given)."""
+    rated = [(ok_rate(point_at(s, key)), s) for s in results["systems"]
              if s["system"] == "stock" and (call is None or call_of(s) == call)]
     rated = [(r, s) for r, s in rated if r is not None]
     return max(rated, key=lambda x: x[0])[1] if rated else None
@@ -110,6 +128,8 @@ def point_ratio(p: dict | None, q: dict | None) -> str:
         return "-"
     if p.get("steady_tok_per_s") and q.get("steady_tok_per_s"):
         return ratio(p["steady_tok_per_s"], q["steady_tok_per_s"])
+    if p.get("achieved_tok_per_s") and q.get("achieved_tok_per_s"):
+        return ratio(p["achieved_tok_per_s"], q["achieved_tok_per_s"])
     if p.get("status") == q.get("status") == "ok":
         return ratio(p["req_per_s"], q["req_per_s"])
     return "-"
@@ -138,14 +158,14 @@ def call_labels(results: dict) -> dict[str | None, str]:
 def table(results: dict) -> list[str]:
     labels = call_labels(results)
     head = (["call"] if labels else []) + [
-        "n", "system", "status", "req/s", "out tok/s", "steady tok/s", "mean batch", "queue>0",
+        "point", "system", "status", "req/s", "out tok/s", "steady tok/s", "mean batch", "queue>0",
         "vs stock", "vs base", "TTFT p50/p90/p99 (s)", "mean lat (s)",
         f"SLO ({results['config']['slo_ttft_s']:g} s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for n in results["config"]["n"]:
-        best = best_stock(results, n)
+    for key in point_keys(results):
+        best = best_stock(results, key)
         for s in results["systems"]:
-            p = point_at(s, n)
+            p = point_at(s, key)
             label = s["label"] + (" **best**" if s is best else "")
             ok = p is not None and p.get("status") in ("ok", "window")
             if p and p.get("req_per_s") is not None:
@@ -155,48 +175,59 @@ def table(results: dict) -> list[str]:
             share = p.get("waiting_share") if p else None
             ttft = "/".join(fmt(p.get(k)) for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s")) if ok else "-"
             mine = call_of(s)
-            stock_here, base_here = best_stock(results, n, mine), base_system(results, mine)
+            stock_here, base_here = best_stock(results, key, mine), base_system(results, mine)
             lines.append("| " + " | ".join(([labels.get(mine, "?")] if labels else []) + [
-                str(n), label, status_cell(p), shown, fmt(p.get("output_tok_per_s"), 0) if ok else "-",
+                key["label"], label, status_cell(p), shown, fmt(p.get("output_tok_per_s"), 0) if ok else "-",
                 fmt(p.get("steady_tok_per_s"), 0) if ok else "-",
                 fmt(p.get("mean_running"), 0) if ok else "-",
                 f"{share:.0%}" if ok and share is not None else "-",
-                point_ratio(p, point_at(stock_here, n) if stock_here else None),
-                point_ratio(p, point_at(base_here, n) if base_here else None), ttft,
+                point_ratio(p, point_at(stock_here, key)), point_ratio(p, point_at(base_here, key)), ttft,
                 fmt(p.get("latency_mean_s")) if ok else "-",
                 f"{p['slo_attainment']:.0%}" if ok else "-"]) + " |")
     return lines
 
 
+def n_series(results: dict) -> list[dict]:
+    """The points that differ only in n (those with the first point's rate,
+    alpha and targets), by n."""
+    keys = point_keys(results)
+    same = [k for k in keys if all(k.get(f) == keys[0].get(f) for f in ("rate", "alpha", "targets"))]
+    return sorted(same, key=lambda k: k["n"])
+
+
 def summary(results: dict) -> list[str]:
     """The headline ratios: each plugin system vs best stock and vs base at each
-    n, and its throughput at the largest n vs the smallest."""
-    ns = results["config"]["n"]
+    point, and its throughput at the largest n vs the smallest."""
     lines = []
+    series = n_series(results)
     for s in results["systems"]:
         if not s["system"].startswith("slora"):
             continue
         parts = []
-        for n in ns:
-            p = point_at(s, n)
-            best, base = best_stock(results, n, call_of(s)), base_system(results, call_of(s))
-            parts.append(f"n={n}: vs stock {point_ratio(p, point_at(best, n) if best else None)}, "
-                         f"vs base {point_ratio(p, point_at(base, n) if base else None)}")
-        if len(ns) > 1:
-            scale = point_ratio(point_at(s, max(ns)), point_at(s, min(ns)))
-            parts.append(f"n={max(ns)} vs n={min(ns)}: {scale}")
+        for key in point_keys(results):
+            p = point_at(s, key)
+            best, base = best_stock(results, key, call_of(s)), base_system(results, call_of(s))
+            parts.append(f"{key['label']}: vs stock {point_ratio(p, point_at(best, key))}, "
+                         f"vs base {point_ratio(p, point_at(base, key))}")
+        if len(series) > 1:
+            scale = point_ratio(point_at(s, series[-1]), point_at(s, series[0]))
+            parts.append(f"n={series[-1]['n']} vs n={series[0]['n']}: {scale}")
         lines.append(f"- **{named(results, s)}**: " + "; ".join(parts))
     return lines
 
 
 def step_rows(results: dict, line=steplog.line) -> list[str]:
     """One row (``line``) per measured point that has a step log."""
-    rows = []
-    for i, n in enumerate(results["config"]["n"]):
+    rows, bases = [], set()
+    for key in point_keys(results):
         for s in results["systems"]:
-            p = point_at(s, n)
-            if p and p.get("steps") and (i == 0 or s["system"] != "base"):  # base: one point
-                row = line(f"n={n} {named(results, s)}", p["steps"])
+            p = point_at(s, key)
+            if s["system"] == "base":  # base: once per point of its own
+                if (key["base"], call_of(s)) in bases:
+                    continue
+                bases.add((key["base"], call_of(s)))
+            if p and p.get("steps"):
+                row = line(f"{key['label']} {named(results, s)}", p["steps"])
                 if row:
                     rows.append(row)
     return rows
@@ -223,7 +254,11 @@ def markdown(results: dict, stem: str) -> str:
            f"Reproduce: `{results['command']}`", "",
            f"- when: {results['created']}; device: {results.get('device') or '?'}; "
            f"versions: {', '.join(f'{k} {v}' for k, v in (results.get('versions') or {}).items())}",
-           f"- workload: {wl['num_requests']} requests per measurement, ranks {wl['ranks']} on "
+           f"- workload: " + (f"{wl['num_requests']} requests per measurement" if wl.get("num_requests")
+                              else f"{wl['duration_s']:g} s of arrivals per point (requests = rate x "
+                                   f"duration), then " + (f"at most {wl['drain_s']:g} s for those in flight"
+                                                           if wl.get("drain_s") is not None else "to completion"))
+           + f", ranks {wl['ranks']} on "
            f"{wl['targets']}, alpha {wl['alpha']} (S-LoRA's power law: 1 = uniform), input "
            f"{wl['input_range']}, output {wl['output_range']} tokens (ignore_eos), seed {wl['seed']}"
            + (f", arrivals Gamma rate {wl['rate']}/s cv {wl['cv']}" if cfg["mode"] == "online" else
@@ -237,6 +272,13 @@ def markdown(results: dict, stem: str) -> str:
         out += [f"- {call_labels(results)[c['id']]}: {c['id']} on {c.get('device') or '?'}: "
                 f"`{c['command']}`" for c in results["calls"]]
     out += ["", "## Plugin vs stock and base", ""] + (summary(results) or ["- no plugin system in this run"])
+    xc = cross_check_lines(results)
+    if xc:
+        out += ["", "## Cross-check: vLLM's own client against the same server", "",
+                "The same server, right after our client's point: `vllm bench serve` with its random "
+                "dataset (the same length ranges), Poisson arrivals at the same rate, as many requests, "
+                "an adapter per request drawn uniformly among the point's n (folders of their own "
+                "names: cold too).", ""] + xc
     steps = step_rows(results)
     if steps:
         out += ["", "## Steps in the steady window (engine core's step log, `benchmarks/steplog.py`)", "",
@@ -260,7 +302,10 @@ def markdown(results: dict, stem: str) -> str:
 
 
 def plots(results: dict, out_dir: Path, stem: str) -> tuple[list[str], str | None]:
-    """Write the PNGs; return their file names (or a note why there are none)."""
+    """Write the PNGs; return their file names (or a note why there are none):
+    throughput vs n (when the run has several n), SLO attainment and achieved
+    throughput vs arrival rate (online, when it has several rates), and the
+    first-token latency CDF of every point."""
     try:
         import matplotlib
 
@@ -269,63 +314,130 @@ def plots(results: dict, out_dir: Path, stem: str) -> tuple[list[str], str | Non
     except ImportError:
         return [], (f"No plots: matplotlib is not installed here; render them with "
                     f"`python -m benchmarks.report {stem}.json`.")
-    ns = results["config"]["n"]
     names = []
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     color = {s["label"]: ("black" if s["system"] == "base" else cycle[i % len(cycle)])
              for i, s in enumerate(results["systems"])}
+    style = (lambda s: {"base": ":", "stock": "--"}.get(s["system"], "-"))
+    title = f"{results['config']['arch']}, {results['config']['mode']} ({results.get('device') or '?'})"
 
-    # One unit for every curve: steady tok/s where every measured point has it.
-    measured = [point_at(s, n) for s in results["systems"] for n in ns
-                if ok_rate(point_at(s, n)) is not None]
-    steady = bool(measured) and all(p.get("steady_tok_per_s") for p in measured)
-    rate = (lambda p: p["steady_tok_per_s"]) if steady else (lambda p: p["req_per_s"])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for s in results["systems"]:
-        xs = [n for n in ns if ok_rate(point_at(s, n)) is not None
-              and (steady or point_at(s, n)["status"] == "ok")]
-        ys = [rate(point_at(s, n)) for n in xs]
-        if not xs:
-            continue
-        style = {"base": ":", "stock": "--"}.get(s["system"], "-")
-        ax.plot(xs, ys, style, color=color[s["label"]], marker="o", label=named(results, s))
-    ax.set_xscale("log")
-    ax.set_xticks(ns, [str(n) for n in ns])
-    ax.minorticks_off()
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("number of adapters (n)")
-    ax.set_ylabel("steady-state output tokens/s" if steady else "throughput (req/s)")
-    ax.set_title(f"{results['config']['arch']}, {results['config']['mode']} ({results.get('device') or '?'})")
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / f"{stem}-throughput.png", dpi=110)
-    plt.close(fig)
-    names.append(f"{stem}-throughput.png")
+    def finish(fig, ax, name):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
 
-    fig, axes = plt.subplots(1, len(ns), figsize=(4.2 * len(ns), 3.8), squeeze=False)
-    for ax, n in zip(axes[0], ns):
+    series = n_series(results)
+    if len({k["n"] for k in series}) > 1:
+        # One unit for every curve: steady tok/s where every measured point has it.
+        measured = [point_at(s, k) for s in results["systems"] for k in series if ok_rate(point_at(s, k))]
+        steady = bool(measured) and all(p.get("steady_tok_per_s") for p in measured)
+        achieved = not steady and bool(measured) and all(p.get("achieved_tok_per_s") for p in measured)
+        unit = ("steady-state output tokens/s" if steady else
+                "achieved output tokens/s" if achieved else "throughput (req/s)")
+        fig, ax = plt.subplots(figsize=(7, 4.5))
         for s in results["systems"]:
-            p = point_at(s, n)
-            if not p or p.get("status") != "ok" or not p.get("ttft_s"):
+            keys = [k for k in series if ok_rate(point_at(s, k)) is not None
+                    and (steady or achieved or point_at(s, k)["status"] == "ok")]
+            if keys:
+                ax.plot([k["n"] for k in keys], [ok_rate(point_at(s, k)) if steady or achieved
+                                                 else point_at(s, k)["req_per_s"] for k in keys],
+                        style(s), color=color[s["label"]], marker="o", label=named(results, s))
+        ns = sorted({k["n"] for k in series})
+        ax.set_xscale("log")
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.minorticks_off()
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("number of adapters (n)")
+        ax.set_ylabel(unit)
+        ax.set_title(title + (f", {series[0]['label'].split(' ', 1)[1]}" if " " in series[0]["label"] else ""))
+        ax.grid(True, alpha=0.3)
+        finish(fig, ax, f"{stem}-throughput.png")
+
+    for key_n, keys in rate_series(results).items():
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for s in results["systems"]:
+            got = [(k["rate"], point_at(s, k)) for k in keys]
+            got = [(r, p) for r, p in got if p and p.get("status") in ("ok", "window") and p.get("requests")]
+            if not got:
+                continue
+            kw = dict(color=color[s["label"]], marker="o", label=named(results, s))
+            a1.plot([r for r, _ in got], [p["slo_attainment"] for _, p in got], style(s), **kw)
+            a2.plot([r for r, _ in got], [p.get("achieved_tok_per_s") or p["output_tok_per_s"] for _, p in got],
+                    style(s), **kw)
+        slo = results["config"]["slo_ttft_s"]
+        a1.set_ylabel(f"SLO attainment (first token within {slo:g} s)")
+        a1.set_ylim(0, 1.02)
+        a2.set_ylabel("achieved output tokens/s")
+        a2.set_ylim(bottom=0)
+        for ax in (a1, a2):
+            ax.set_xlabel("arrival rate (requests/s)")
+            ax.grid(True, alpha=0.3)
+        a1.set_title(f"{title}, {key_n}")
+        finish(fig, a2, f"{stem}-vs-rate{'' if len(rate_series(results)) == 1 else '-' + slug(key_n)}.png")
+
+    keys = point_keys(results)[:8]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for s in results["systems"]:
+            p = point_at(s, key)
+            # Offline, a point cut at its window has the latencies of its finished requests only.
+            shown = ("ok", "window") if p and p.get("achieved_tok_per_s") else ("ok",)
+            if not p or p.get("status") not in shown or not p.get("ttft_s"):
                 continue
             xs = sorted(p["ttft_s"])
             ax.step(xs, [(i + 1) / p["requests"] for i in range(len(xs))], where="post", label=s["label"],
                     color=color[s["label"]])
         ax.axvline(results["config"]["slo_ttft_s"], color="grey", lw=0.8, ls=":")
-        ax.set_title(f"n = {n}")
+        ax.set_title(key["label"], fontsize=9)
         ax.set_xlabel("first-token latency (s)")
         ax.set_ylim(0, 1.02)
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("share of requests")
-    if axes[0][-1].get_legend_handles_labels()[0]:
-        axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / f"{stem}-ttft-cdf.png", dpi=110)
-    plt.close(fig)
-    names.append(f"{stem}-ttft-cdf.png")
+    finish(fig, axes[0][-1], f"{stem}-ttft-cdf.png")
     return names, None
+
+
+def rate_series(results: dict) -> dict[str, list[dict]]:
+    """Online points that differ only in their arrival rate, by what they share
+    (n, alpha, targets), for those with several rates."""
+    groups: dict[str, list[dict]] = {}
+    for k in point_keys(results):
+        if k.get("rate") is not None:
+            shared = " ".join(part for part in k["label"].split() if not part.startswith("rate="))
+            groups.setdefault(shared, []).append(k)
+    return {g: sorted(ks, key=lambda k: k["rate"]) for g, ks in groups.items() if len(ks) > 1}
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c == "." else "-" for c in text).replace("--", "-")
+
+
+def cross_check_lines(results: dict) -> list[str]:
+    """Our client and ``vllm bench serve`` at one point, against the same server."""
+    lines = []
+    for s in results["systems"]:
+        xc = s.get("cross_check")
+        if not xc:
+            continue
+        lines += [f"### {named(results, s)} at {xc['point']}", "",
+                  "| client | finished | req/s | out tok/s | TTFT p50/p90/p99 (s) | mean lat (s) | SLO |",
+                  "|---|---|---|---|---|---|---|"]
+        for who, f in (("ours (`benchmarks/online.py`)", xc.get("ours")),
+                       ("`vllm bench serve`", xc.get("vllm_bench_serve"))):
+            if not f:
+                lines.append(f"| {who} | - | - | - | - | - | - |")
+                continue
+            slo = f.get("slo_attainment")
+            lines.append(f"| {who} | {f.get('finished')}/{f.get('requests')} | {fmt(f.get('req_per_s'))} | "
+                         f"{fmt(f.get('output_tok_per_s'), 0)} | "
+                         + "/".join(fmt(f.get(k)) for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s"))
+                         + f" | {fmt(f.get('latency_mean_s'))} | {'-' if slo is None else f'{slo:.0%}'} |")
+        lines += ["", f"vLLM's client: `{xc['command']}`" + (f" ({xc['error']})" if xc.get("error") else ""),
+                  ""]
+    return lines
 
 
 def render(json_path: Path) -> str:

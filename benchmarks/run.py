@@ -51,20 +51,24 @@ from benchmarks.adapter_pool import adapter_bytes, make_folders
 from benchmarks.metrics import not_run
 from benchmarks.offline import error_line
 from benchmarks.systems import ORDER, PLUGIN_VARS, configs, describe, engine_kwargs
-from benchmarks.workload import TARGETS, WorkloadSpec, generate, write_trace
+from benchmarks.workload import TARGETS, WorkloadSpec, generate, read_trace, write_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_SYSTEMS = list(ORDER)  # by importance (systems.ORDER)
 # Start-up grace after a configuration's share: engine shutdown, abort of a stopped measurement.
 GRACE_S = 30
+# Set by SIGTERM (a device call's timeout): the run ends its engine and writes
+# what it measured so far, the configuration in progress included.
+STOPPED = []
 
 DEFAULTS = dict(
     mode="offline", arch="llama-2-7b", n=[5, 100, 1000, 2000], requests=160, systems=ALL_SYSTEMS,
-    stock_max_loras=[16, 64], ranks=[8, 16, 32, 64], targets="attn", alpha=1.0, rate=6.0, cv=1.0,
+    stock_max_loras=[16, 64], ranks=[8, 16, 32, 64], targets=["attn"], alpha=[1.0], rate=[6.0], cv=1.0,
     input_range=[8, 512], output_range=[8, 512], seed=0, pool=8, host_lora_cache_gb=32.0,
     slo_ttft_s=6.0, budget_s=None, est_start_s=100.0, est_point_s=30.0, min_point_s=5.0, eager=False,
     max_num_seqs=None, gpu_memory_utilization=None, warmup=True, tensor_parallel_size=None,
-    max_capture_size=None, capture_sizes=None, window_s=None,
+    max_capture_size=None, capture_sizes=None, window_s=None, duration_s=None, drain_s=None,
+    cross_check=[], extra_points=[],
 )
 PRESETS = {
     # As users run vLLM: compiled, CUDA graphs on, 1,000 requests per point
@@ -72,20 +76,49 @@ PRESETS = {
     # engine takes 100-150 s to start on an H200: split long tables over
     # device calls (--systems / --n subsets, report --merge).
     "headline": dict(DEFAULTS, requests=1000),
-    # Online: fewer configurations (the ablations are throughput questions)
-    # and fewer requests, since each measurement lasts requests / rate.
-    "headline-online": dict(DEFAULTS, mode="online", requests=96, rate=6.0,
+    # Online (S-LoRA's latency figures): n = 1000 at arrival rates up to
+    # past saturation, each point 12 s of arrivals and at most 8 s more for
+    # the requests in flight (the rest count as SLO misses); fewer
+    # configurations (the ablations are throughput questions).
+    "headline-online": dict(DEFAULTS, mode="online", n=[1000], rate=[4.0, 8.0, 16.0, 32.0],
+                            duration_s=12.0, drain_s=8.0, stock_max_loras=[64],
                             systems=["base", "slora", "stock"]),
     # CPU (the test suite's run): tiny model, short requests.
     "tiny": dict(DEFAULTS, arch="tiny", n=[2, 5], requests=16, systems=["base", "stock"],
                  stock_max_loras=[4], ranks=[8, 16], input_range=[8, 32], output_range=[4, 16],
-                 pool=2, budget_s=900.0, est_start_s=60.0, est_point_s=2.0, min_point_s=2.0, rate=8.0,
+                 pool=2, budget_s=900.0, est_start_s=60.0, est_point_s=2.0, min_point_s=2.0, rate=[8.0],
                  slo_ttft_s=5.0, eager=True),
 }
 
 
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def extra_points(text: str) -> list[dict]:
+    """'n=2000 alpha=0.5;n=1000 targets=all' -> [{'n': 2000, 'alpha': 0.5}, ...]"""
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(";"))):
+        fields = dict(kv.split("=", 1) for kv in item.replace("/s", "").split())
+        unknown = set(fields) - {"n", "rate", "alpha", "targets"}
+        if "n" not in fields or unknown:
+            raise argparse.ArgumentTypeError(f"extra point {item!r}: needs n=N, may have rate, alpha, targets")
+        if fields.get("targets", "attn") not in TARGETS:
+            raise argparse.ArgumentTypeError(f"extra point {item!r}: targets one of {', '.join(TARGETS)}")
+        out.append({k: (int(v) if k == "n" else v if k == "targets" else float(v)) for k, v in fields.items()})
+    return out
+
+
+def targets_list(text: str) -> list[str]:
+    found = [t for t in text.split(",") if t]
+    unknown = [t for t in found if t not in TARGETS]
+    if unknown or not found:
+        raise argparse.ArgumentTypeError(f"unknown targets {','.join(unknown)}; known: {','.join(TARGETS)}")
+    return found
 
 
 def parse(argv) -> tuple[argparse.Namespace, dict]:
@@ -99,9 +132,26 @@ def parse(argv) -> tuple[argparse.Namespace, dict]:
     p.add_argument("--systems", type=lambda s: s.split(","), help=",".join(ALL_SYSTEMS))
     p.add_argument("--stock-max-loras", type=ints, help="max_loras values tried for stock")
     p.add_argument("--ranks", type=ints)
-    p.add_argument("--targets", choices=TARGETS, help="attn: q,k,v,o; all: the seven projections")
-    p.add_argument("--alpha", type=float, help="popularity power law (S-LoRA's: 1 = uniform, <1 skewed)")
-    p.add_argument("--rate", type=float, help="arrivals per second (online)")
+    p.add_argument("--targets", type=targets_list,
+                   help="attn: q,k,v,o; all: the seven projections; a list adds a point per value")
+    p.add_argument("--alpha", type=floats,
+                   help="popularity power law (S-LoRA's: 1 = uniform, <1 skewed); a list adds a "
+                        "point per value")
+    p.add_argument("--rate", type=floats, help="arrivals per second (online); a list adds a point per value")
+    p.add_argument("--duration-s", type=float,
+                   help="online: seconds of arrivals per point (requests = rate x duration, "
+                        "instead of --requests)")
+    p.add_argument("--drain-s", type=float,
+                   help="online: after a point's last arrival, wait at most this long for the "
+                        "requests in flight; those unfinished count as SLO misses (default: to completion)")
+    p.add_argument("--extra-points", type=extra_points,
+                   help="points beside the grid, ';'-separated, each 'n=N [rate=R] [alpha=A] "
+                        "[targets=T]' (the rest as the grid's first), e.g. "
+                        "'n=2000 alpha=0.5;n=1000 targets=all'")
+    p.add_argument("--cross-check", type=lambda s: s.split(","),
+                   help="online: for these systems, also run vLLM's own client (`vllm bench serve`, "
+                        "random dataset, random adapter per request) against the same server at "
+                        "the first point's n, rate and lengths, and report both clients' figures")
     p.add_argument("--cv", type=float, help="coefficient of variation of inter-arrival times")
     p.add_argument("--input-range", type=ints, help="Il,Iu")
     p.add_argument("--output-range", type=ints, help="Ol,Ou")
@@ -158,34 +208,96 @@ def make_model(root: Path, arch: str) -> tuple[Path, bool]:
     return make_llama_config(path, arch), True
 
 
+def point_label(n: int, rate: float | None, alpha: float, targets: str) -> str:
+    """A point's name: n, plus the rate (online) and whatever differs from
+    S-LoRA's default workload (uniform popularity, q,k,v,o)."""
+    parts = [f"n={n}"] + ([f"rate={rate:g}/s"] if rate is not None else [])
+    parts += [f"alpha={alpha:g}"] if alpha != 1.0 else []
+    parts += [f"targets={targets}"] if targets != "attn" else []
+    return " ".join(parts)
+
+
+def label_slug(label: str) -> str:
+    """'n=1000 rate=8/s' -> 'n1000-rate8': file and adapter-name prefix."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", label.replace("=", "").replace("/s", "")).strip("-")
+
+
+def point_grid(cfg: dict) -> list[dict]:
+    """Every point of a run: n x rate (online only) x alpha x targets."""
+    rates = cfg["rate"] if cfg["mode"] == "online" else [None]
+    grid = [dict(n=n, rate=rate, alpha=alpha, targets=targets)
+            for targets in cfg["targets"] for alpha in cfg["alpha"] for rate in rates for n in cfg["n"]]
+    first = dict(rate=rates[0], alpha=cfg["alpha"][0], targets=cfg["targets"][0])
+    extra = [first | e | ({} if cfg["mode"] == "online" else {"rate": None}) for e in cfg["extra_points"]]
+    points = {}
+    for pt in grid + extra:
+        label = point_label(pt["n"], pt["rate"], pt["alpha"], pt["targets"])
+        points.setdefault(label, dict(pt, label=label))
+    return list(points.values())
+
+
+def requests_at(cfg: dict, rate: float | None) -> int:
+    if cfg["mode"] == "online" and cfg["duration_s"] and rate:
+        return max(1, round(rate * cfg["duration_s"]))
+    return cfg["requests"]
+
+
 def prepare(cfg: dict, workdir: Path, run_dir: Path) -> dict:
-    """Model, traces (one per n, plus base's) and adapter folders."""
-    root = workdir / f"{cfg['arch']}-{cfg['targets']}"
-    model, dummy = make_model(root, cfg["arch"])
+    """Model, traces (one per point, plus base's: one per arrival rate) and
+    adapter folders. Offline, every point of one n replays adapters of the
+    same names (LoRA ids are fresh per measurement); online, each point has
+    folders of its own names (the server registers an adapter by name on its
+    first request), so that every point starts with cold adapter caches."""
+    model, dummy = make_model(workdir / cfg["arch"], cfg["arch"])
     mconf = json.loads((model / "config.json").read_text())
-    common = dict(num_requests=cfg["requests"], ranks=tuple(cfg["ranks"]), targets=cfg["targets"],
-                  alpha=cfg["alpha"], rate=cfg["rate"], cv=cfg["cv"], input_range=tuple(cfg["input_range"]),
-                  output_range=tuple(cfg["output_range"]), vocab_size=mconf["vocab_size"], seed=cfg["seed"])
-    adapters_root = root / f"adapters-s{cfg['seed']}-r{'-'.join(map(str, cfg['ranks']))}-p{cfg['pool']}"
-    points, folders = [], {}
-    for n in cfg["n"]:
-        trace = generate(WorkloadSpec(n_adapters=n, **common))
-        path = write_trace(run_dir / "traces" / f"n{n}.jsonl", trace)
-        points.append({"n": n, "label": f"n={n}", "trace": str(path), "prefix": f"n{n}-",
-                       "adapters_root": str(adapters_root), "requests": len(trace.requests)})
-        folders |= {f"n{n}-{a.name}": a.rank for a in trace.adapters}
-    base_trace = write_trace(run_dir / "traces" / "base.jsonl", trace.without_adapters())
-    warmup = {f"warmup-r{r}": r for r in sorted(set(cfg["ranks"]))}
+    if cfg["mode"] == "online":
+        from vllm_slora.testing.models import make_word_tokenizer
+
+        make_word_tokenizer(model, mconf["vocab_size"])  # for `vllm bench serve`; servers detokenize
+    online = cfg["mode"] == "online"
+    points, base_points, made = [], {}, {}
+    # One folder of adapter folders for every point (vLLM's filesystem resolver reads one).
+    root = workdir / cfg["arch"] / f"adapters-s{cfg['seed']}-r{'-'.join(map(str, cfg['ranks']))}-p{cfg['pool']}"
+    folders: dict[str, dict[str, int]] = {}
     start = time.time()
-    made = make_folders(adapters_root, model, folders | warmup, TARGETS[cfg["targets"]], cfg["pool"], cfg["seed"])
-    biggest = adapter_bytes(mconf, max(cfg["ranks"]), TARGETS[cfg["targets"]])
-    return dict(model=model, dummy=dummy, mconf=mconf, points=points,
-                base_point={"n": 0, "label": "base", "trace": str(base_trace), "prefix": "",
-                            "adapters_root": str(adapters_root), "requests": cfg["requests"]},
-                warmup_adapters=[str(made[k]) for k in warmup], adapters_root=adapters_root,
+    grid = point_grid(cfg)
+    several_rates = len({pt["rate"] for pt in grid}) > 1
+    for pt in grid:
+        rate = pt["rate"] if online else cfg["rate"][0]
+        spec = WorkloadSpec(n_adapters=pt["n"], num_requests=requests_at(cfg, pt["rate"]),
+                            ranks=tuple(cfg["ranks"]), targets=pt["targets"], alpha=pt["alpha"], rate=rate,
+                            cv=cfg["cv"], input_range=tuple(cfg["input_range"]),
+                            output_range=tuple(cfg["output_range"]), vocab_size=mconf["vocab_size"],
+                            seed=cfg["seed"])
+        trace = generate(spec)
+        slug = label_slug(pt["label"])
+        prefix = f"{slug}-" if online else f"n{pt['n']}-" + ("" if pt["targets"] == "attn" else f"{pt['targets']}-")
+        base_label = f"base rate={rate:g}/s" if online and several_rates else "base"
+        if base_label not in base_points:
+            path = write_trace(run_dir / "traces" / f"{label_slug(base_label)}.jsonl", trace.without_adapters())
+            base_points[base_label] = {"n": 0, "label": base_label, "rate": pt["rate"], "trace": str(path),
+                                       "prefix": "", "adapters_root": str(root),
+                                       "requests": len(trace.requests)}
+        path = write_trace(run_dir / "traces" / f"{slug}.jsonl", trace)
+        points.append(dict(pt, trace=str(path), prefix=prefix, base=base_label, requests=len(trace.requests),
+                           adapters_root=str(root)))
+        folders.setdefault(pt["targets"], {}).update({prefix + a.name: a.rank for a in trace.adapters})
+    if online and cfg["cross_check"]:  # vLLM's client at the first point: folders of their own names
+        first = points[0]
+        folders[first["targets"]] |= {f"xc-{first['prefix']}{a.name}": a.rank
+                                      for a in read_trace(first["trace"]).adapters}
+    warmup = {f"warmup-r{r}": r for r in sorted(set(cfg["ranks"]))}
+    for targets, names in folders.items():
+        made |= make_folders(root, model, names | warmup, TARGETS[targets],
+                             cfg["pool"], cfg["seed"])
+    widest = max(folders, key=lambda t: len(TARGETS[t]))
+    biggest = adapter_bytes(mconf, max(cfg["ranks"]), TARGETS[widest])
+    most = max(p["n"] for p in points)
+    return dict(model=model, dummy=dummy, mconf=mconf, points=points, base_points=list(base_points.values()),
+                warmup_adapters=[str(made[k]) for k in warmup],
+                adapters_root=root,
                 adapters_s=time.time() - start, adapter_bytes_max=biggest,
-                max_cpu_loras=max(1, min(max(cfg["n"]) + len(warmup),
-                                         int(cfg["host_lora_cache_gb"] * 2**30 // biggest))))
+                max_cpu_loras=max(1, min(most + len(warmup), int(cfg["host_lora_cache_gb"] * 2**30 // biggest))))
 
 
 def child_pythonpath(workdir: Path) -> tuple[str, str | None]:
@@ -290,14 +402,16 @@ class Child:
         spec_path.write_text(json.dumps(dict(
             label=config.label, env=config.env, engine_kwargs=kwargs, deadline=deadline, points=points,
             min_point_s=cfg["min_point_s"], slo_ttft_s=cfg["slo_ttft_s"], warmup=cfg["warmup"],
-            window_s=cfg["window_s"],
+            window_s=cfg["window_s"], drain_s=cfg["drain_s"],
+            cross_check=config.system in cfg["cross_check"], input_range=cfg["input_range"],
+            output_range=cfg["output_range"], seed=cfg["seed"],
             warmup_prompt_len=min(64, cfg["input_range"][1]),
             warmup_adapters=[] if config.system == "base" else prep["warmup_adapters"],
             server_log=str(self.server_log), step_log=str(self.step_log))))
         self.events_path.write_text("")
         self.ready: dict = {}
         self.results: dict[str, dict] = {}
-        self.error, self.current, self.killed = None, None, False
+        self.error, self.current, self.killed, self.cross_check = None, None, False, None
         self.spawned = time.time()
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
@@ -332,9 +446,11 @@ class Child:
                         bar.refresh()
                     elif ev["ev"] == "error":
                         self.error = ev["error"]
+                    elif ev["ev"] == "cross_check":
+                        self.cross_check = ev["result"]
                 if exited:
                     break
-                if time.time() > self.deadline + GRACE_S:
+                if time.time() > self.deadline + GRACE_S or STOPPED:
                     self.killed = True
                     break
                 time.sleep(0.5)
@@ -363,12 +479,16 @@ def run_config(config, kwargs: dict, points: list[dict], cfg: dict, prep: dict, 
     record = dict(system=config.system, label=config.label, env=config.env, engine_kwargs=kwargs,
                   command=describe(config, kwargs), status="ok", error=child.error, start_s=None,
                   log=str(child.log), wall_s=round(time.time() - child.spawned, 1)) | child.ready
+    if child.cross_check:
+        record["cross_check"] = child.cross_check
     code = child.proc.returncode
     if is_generic(record["error"]) and (code or record["error"]):
         record["error"] = child.root_cause() or record["error"]
     started = record["start_s"] is not None
     if not started:
-        if child.killed or "time share" in (record["error"] or ""):
+        if STOPPED:
+            record["status"], note = "skipped", "stopped from outside (SIGTERM) during start-up"
+        elif child.killed or "time share" in (record["error"] or ""):
             record["status"], note = "start-up too slow", f"not up within its {share:.0f} s share"
         else:
             record["status"], note = "start-up failed", record["error"] or f"exit code {code}"
@@ -382,8 +502,9 @@ def run_config(config, kwargs: dict, points: list[dict], cfg: dict, prep: dict, 
             if not started:
                 result = not_run(record["status"], p["requests"], note)
             elif child.killed:
-                result = (not_run("too slow", p["requests"], "killed after its time share")
-                          if p["label"] == child.current else not_run("skipped", p["requests"], "time budget"))
+                why = "stopped from outside (SIGTERM)" if STOPPED else "killed after its time share"
+                result = (not_run("too slow", p["requests"], why) if p["label"] == child.current
+                          else not_run("skipped", p["requests"], "stopped from outside" if STOPPED else "time budget"))
             else:
                 result = not_run("failed", p["requests"], record["error"] or "engine exited")
         elif result["status"] == "failed" and is_generic(result.get("note")):
@@ -429,7 +550,9 @@ def results_json(name, argv, cfg, workdir, prep, common, records, warnings, used
         "device": ready.get("device"),
         "versions": ready.get("versions"),
         "config": {**cfg, "workdir": str(workdir)},
-        "workload": {"num_requests": cfg["requests"], "ranks": cfg["ranks"], "targets": cfg["targets"],
+        "workload": {"num_requests": cfg["requests"] if not cfg["duration_s"] else None,
+                     "duration_s": cfg["duration_s"], "drain_s": cfg["drain_s"],
+                     "ranks": cfg["ranks"], "targets": cfg["targets"],
                      "alpha": cfg["alpha"], "rate": cfg["rate"], "cv": cfg["cv"],
                      "input_range": cfg["input_range"], "output_range": cfg["output_range"],
                      "seed": cfg["seed"], "vocab_size": prep["mconf"]["vocab_size"]},
@@ -445,6 +568,8 @@ def results_json(name, argv, cfg, workdir, prep, common, records, warnings, used
                               f"hard links to {cfg['pool']} distinct files per rank (so they sit in the "
                               f"page cache: disk loads are cheaper than with truly distinct adapters); "
                               f"made in {prep['adapters_s']:.0f} s")},
+        "points": [{k: p[k] for k in ("label", "n", "rate", "alpha", "targets", "base", "requests")}
+                   for p in prep["points"]],
         "budget": {"budget_s": cfg["budget_s"], "used_s": round(used_s, 1)},
         "warnings": warnings,
         "systems": records,
@@ -461,7 +586,8 @@ def main(argv=None) -> int:
               f"{cfg['min_point_s']:g}); nothing was started", file=sys.stderr)
         return 2
     end = t0 + cfg["budget_s"] if cfg["budget_s"] is not None else float("inf")
-    name = args.name or f"{args.preset or 'run'}-{cfg['mode']}"
+    stem = args.preset or "run"
+    name = args.name or (stem if stem.endswith(cfg["mode"]) else f"{stem}-{cfg['mode']}")
     run_dir = args.workdir / "runs" / name
     prep = prepare(cfg, args.workdir, run_dir)
     prep["pythonpath"], install_warning = child_pythonpath(args.workdir)
@@ -488,10 +614,16 @@ def main(argv=None) -> int:
                                                      records, warnings, time.time() - t0), indent=1))
 
     def points_of(config):
-        return [prep["base_point"]] if config.system == "base" else prep["points"]
+        return prep["base_points"] if config.system == "base" else prep["points"]
 
+    signal.signal(signal.SIGTERM, lambda *_: STOPPED.append(time.time()))
     for k, config in enumerate(plan):
         kwargs = engine_kwargs(config, **common)
+        if STOPPED:
+            records.append(not_started(config, kwargs, points_of(config), "skipped", "stopped from outside"))
+            continue
+        if cfg["mode"] == "online":  # the servers detokenize, as users run them
+            kwargs.pop("skip_tokenizer_init")
         overhead = max(overheads) if overheads else cfg["est_start_s"]
         needs = [overhead + len(points_of(c)) * cfg["est_point_s"] * (2 if c.system == "stock" else 1)
                  for c in plan[k:]]

@@ -24,7 +24,13 @@
 #   BENCH=... arguments for `python -m benchmarks.run` (the headline workload
 #             with CUDA graphs on), e.g. "--systems base,slora,stock --n 5,1000";
 #             with VLLM_SLORA_STEP_STACKS=1 the engine thread's stacks per point
-#             (bench-logs/*.stacks.txt)
+#             (logs/<run>/*.stacks.txt)
+#   ONLINE=.. arguments for `python -m benchmarks.run --preset headline-online`
+#             (vllm serve + our client, after BENCH; ONLINE_S limits), e.g.
+#             "--systems slora,stock,base --cross-check slora"; BENCH_EXTRA and
+#             ONLINE_EXTRA: their --extra-points (e.g. "n=1000 alpha=0.5;n=1000 targets=all")
+# A run stopped by its stage's timeout (SIGTERM) still writes what it measured.
+# Every run's engine and server logs: logs/<run name>/.
 set -u
 source .gpu/activate.sh
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
@@ -93,13 +99,21 @@ if [ "${TESTS:-1}" = 1 ]; then
 fi
 if [ -n "${BENCH:-}" ]; then
   timeout "$(cap ${BENCH_S:-480})" python3 -m benchmarks.run --preset headline --results-dir $O/results \
-    $BENCH > $O/bench.txt 2>&1
+    $BENCH ${BENCH_EXTRA:+--extra-points "$BENCH_EXTRA"} > $O/bench.txt 2>&1
   echo "bench rc=$? ${SECONDS}s" | tee -a $O/steps.txt
-  cp -r /tmp/slora-bench/runs/*/logs $O/bench-logs 2>/dev/null
-  for f in $O/bench-logs/*.stacks; do  # VLLM_SLORA_STEP_STACKS=1: per point
-    [ -e "$f" ] && python3 -m benchmarks.stacks "$f" --events "${f%.steps.jsonl.stacks}.events.jsonl" \
-      --top 40 > "${f%.steps.jsonl.stacks}.stacks.txt" 2>&1
-  done
 fi
-tail -5 $O/pytest-gpu.txt 2>/dev/null; tail -12 $O/step-time.txt 2>/dev/null; tail -40 $O/bench.txt 2>/dev/null
+if [ -n "${ONLINE:-}" ]; then
+  timeout "$(cap ${ONLINE_S:-560})" python3 -m benchmarks.run --preset headline-online --results-dir $O/results \
+    $ONLINE ${ONLINE_EXTRA:+--extra-points "$ONLINE_EXTRA"} > $O/online.txt 2>&1
+  echo "online rc=$? ${SECONDS}s" | tee -a $O/steps.txt
+fi
+for d in /tmp/slora-bench/runs/*/logs; do  # engine, server and vllm bench serve logs, per run
+  [ -d "$d" ] && mkdir -p $O/logs && cp -r "$d" "$O/logs/$(basename "$(dirname "$d")")"
+done
+for f in $O/logs/*/*.stacks; do  # VLLM_SLORA_STEP_STACKS=1: per point
+  [ -e "$f" ] && python3 -m benchmarks.stacks "$f" --events "${f%.steps.jsonl.stacks}.events.jsonl" \
+    --top 40 > "${f%.steps.jsonl.stacks}.stacks.txt" 2>&1
+done
+tail -5 $O/pytest-gpu.txt 2>/dev/null; tail -12 $O/step-time.txt 2>/dev/null
+for f in $O/bench.txt $O/online.txt; do [ -e $f ] && grep -E "^\| |rc=|skipped|error|Error" $f | tail -40; done
 tar czf $OUT/graphs.tgz -C $O .

@@ -335,12 +335,12 @@ def test_report_ratios_best_stock_and_failures(tmp_path):
     md = report.render(path)
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line
             for line in md.splitlines() if line.startswith("| ")}
-    assert "**best**" in rows[("5", "stock (max_loras=16) **best**")]
-    assert "**best**" in rows[("100", "stock (max_loras=16) **best**")]  # 64 was too slow there
-    assert "| 1.25x | 0.75x |" in rows[("5", "slora")]  # 15 / 12 vs stock, 15 / 20 vs base
-    assert "| 3.00x | 0.60x |" in rows[("100", "slora")]
-    assert "start-up failed: ImportError: no MBGMV" in rows[("100", "slora-bmm")]
-    assert "too slow: 3/10 finished in 3 s | (1.00)" in rows[("100", "stock (max_loras=64)")]
+    assert "**best**" in rows[("n=5", "stock (max_loras=16) **best**")]
+    assert "**best**" in rows[("n=100", "stock (max_loras=16) **best**")]  # 64 was too slow there
+    assert "| 1.25x | 0.75x |" in rows[("n=5", "slora")]  # 15 / 12 vs stock, 15 / 20 vs base
+    assert "| 3.00x | 0.60x |" in rows[("n=100", "slora")]
+    assert "start-up failed: ImportError: no MBGMV" in rows[("n=100", "slora-bmm")]
+    assert "too slow: 3/10 finished in 3 s | (1.00)" in rows[("n=100", "stock (max_loras=64)")]
     assert "n=100 vs n=5: 0.80x" in md
     assert (tmp_path / "t-throughput.png").stat().st_size > 0 and (tmp_path / "t-ttft-cdf.png").exists()
 
@@ -356,13 +356,231 @@ def test_merged_calls_compare_points_of_one_call_only(tmp_path):
         path.write_text(json.dumps(run))
     report.merge(paths, tmp_path / "m.json")
     md = report.render(tmp_path / "m.json")
-    rows = [line for line in md.splitlines() if line.startswith("| B | 5 | slora |")]
+    rows = [line for line in md.splitlines() if line.startswith("| B | n=5 | slora |")]
     assert len(rows) == 1 and "| - | 0.75x |" in rows[0]  # stock is call A's; base also in B
     assert "- A: call-1" in md and "- B: call-2" in md and "slora (call B)" in md
     two["workload"] = dict(two["workload"], seed=1)
     paths[1].write_text(json.dumps(two))
     with pytest.raises(ValueError, match="another workload"):
         report.merge(paths, tmp_path / "bad.json")
+
+
+# --- points and the online client -------------------------------------------
+
+def test_point_grid_names_every_point_and_gives_base_one_per_rate(tmp_path):
+    from benchmarks.run import prepare
+
+    _, cfg = parse(["--preset", "tiny", "--mode", "online", "--n", "2,5", "--rate", "4,16", "--duration-s", "3",
+                    "--alpha", "1,0.5", "--cross-check", "slora"])
+    prep = prepare(cfg, tmp_path / "w", tmp_path / "run")
+    labels = [p["label"] for p in prep["points"]]
+    assert len(labels) == len(set(labels)) == 8
+    assert "n=2 rate=4/s" in labels and "n=5 rate=16/s alpha=0.5" in labels
+    assert [b["label"] for b in prep["base_points"]] == ["base rate=4/s", "base rate=16/s"]
+    prefixes = {p["prefix"] for p in prep["points"]}
+    assert len(prefixes) == 8  # online: every point's adapters have names of their own (cold)
+    for p in prep["points"]:
+        trace = read_trace(p["trace"])
+        assert p["requests"] == len(trace.requests) == round(p["rate"] * 3) and trace.spec.alpha == p["alpha"]
+        base = read_trace(next(b["trace"] for b in prep["base_points"] if b["label"] == p["base"]))
+        assert [(r.arrival_s, r.prompt, r.output_len) for r in base.requests] == \
+            [(r.arrival_s, r.prompt, r.output_len) for r in trace.requests]
+        assert all(r.adapter is None for r in base.requests)
+        for a in trace.adapters:
+            conf = json.loads((prep["adapters_root"] / (p["prefix"] + a.name) / "adapter_config.json").read_text())
+            assert conf["r"] == a.rank
+    first = prep["points"][0]
+    for a in read_trace(first["trace"]).adapters:  # vLLM's client gets folders of its own
+        assert (prep["adapters_root"] / f"xc-{first['prefix']}{a.name}" / "adapter_config.json").exists()
+    from vllm.tokenizers import get_tokenizer
+
+    tok = get_tokenizer(str(prep["model"]))  # what `vllm bench serve` and the servers load
+    ids = [3, 17, prep["mconf"]["vocab_size"] - 1]
+    assert tok(tok.decode(ids)).input_ids == ids and tok.num_special_tokens_to_add() == 0
+
+
+def test_offline_points_of_other_targets_use_their_own_weights(tmp_path):
+    from benchmarks.run import prepare
+
+    _, cfg = parse(["--preset", "tiny", "--n", "2", "--targets", "attn,all", "--alpha", "1,0.5",
+                    "--extra-points", "n=5 targets=all; n=2 alpha=0.5"])  # the second is in the grid
+    prep = prepare(cfg, tmp_path / "w", tmp_path / "run")
+    assert [p["label"] for p in prep["points"]] == ["n=2", "n=2 alpha=0.5", "n=2 targets=all",
+                                                    "n=2 alpha=0.5 targets=all", "n=5 targets=all"]
+    assert [b["label"] for b in prep["base_points"]] == ["base"]
+    sizes = {}
+    for p in prep["points"]:
+        for a in read_trace(p["trace"]).adapters:
+            folder = prep["adapters_root"] / (p["prefix"] + a.name)
+            conf = json.loads((folder / "adapter_config.json").read_text())
+            assert len(conf["target_modules"]) == (7 if p["targets"] == "all" else 4)
+            sizes.setdefault(p["targets"], set()).add((folder / "adapter_model.safetensors").stat().st_size)
+    assert min(sizes["all"]) > max(sizes["attn"])
+
+
+def fake_trace(arrivals, output_lens, rate=4.0):
+    from benchmarks.workload import Request, Trace
+
+    return Trace(spec(n_adapters=0, num_requests=len(arrivals), rate=rate), [],
+                 [Request(i, a, None, [5, 6, 7], k) for i, (a, k) in enumerate(zip(arrivals, output_lens))])
+
+
+def test_extra_points_online_take_the_grid_s_first_values_and_base_per_rate(tmp_path):
+    from benchmarks.run import prepare
+
+    _, cfg = parse(["--preset", "tiny", "--mode", "online", "--n", "2,5", "--rate", "8", "--duration-s", "2",
+                    "--extra-points", "n=5 alpha=0.5;n=5 targets=all;n=2 rate=4"])
+    prep = prepare(cfg, tmp_path / "w", tmp_path / "run")
+    assert [p["label"] for p in prep["points"]] == [
+        "n=2 rate=8/s", "n=5 rate=8/s", "n=5 rate=8/s alpha=0.5", "n=5 rate=8/s targets=all", "n=2 rate=4/s"]
+    assert [p["base"] for p in prep["points"]] == ["base rate=8/s"] * 4 + ["base rate=4/s"]
+    with pytest.raises(SystemExit):
+        parse(["--extra-points", "alpha=0.5"])  # no n
+
+
+def test_online_figures_count_cut_requests_as_misses():
+    from benchmarks.online import online_figures
+
+    trace = fake_trace([0.0, 0.5, 1.0, 1.5], [4, 4, 50, 50])
+    records = [  # sent, first, tokens, error, end
+        {"sent": 0.0, "first": 1.0, "tokens": 4, "error": None, "end": 2.0},
+        {"sent": 0.5, "first": 7.5, "tokens": 4, "error": None, "end": 8.0},  # first token too late
+        {"sent": 1.0, "first": 3.0, "tokens": 9, "error": None, "end": None},  # cut, in time
+        {"sent": 1.5, "first": None, "tokens": 0, "error": None, "end": None},  # cut, never started
+    ]
+    f = online_figures(records, trace, elapsed=10.0, cut="drain", slo_ttft_s=6.0, drain_s=8.0)
+    assert f["status"] == "window" and f["finished"] == 2 and f["unfinished"] == 2
+    assert f["slo_attainment"] == 0.5  # 1 s and 2 s in time; 7 s late; no token at all
+    assert f["output_tokens"] == 17 and f["achieved_tok_per_s"] == 1.7 and f["req_per_s"] == 0.2
+    assert sorted(f["ttft_s"]) == [1.0, 2.0, 7.0] and "2 of 4 unfinished" in f["note"]
+    done = online_figures(records[:2], fake_trace([0.0, 0.5], [4, 4]), 8.0, None, 6.0, None)
+    assert done["status"] == "ok" and done["unfinished"] == 0 and done["note"] is None
+
+
+def test_replay_streams_times_first_tokens_and_cuts_at_the_drain():
+    """Our client against a fake server that streams one token every 50 ms:
+    requests that finish in time are complete, the long one is cut off
+    ``drain_s`` after the last arrival with the tokens it got, and the
+    server's gauges are sampled meanwhile."""
+    import asyncio
+
+    from benchmarks.online import replay
+
+    async def handle(reader, writer):
+        request = await reader.readuntil(b"\r\n\r\n")
+        if request.startswith(b"GET /metrics"):
+            writer.write(b"HTTP/1.1 200 OK\r\n\r\n# HELP x\nvllm:num_requests_running{engine=\"0\"} 3.0\n"
+                         b"vllm:num_requests_waiting{engine=\"0\"} 1.0\nvllm:generation_tokens_total 42.0\n")
+        else:
+            length = int(next(line.split(b":")[1] for line in request.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            body = json.loads(await reader.readexactly(length))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
+            for i in range(body["max_tokens"]):
+                await asyncio.sleep(0.05)
+                writer.write(b"data: " + json.dumps({"choices": [{"token_ids": [i]}]}).encode() + b"\n\n")
+                await writer.drain()
+            writer.write(b"data: [DONE]\n\n")
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        samples = []
+
+        async def on_tick(t):
+            from benchmarks.online import get_metrics
+
+            samples.append((t, *(await get_metrics(port))))
+
+        trace = fake_trace([0.0, 0.1, 0.2], [2, 3, 60])
+        import time as _time
+
+        got = await replay(port, trace, lambda a: "m", _time.time() + 30, lambda ok: None, 0.8, on_tick)
+        server.close()
+        return got, samples
+
+    (records, elapsed, cut), samples = asyncio.run(main())
+    assert cut == "drain" and 0.9 < elapsed < 2.0
+    by_tokens = sorted(records, key=lambda r: r["sent"])
+    assert [r["tokens"] for r in by_tokens[:2]] == [2, 3] and all(r["end"] for r in by_tokens[:2])
+    long = by_tokens[2]
+    assert long["end"] is None and 5 <= long["tokens"] < 60 and 0.04 < long["first"] - long["sent"] < 0.5
+    assert samples and samples[0][1:] == (3.0, 1.0, 42.0)
+
+
+def test_bench_serve_command_and_figures_match_the_point(tmp_path):
+    from benchmarks.online import bench_figures, bench_serve_command
+    from benchmarks.run import prepare
+
+    _, cfg = parse(["--preset", "tiny", "--mode", "online", "--n", "5", "--rate", "4", "--duration-s", "3",
+                    "--cross-check", "slora"])
+    prep = prepare(cfg, tmp_path / "w", tmp_path / "run")
+    point = prep["points"][0]
+    spec_ = {"engine_kwargs": {"model": str(prep["model"])}, "input_range": cfg["input_range"],
+             "output_range": cfg["output_range"], "seed": 0, "slo_ttft_s": 6.0}
+    cmd = bench_serve_command(8000, spec_, point, tmp_path)
+    arg = (lambda flag: cmd[cmd.index(flag) + 1])
+    ratios = json.loads(arg("--random-range-ratio"))
+    for (lo, hi), mid, r in ((cfg["input_range"], int(arg("--random-input-len")), ratios["input"]),
+                             (cfg["output_range"], int(arg("--random-output-len")), ratios["output"])):
+        assert round(mid * (1 - r)) == lo and round(mid * (1 + r)) == hi  # vLLM's sampling bounds
+    assert arg("--num-prompts") == "12" and arg("--request-rate") == "4" and arg("--goodput") == "ttft:6000"
+    names = cmd[cmd.index("--lora-modules") + 1:]
+    assert len(names) == 5 and all((prep["adapters_root"] / n).is_dir() for n in names)
+    raw = {"num_prompts": 12, "completed": 12, "duration": 4.0, "request_throughput": 3.0,
+           "output_throughput": 30.0, "p50_ttft_ms": 100.0, "p90_ttft_ms": 200.0, "p99_ttft_ms": 400.0,
+           "mean_ttft_ms": 150.0, "mean_e2el_ms": 900.0, "request_goodput": 2.25}
+    f = bench_figures(raw, 6.0)
+    assert (f["ttft_p50_s"], f["ttft_p99_s"], f["latency_mean_s"]) == (0.1, 0.4, 0.9)
+    assert f["slo_attainment"] == 0.75 and f["req_per_s"] == 3.0
+
+
+def fake_online_results() -> dict:
+    def point(label, rate, tok_s, slo, status="ok"):
+        return {"label": label, "n": 5, "status": status, "note": None, "requests": 10, "finished": 10,
+                "req_per_s": rate, "output_tok_per_s": tok_s, "achieved_tok_per_s": tok_s,
+                "slo_attainment": slo, "ttft_s": [0.1, 0.2], "ttft_p50_s": 0.1, "ttft_p90_s": 0.2,
+                "ttft_p99_s": 0.2, "latency_mean_s": 1.0, "mean_running": 4.0, "waiting_share": 0.0,
+                "steady_tok_per_s": None}
+
+    keys = [{"label": f"n=5 rate={r}/s", "n": 5, "rate": float(r), "alpha": 1.0, "targets": "attn",
+             "base": f"base rate={r}/s", "requests": 10} for r in (4, 16)]
+    ours = point("n=5 rate=4/s", 4, 100.0, 1.0)
+    systems = [
+        {"system": "base", "label": "base", "error": None,
+         "points": [point("base rate=4/s", 4, 100.0, 1.0), point("base rate=16/s", 16, 400.0, 1.0)]},
+        {"system": "slora", "label": "slora", "error": None,
+         "points": [ours, point("n=5 rate=16/s", 12, 300.0, 0.8, "window")],
+         "cross_check": {"point": "n=5 rate=4/s", "command": "vllm bench serve ...", "error": None,
+                         "ours": ours, "vllm_bench_serve": dict(ours, req_per_s=3.9, slo_attainment=0.9)}},
+        {"system": "stock", "label": "stock (max_loras=4)", "error": None,
+         "points": [point("n=5 rate=4/s", 4, 80.0, 1.0), point("n=5 rate=16/s", 5, 100.0, 0.2, "window")]},
+    ]
+    return {"name": "o", "command": "python -m benchmarks.run --mode online", "created": "now", "device": "cpu",
+            "versions": {}, "engine_note": "eager", "adapters": {"note": "pool"}, "points": keys,
+            "config": {"n": [5], "slo_ttft_s": 6.0, "mode": "online", "arch": "tiny"},
+            "workload": {"num_requests": None, "duration_s": 3.0, "drain_s": 2.0, "ranks": [8],
+                         "targets": ["attn"], "alpha": [1.0], "rate": [4.0, 16.0], "cv": 1.0,
+                         "input_range": [8, 8], "output_range": [8, 8], "seed": 0},
+            "systems": systems}
+
+
+def test_online_report_ratios_by_achieved_throughput_vs_rate_plots_and_cross_check(tmp_path):
+    path = tmp_path / "o.json"
+    path.write_text(json.dumps(fake_online_results()))
+    md = report.render(path)
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line
+            for line in md.splitlines() if line.startswith("| n=")}
+    assert "| 3.00x | 0.75x |" in rows[("n=5 rate=16/s", "slora")]  # 300/100 vs stock, 300/400 vs base
+    assert "| 1.25x | 1.00x |" in rows[("n=5 rate=4/s", "slora")]
+    assert "3 s of arrivals per point" in md and "at most 2 s for those in flight" in md
+    assert "## Cross-check" in md and "| `vllm bench serve` | 10/10 | 3.90 |" in md
+    assert "| 90% |" in md
+    for png in ("o-vs-rate.png", "o-ttft-cdf.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "o-throughput.png").exists()  # one n: no throughput-vs-n plot
 
 
 # --- end to end -------------------------------------------------------------
@@ -389,6 +607,7 @@ def test_tiny_offline_run(tmp_path):
         assert s["start_s"] > 0 and s["versions"]["vllm"].startswith("0.26")
         for p in s["points"]:
             trace = read_trace(traces / ("base.jsonl" if s["system"] == "base" else f"n{p['n']}.jsonl"))
+            assert p["label"] == ("base" if s["system"] == "base" else f"n={p['n']}")
             assert p["status"] == "ok" and p["finished"] == p["requests"] == 16, p
             assert p["req_per_s"] > 0 and p["output_tok_per_s"] > 0
             assert p["output_tokens"] == sum(r.output_len for r in trace.requests)  # ignore_eos honoured
@@ -396,6 +615,6 @@ def test_tiny_offline_run(tmp_path):
     assert [s["label"] for s in results["systems"]] == [c.label for c in configs(systems, [4])]
     assert all(s["wall_s"] >= s["start_s"] for s in results["systems"])
     md = (results_dir / "tiny.md").read_text()
-    assert "| 5 | stock (max_loras=4) **best** | ok |" in md and "| 2 | base | ok |" in md
+    assert "| n=5 | stock (max_loras=4) **best** | ok |" in md and "| n=2 | base | ok |" in md
     for png in ("tiny-throughput.png", "tiny-ttft-cdf.png"):
         assert (results_dir / png).read_bytes()[:4] == b"\x89PNG"

@@ -73,6 +73,28 @@ def make_llama_config(path: str | Path, arch: str = "llama-2-7b", dtype: str = "
     return path
 
 
+def make_word_tokenizer(path: str | Path, vocab_size: int) -> Path:
+    """A tokenizer for models without one (dummy weights, random token ids):
+    token ``i >= 3`` is the word ``t<i>``, 0-2 are <unk>, <s>, </s>; text is
+    the words joined by spaces, so decoding then encoding gives the same ids
+    (what ``vllm bench serve``'s random dataset relies on)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    path = Path(path)
+    if (path / "tokenizer.json").exists():
+        return path
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"t{i}": i for i in range(3, vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # words joined by spaces
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>",
+        "eos_token": "</s>", "model_max_length": 1 << 20}))
+    return path
+
+
 def tiny_weights(config: dict, seed: int) -> dict:
     """Seeded random Llama weights under Hugging Face names."""
     import torch
