@@ -8,6 +8,7 @@ with this plugin not loaded at all.
 
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import dataclass, field
 
@@ -95,7 +96,7 @@ def serve_flags(kwargs: dict) -> list[str]:
             if key == "enable_prefix_caching":
                 args.append("--no-enable-prefix-caching")
         else:
-            args += [flag, str(value)]
+            args += [flag, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
     return args
 
 

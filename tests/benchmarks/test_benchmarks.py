@@ -141,6 +141,14 @@ def test_configs_and_serve_flags():
                                               eager=True, extra={})
 
 
+def test_serve_flags_pass_dicts_as_json():
+    kw = engine_kwargs(Config("base", "base"), model="m", dummy=True, max_lora_rank=8, max_cpu_loras=8,
+                       slora_max_loras=4, max_model_len=64, eager=False,
+                       extra={"compilation_config": {"cudagraph_capture_sizes": [1, 2, 4]}})
+    flags = serve_flags(kw)
+    assert json.loads(flags[flags.index("--compilation-config") + 1]) == {"cudagraph_capture_sizes": [1, 2, 4]}
+
+
 def test_presets_and_overrides():
     _, cfg = parse(["--preset", "headline"])
     assert cfg["n"] == [5, 100, 1000, 2000] and cfg["arch"] == "llama-2-7b" and cfg["mode"] == "offline"
