@@ -23,10 +23,15 @@ What:
   registration) go into the set of requests vLLM finishes with
   ``FINISHED_ERROR`` at the end of the step (``grammar_compile_error_reqs``,
   which vLLM uses for grammars that fail to compile): the request ends with
-  finish reason ``error``, its blocks are freed, the engine goes on.
+  finish reason ``error``, its blocks are freed, the engine goes on;
+- ``Scheduler.update_from_output``: adapters a worker could not page in
+  (``ModelRunnerOutput.slora_faults``, see ``vllm_v1_worker_gpu_worker``) are
+  dropped from the pool and the requests using them join the same set before
+  stock ``update_from_output`` finishes it.
 
 Guard: vLLM 0.26.x; ``KVCacheManager``, ``Scheduler.__init__``,
-``Scheduler.schedule`` and the ``allocate_slots`` parameters used. Goes away
+``Scheduler.schedule``, ``Scheduler.update_from_output`` and the
+``allocate_slots`` parameters used. Goes away
 if vLLM gains a pluggable KV-cache manager and a scheduler-output extension.
 """
 
@@ -78,7 +83,8 @@ def apply() -> None:
     from vllm.v1.core import kv_cache_manager
     from vllm.v1.core.sched import scheduler as sched
 
-    guard(sched, "KVCacheManager", "Scheduler.__init__", "Scheduler.schedule")
+    guard(sched, "KVCacheManager", "Scheduler.__init__", "Scheduler.schedule",
+          "Scheduler.update_from_output")
     params = list(inspect.signature(kv_cache_manager.KVCacheManager.allocate_slots).parameters)
     if params[:2] != ["self", "request"] or "reserved_blocks" not in params:
         raise PatchTargetChanged(
@@ -86,11 +92,12 @@ def apply() -> None:
             f"lack 'request'/'reserved_blocks'; this patch targets vLLM 0.26.0")
 
     from vllm_slora.memory.manager import PagedKVCacheManager
-    from vllm_slora.memory.plan import ATTR
+    from vllm_slora.memory.plan import ATTR, FAULTS_ATTR
 
     sched.KVCacheManager = PagedKVCacheManager
     Scheduler = sched.Scheduler
     stock_init, stock_schedule = Scheduler.__init__, Scheduler.schedule
+    stock_update = Scheduler.update_from_output
 
     @functools.wraps(stock_init)
     def __init__(self, vllm_config, *args, **kwargs):
@@ -130,5 +137,13 @@ def apply() -> None:
             self.grammar_compile_error_reqs.update(self.kv_cache_manager.faults)
         return output
 
+    @functools.wraps(stock_update)
+    def update_from_output(self, scheduler_output, model_runner_output, *args, **kwargs):
+        faults = getattr(model_runner_output, FAULTS_ATTR, None)
+        if faults and self.kv_cache_manager.adapters is not None:
+            self.grammar_compile_error_reqs.update(self.kv_cache_manager.worker_faults(faults))
+        return stock_update(self, scheduler_output, model_runner_output, *args, **kwargs)
+
     Scheduler.__init__ = __init__
     Scheduler.schedule = schedule
+    Scheduler.update_from_output = update_from_output

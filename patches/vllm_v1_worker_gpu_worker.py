@@ -9,18 +9,25 @@ covers every runner.
 
 What: ``Worker.execute_model`` first hands ``scheduler_output.slora`` (if
 present) to the runner's LoRA manager (``PagedLoRAWorkerManager.apply_plan``);
-``Worker.slora_stats`` (new) returns the paging counters, so
-``LLM.collective_rpc("slora_stats")`` reads them without pickled callables.
+``Worker.execute_model`` and ``Worker.sample_tokens`` attach the adapters whose
+upload failed during the step (``PagedLoRAWorkerManager.take_faults``: lora id
+-> cause) to the step's ``ModelRunnerOutput`` as ``.slora_faults`` (a plain
+attribute: it survives the pickling to the engine core; an
+``AsyncModelRunnerOutput`` gets it when its output is taken), where the
+scheduler patch fails those adapters' requests; ``Worker.slora_stats`` (new)
+returns the paging counters, so ``LLM.collective_rpc("slora_stats")`` reads
+them without pickled callables.
 
-Guard: vLLM 0.26.x; ``Worker.execute_model``. Goes away if vLLM gains a
-per-step hook for LoRA managers.
+Guard: vLLM 0.26.x; ``Worker.execute_model``, ``Worker.sample_tokens``,
+``ModelRunnerOutput`` a dataclass without slots. Goes away if vLLM gains a
+per-step hook for LoRA managers and a worker-to-scheduler error channel.
 """
 
 from __future__ import annotations
 
 import functools
 
-from vllm_slora.patches import guard
+from vllm_slora.patches import PatchTargetChanged, guard
 
 TARGET = "vllm.v1.worker.gpu_worker"
 
@@ -28,21 +35,51 @@ TARGET = "vllm.v1.worker.gpu_worker"
 def apply() -> None:
     from vllm.v1.worker import gpu_worker
 
-    guard(gpu_worker, "Worker.execute_model")
-    from vllm_slora.memory.plan import ATTR
+    guard(gpu_worker, "Worker.execute_model", "Worker.sample_tokens")
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    if hasattr(ModelRunnerOutput, "__slots__"):
+        raise PatchTargetChanged("vllm_slora attaches .slora_faults to ModelRunnerOutput, "
+                                 "which has __slots__ in this vLLM")
+    from vllm_slora.memory.plan import ATTR, FAULTS_ATTR
 
     Worker = gpu_worker.Worker
-    stock_execute = Worker.execute_model
+    stock_execute, stock_sample = Worker.execute_model, Worker.sample_tokens
+
+    def with_faults(self, out):
+        take = getattr(getattr(self.model_runner, "lora_manager", None), "take_faults", None)
+        if out is None or take is None:
+            return out  # faults wait for the step's output
+        faults = take()
+        if not faults:
+            return out
+        if isinstance(out, ModelRunnerOutput):
+            setattr(out, FAULTS_ATTR, {**getattr(out, FAULTS_ATTR, {}), **faults})
+        else:  # AsyncModelRunnerOutput: when its output is taken
+            inner = out.get_output
+
+            def get_output():
+                got = inner()
+                setattr(got, FAULTS_ATTR, {**getattr(got, FAULTS_ATTR, {}), **faults})
+                return got
+
+            out.get_output = get_output
+        return out
 
     @functools.wraps(stock_execute)
     def execute_model(self, scheduler_output, *args, **kwargs):
         plan = getattr(scheduler_output, ATTR, None)
         if plan is not None:
             self.model_runner.lora_manager.apply_plan(plan)
-        return stock_execute(self, scheduler_output, *args, **kwargs)
+        return with_faults(self, stock_execute(self, scheduler_output, *args, **kwargs))
+
+    @functools.wraps(stock_sample)
+    def sample_tokens(self, *args, **kwargs):
+        return with_faults(self, stock_sample(self, *args, **kwargs))
 
     def slora_stats(self) -> dict:
         return self.model_runner.lora_manager.stats()
 
     Worker.execute_model = execute_model
+    Worker.sample_tokens = sample_tokens
     Worker.slora_stats = slora_stats

@@ -425,3 +425,32 @@ def test_upload_lanes_end_with_their_uploader(tiny_model, adapters):
     for t in threads:
         t.join(timeout=10)
     assert not any(t.is_alive() for t in threads)
+
+
+def test_failed_upload_gives_its_tokens_no_lora_and_is_reported_once(tiny_model, adapters, tmp_path):
+    """A file that breaks after the scheduler's check: the step that first
+    uses the adapter gives its tokens no LoRA (not rows it never wrote), the
+    cause is reported once for the scheduler, and the other adapter is served."""
+    import shutil
+
+    from vllm_slora.memory.layout import read_adapter_meta
+    from vllm_slora.memory.plan import Evict, Load
+
+    broken = tmp_path / "broken"
+    shutil.copytree(adapters[1], broken)
+    meta = read_adapter_meta(str(broken))  # what the scheduler checked
+    (broken / "adapter_model.safetensors").write_bytes(b"\0" * 64)  # then the file broke
+    pager = make_pager(tiny_model, cpu_attn_kv(2))
+    pager.apply(plan(pager, Load(1, adapters[0], [5, 9, 2, 7]), Load(2, str(broken), list(range(10, 18)), meta)))
+    pager.set_batch(np.array([1, 1, 2, 2, 0]), set())
+    assert pager.batch.lora_ids == [1]
+    token_lora = pager.step.token_lora[:5].tolist()
+    assert token_lora[:2] == [0, 0] and token_lora[2:] == [-1, -1, -1]
+    faults = pager.take_faults()
+    assert list(faults) == [2] and f"adapter '{broken}' could not be paged in" in faults[2]
+    assert pager.take_faults() == {} and pager.counters["upload_faults"] == 1
+    pager.set_batch(np.array([2, 1]), set())  # still no LoRA for it, not reported again
+    assert pager.batch.lora_ids == [1] and pager.take_faults() == {}
+    pager.apply(plan(pager, Evict(2)))  # the scheduler dropped it
+    assert pager.faulted == {} and 2 not in pager.resident
+

@@ -356,3 +356,32 @@ def test_loads_carry_what_the_worker_would_read(tmp_path, tiny_model, variant):
     assert want.scale == {"alpha": 4.0, "rslora": 6.0}.get(variant, 1.0)
     if variant == "q-v":
         assert want.kinds == ("q_proj", "k_proj", "v_proj")
+
+
+def test_worker_fault_frees_the_adapter_and_fails_only_its_requests(tiny_model, adapters):
+    """A worker could not upload adapter 1 (``ModelRunnerOutput.slora_faults``):
+    its blocks go back with an Evict for the workers, its two running
+    requests get the cause, adapter 2's request is untouched, and a later
+    request of adapter 1 pages it in afresh."""
+    from vllm_slora.memory.plan import Evict
+
+    manager = make_manager(64, tiny_model)
+    pool, blocks = manager.adapters, manager.block_pool
+    free0 = blocks.get_num_free_blocks()
+    reqs = [make_request("r1", adapters[1], 1), make_request("r2", adapters[1], 1),
+            make_request("r3", adapters[0], 2)]
+    for r in reqs:
+        assert manager.allocate_slots(r, 20) is not None
+    pool.take_plan([], 2)
+    failed = manager.worker_faults({1: "adapter 'x' could not be paged in: OSError: EIO"})
+    assert failed == {"r1", "r2"} and manager.faults == dict.fromkeys(failed, "adapter 'x' could not "
+                                                                           "be paged in: OSError: EIO")
+    assert 1 not in pool.resident and 2 in pool.resident
+    assert pool.take_plan([], 0).events == [Evict(1)]
+    for r in reqs:  # the scheduler finishes them (error or not): nothing is leaked
+        manager.free(r)
+    assert manager.faults == {} and pool.evict_unreferenced() == 1
+    assert blocks.get_num_free_blocks() == free0
+    again = make_request("r4", adapters[1], 1)
+    assert manager.allocate_slots(again, 20) is not None and 1 in pool.resident
+    assert pool.counters["faults"] == 1 and pool.counters["reloads"] == 1

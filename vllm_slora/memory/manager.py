@@ -14,7 +14,9 @@ step after step).
 
 Faults: an adapter that cannot be paged in (``pool.AdapterFault``: files
 removed, unreadable or replaced by an invalid adapter after registration,
-more blocks than the KV cache has) fails only its request. ``allocate_slots``
+more blocks than the KV cache has) fails only its request; one whose upload
+fails in a worker after these checks (``worker_faults``: a file changed or
+unreadable between the check and the read) fails the requests using it. ``allocate_slots``
 returns ``None`` for it (nothing is taken) and records the cause in
 ``faults``; the scheduler patch finishes such requests with vLLM's
 ``FINISHED_ERROR`` at the end of the step, which frees whatever they hold.
@@ -114,6 +116,18 @@ class PagedKVCacheManager(KVCacheManager):
             return None
         finally:
             pool.unpin(lora_id)
+
+    def worker_faults(self, faults: dict[int, str]) -> set[str]:
+        """Adapters a worker could not page in (lora id -> cause): each is
+        dropped from the pool and the requests using it fail with the cause
+        (returned: the scheduler finishes them with ``FINISHED_ERROR``)."""
+        failed = set()
+        for lora_id, cause in faults.items():
+            using = self.adapters.fault(lora_id)
+            self.faults.update(dict.fromkeys(using, cause))
+            failed |= using
+            logger.error("vllm_slora: %s; failing its %d running request(s)", cause, len(using))
+        return failed
 
     def _allocate_evicting(self, stock, reserved: int, adapter_blocks, required,
                            refused: bool = False):

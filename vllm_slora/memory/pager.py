@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vllm.logger import init_logger
+
 from vllm_slora import metrics
 from vllm_slora.kernels import replay
 from vllm_slora.memory.layout import GROUPS, AdapterMeta, PageGeometry
@@ -27,6 +29,8 @@ from vllm_slora.memory.read_ahead import ReadAhead
 from vllm_slora.memory.step import StepBuffers, StepLimits
 from vllm_slora.memory.uploads import Upload, Uploader
 from vllm_slora.memory.vectors import VectorSpace, vector_capacity
+
+logger = init_logger("vllm.plugins.vllm_slora")
 
 # Elements of each pinned staging buffer of a plan's rows and table entries
 # (8 of 512 KB): a plan of up to ~40 adapters of rank 64 on q,k,v,o of 7B.
@@ -143,7 +147,13 @@ class Pager:
         self.meta: torch.Tensor | None = None
         self.scheduler_stats: dict = {}
         # lora_replays: LoRA calls of eager steps replayed (kernels/replay.py)
-        self.counters = dict(loads=0, evictions=0, pages_written=0, lora_replays=0)
+        self.counters = dict(loads=0, evictions=0, pages_written=0, lora_replays=0, upload_faults=0)
+        # Adapters whose upload failed (a file changed or unreadable after the
+        # scheduler checked it): their tokens get no LoRA until the scheduler
+        # evicts them; the causes wait in ``_reports`` for ``take_faults``,
+        # which the worker sends with its step output.
+        self.faulted: dict[int, str] = {}
+        self._reports: dict[int, str] = {}
         # Engine-thread seconds: applying the scheduler's plans, building
         # step metadata, and, within that, blocked on uploads (file reads
         # not done when the adapter is first used).
@@ -304,16 +314,30 @@ class Pager:
             metrics.observe_load(reserve_s + share)
         pending.clear()
 
-    def _wait_copied(self, res: Resident) -> None:
-        if res.copied is not None:
-            started = time.perf_counter()
+    def _wait_copied(self, res: Resident, lora_id: int) -> None:
+        if res.copied is None:
+            return
+        started = time.perf_counter()
+        try:
             res.copied.wait(self.device)
+        except Exception as e:  # noqa: BLE001 - the adapter's fault, not the engine's
+            cause = f"adapter '{res.path}' could not be paged in: {type(e).__name__}: {e}"
+            self.faulted[lora_id] = self._reports[lora_id] = cause
+            self.counters["upload_faults"] += 1
+            logger.error("vllm_slora: %s; its requests fail", cause)
+        finally:
             res.copied = None
             self._spent("upload_wait_s", started)
 
+    def take_faults(self) -> dict[int, str]:
+        """Adapters whose upload failed since the last call: lora id -> cause."""
+        out, self._reports = self._reports, {}
+        return out
+
     def _evict(self, lora_id: int) -> None:
         res = self.resident.pop(lora_id)
-        self._wait_copied(res)
+        self._wait_copied(res, lora_id)
+        self.faulted.pop(lora_id, None)
         self.vectors.remove(res.start)
         self.counters["evictions"] += 1
 
@@ -349,11 +373,17 @@ class Pager:
         if missing:
             raise RuntimeError(f"adapters {missing} are used by this batch but not paged in; "
                                f"the scheduler's paging plan did not reach this worker")
+        for i in lora_ids:
+            self._wait_copied(self.resident[i], i)
+        if self.faulted:  # their rows are not the adapter's: no LoRA for their tokens
+            used &= ~np.isin(uniq, list(self.faulted))
+            lora_ids = uniq[used].tolist()
+            if not lora_ids and not dummy:
+                self.batch = None
+                return
         lut = np.full(uniq.size, -1, dtype=np.int32)
         lut[used] = np.arange(len(lora_ids), dtype=np.int32)
         res = [self.resident[i] for i in lora_ids]
-        for r in res:
-            self._wait_copied(r)
         by_group = np.array([r.group_ranks for r in res], dtype=np.int32).reshape(-1, len(GROUPS))
         ranks = {g: by_group[:, j] for j, g in enumerate(GROUPS)}
         ranks_a = ranks

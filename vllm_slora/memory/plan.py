@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from vllm_slora.memory.layout import AdapterMeta
 
 ATTR = "slora"
+# The worker -> scheduler answer: adapters whose upload failed during a step
+# (lora id -> cause), on that step's ``ModelRunnerOutput``.
+FAULTS_ATTR = "slora_faults"
 
 
 @dataclass

@@ -99,7 +99,7 @@ class AdapterPool:
         self.events: list[Load | Evict] = []
         self._step_meta: dict = {}  # path -> adapter_meta, this scheduling step's reads
         self._blocks = self._vectors = 0  # of the resident adapters: kept, not summed
-        self.counters = dict(loads=0, loaded_ahead=0, evictions=0, evictions_spared=0, reloads=0,
+        self.counters = dict(loads=0, loaded_ahead=0, evictions=0, evictions_spared=0, reloads=0, faults=0,
                              peak_adapters=0, peak_blocks=0, max_distinct_in_step=0,
                              schedules=0, schedule_s=0.0)  # steps scheduled, their seconds
 
@@ -220,7 +220,7 @@ class AdapterPool:
     def release(self, request_id: str) -> None:
         """Drop a finished or preempted request's reference; the adapter stays cached."""
         lora_id = self.request_lora.pop(request_id, None)
-        if lora_id is None:
+        if lora_id is None or lora_id not in self.resident:  # dropped by ``fault``
             return
         res = self.resident[lora_id]
         res.requests.discard(request_id)
@@ -252,6 +252,23 @@ class AdapterPool:
         self.ever_evicted.add(lora_id)
         self.counters["evictions"] += 1
         return True
+
+    def fault(self, lora_id: int) -> set[str]:
+        """A worker could not page ``lora_id`` in (``Pager.take_faults``): drop
+        it now (its blocks back to the pool, an ``Evict`` for the workers)
+        and return the requests that were using it, which must fail. A later
+        request of the adapter pages it in afresh, checking its files again."""
+        res = self.resident.pop(lora_id, None)
+        if res is None:
+            return set()
+        self.unreferenced.pop(lora_id, None)
+        self._blocks -= len(res.blocks)
+        self._vectors -= res.rank
+        self.block_pool.free_blocks(res.blocks)
+        self.events.append(Evict(lora_id))
+        self.ever_evicted.add(lora_id)
+        self.counters["faults"] += 1
+        return set(res.requests)
 
     def evict_unreferenced(self) -> int:
         n = 0

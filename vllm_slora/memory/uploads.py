@@ -41,6 +41,7 @@ packing run with plain copies, done by the time ``wait`` returns.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 import time
@@ -58,6 +59,9 @@ SLOTS = 4
 SLOT_BYTES = 16 << 20
 # Uploads at once (lanes): 3 x 4 x 16 MB = 192 MB of pinned host memory.
 LANES = 3
+# Test hook: uploads of adapters whose path contains this fail as a disk
+# error would, after the scheduler's checks passed (tests/paging/test_faults.py).
+FAIL_UPLOADS = os.environ.get("VLLM_SLORA_TEST_FAIL_UPLOADS", "")
 
 
 class Upload:
@@ -194,6 +198,8 @@ class Uploader:
 
     def _write(self, lane: _Lane, meta: AdapterMeta, rows: torch.Tensor) -> None:
         path = Path(meta.path) / ADAPTER_FILE
+        if FAIL_UPLOADS and FAIL_UPLOADS in meta.path:
+            raise OSError(f"[Errno 5] Input/output error: '{path}' (injected: VLLM_SLORA_TEST_FAIL_UPLOADS)")
         step = lane.host[0].numel()
         with open(path, "rb", buffering=0) as f:
             header, start = read_header(f)

@@ -196,3 +196,8 @@ class PagedLoRAWorkerManager:
 
     def stats(self) -> dict:
         return dict(self.pager.stats(), scheduler=self.pager.scheduler_stats)
+
+    def take_faults(self) -> dict[int, str]:
+        """Adapters whose upload failed since the last call (lora id -> cause),
+        for the scheduler: the worker patch sends them with the step's output."""
+        return self.pager.take_faults()
