@@ -27,6 +27,8 @@ MODE_PATCHES: list[str] = [
     "vllm_v1_worker_gpu_worker",
     "vllm_v1_engine_input_processor",
     "vllm_entrypoints_openai_models_serving",
+    "vllm_v1_engine_output_processor",
+    "vllm_entrypoints_generate_base_serving",
     "vllm_entrypoints_serve_instrumentator_metrics",
     "vllm_config_compilation",
 ]

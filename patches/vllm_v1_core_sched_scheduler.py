@@ -27,7 +27,10 @@ What:
 - ``Scheduler.update_from_output``: adapters a worker could not page in
   (``ModelRunnerOutput.slora_faults``, see ``vllm_v1_worker_gpu_worker``) are
   dropped from the pool and the requests using them join the same set before
-  stock ``update_from_output`` finishes it.
+  stock ``update_from_output`` finishes it; the last output of each request
+  failed for its adapter carries the cause as ``stop_reason`` (read by
+  ``LLM.generate`` callers and by the front end's error reply, see
+  ``vllm_v1_engine_output_processor``).
 
 Guard: vLLM 0.26.x; ``KVCacheManager``, ``Scheduler.__init__``,
 ``Scheduler.schedule``, ``Scheduler.update_from_output`` and the
@@ -79,6 +82,13 @@ def _distinct_adapters(scheduler, output) -> int:
     return len(ids)
 
 
+def _cause(scheduler, request_id: str, why: str) -> str:
+    """The text a request failed for its adapter ends with: the adapter's name, then why."""
+    request = scheduler.requests.get(request_id)
+    lora = request.lora_request if request is not None else None
+    return f"adapter '{lora.lora_name}' failed: {why}" if lora is not None else why
+
+
 def apply() -> None:
     from vllm.v1.core import kv_cache_manager
     from vllm.v1.core.sched import scheduler as sched
@@ -92,6 +102,8 @@ def apply() -> None:
             f"lack 'request'/'reserved_blocks'; this patch targets vLLM 0.26.0")
 
     from vllm_slora.memory.manager import PagedKVCacheManager
+    from vllm.v1.engine import FinishReason
+
     from vllm_slora.memory.plan import ATTR, FAULTS_ATTR
 
     sched.KVCacheManager = PagedKVCacheManager
@@ -139,10 +151,20 @@ def apply() -> None:
 
     @functools.wraps(stock_update)
     def update_from_output(self, scheduler_output, model_runner_output, *args, **kwargs):
+        manager = self.kv_cache_manager
         faults = getattr(model_runner_output, FAULTS_ATTR, None)
-        if faults and self.kv_cache_manager.adapters is not None:
-            self.grammar_compile_error_reqs.update(self.kv_cache_manager.worker_faults(faults))
-        return stock_update(self, scheduler_output, model_runner_output, *args, **kwargs)
+        if faults and manager.adapters is not None:
+            self.grammar_compile_error_reqs.update(manager.worker_faults(faults))
+        # The causes of the requests failed for their adapter (finishing them frees them).
+        causes = {r: _cause(self, r, manager.faults[r])
+                  for r in self.grammar_compile_error_reqs if r in manager.faults}
+        outputs = stock_update(self, scheduler_output, model_runner_output, *args, **kwargs)
+        if causes:
+            for batch in outputs.values():
+                for out in batch.outputs:
+                    if out.request_id in causes and out.finish_reason == FinishReason.ERROR:
+                        out.stop_reason = causes[out.request_id]
+        return outputs
 
     Scheduler.__init__ = __init__
     Scheduler.schedule = schedule

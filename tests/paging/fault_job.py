@@ -72,6 +72,7 @@ def main(spec_path: str, out_path: str) -> None:
         outs = {i: done.get(i) or done[i.rsplit("-", 1)[0]] for i in ids}
         return [{"adapter": lora.lora_name if lora else None,
                  "finish_reason": outs[i].outputs[0].finish_reason,
+                 "stop_reason": outs[i].outputs[0].stop_reason,
                  "token_ids": list(outs[i].outputs[0].token_ids)} for (_, lora), i in zip(requests, ids)]
 
     clean = [(p, good) for p in prompts] + [(p, None) for p in prompts[:2]]

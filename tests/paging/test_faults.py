@@ -49,6 +49,7 @@ def test_broken_adapter_fails_only_its_requests(tmp_path, tiny_model):
         run = got["faults"][fault]
         bad_reqs = [r for r in run["outputs"] if r["adapter"] == "bad"]
         others = [r for r in run["outputs"] if r["adapter"] != "bad"]
+        assert all(str(folder) in r["stop_reason"] for r in bad_reqs), fault  # the cause, for the caller
         assert [r["finish_reason"] for r in bad_reqs] == ["error", "error"], fault
         if "worker" in fault:  # found in the step that first used it: that step's token, no more
             assert all(len(r["token_ids"]) <= 1 for r in bad_reqs), fault
@@ -62,3 +63,4 @@ def test_broken_adapter_fails_only_its_requests(tmp_path, tiny_model):
         else:
             assert f"fails: adapter '{folder}' cannot be paged in" in log, fault  # cause logged
     assert got["after"] == got["reference"][:4]  # the engine serves on
+    assert all(r["stop_reason"] is None for r in got["reference"])

@@ -31,6 +31,9 @@ BLOCKS, MAX_SEQS, MAX_RANK = 24, 16, 256
 SHORT, LONG = 8, 32  # tokens: load test / unload-while-running (reference: LONG)
 
 
+UNREADABLE = "unreadable-in-worker"
+
+
 def _tensors_of(path):
     from safetensors.torch import load_file
 
@@ -105,6 +108,10 @@ def setup(tmp_path_factory, tiny_model):
     # Good at start-up, broken later (its files replaced while registered).
     later = root / "later-broken"
     shutil.copytree(paths[names[0]], later)
+    # Its files are fine, but the worker's reads of them fail (a disk error
+    # after the front end's and the scheduler's checks; uploads.FAIL_UPLOADS).
+    unreadable = root / UNREADABLE
+    shutil.copytree(paths[names[2]], unreadable)
     bad = make_bad_adapters(root / "bad", paths[names[1]], tiny_model)
     load = make_requests(names, NUM_LOAD, seed=3)
     probe = make_requests(names, 4, seed=4, lo=20, hi=30)
@@ -117,8 +124,10 @@ def setup(tmp_path_factory, tiny_model):
         "--max-lora-rank", str(MAX_RANK), "--max-num-seqs", str(MAX_SEQS),
         "--max-model-len", "256", "--num-gpu-blocks-override", str(BLOCKS),
         "--dtype", "float32", "--enforce-eager",
-        "--lora-modules", f"later-broken={later}", *[f"{n}={p}" for n, p in paths.items()]],
-        env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}, log=root / "server.log")
+        "--lora-modules", f"later-broken={later}", f"{UNREADABLE}={unreadable}",
+        *[f"{n}={p}" for n, p in paths.items()]],
+        env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_SLORA_TEST_FAIL_UPLOADS": UNREADABLE},
+        log=root / "server.log")
     try:
         server.wait_healthy()
         yield dict(server=server, paths=paths, names=names, bad=bad, later=later,
@@ -200,6 +209,23 @@ def test_adapter_broken_after_registration_fails_its_requests_only(setup):
     # The server keeps serving, with the same outputs.
     r = _complete(base, name, prompt)
     assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == setup["ref_probe"][0][:SHORT]
+
+
+def test_adapter_unreadable_in_the_worker_fails_its_requests_with_the_cause(setup):
+    """The worker cannot read the adapter's weights: its request gets a 500
+    that names the adapter and the cause (not vLLM's bare "Internal server
+    error"), requests of other adapters get their offline tokens, and the
+    server stays healthy; a second try fails the same way (not a hang)."""
+    base = setup["server"].base
+    for _ in range(2):
+        r = _complete(base, UNREADABLE, [5, 6, 7])
+        assert r.status_code == 500, r.text
+        message = r.json()["error"]["message"]
+        assert f"adapter '{UNREADABLE}' failed" in message and "could not be paged in: OSError" in message, message
+    prompt, name = setup["probe"][1]
+    r = _complete(base, name, prompt)
+    assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == setup["ref_probe"][1][:SHORT]
+    assert httpx.get(base + "/health").status_code == 200
 
 
 def test_dynamic_load_and_unload_while_running(setup):
