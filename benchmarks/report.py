@@ -204,11 +204,14 @@ def summary(results: dict) -> list[str]:
         if not s["system"].startswith("slora"):
             continue
         parts = []
+        plugin = next((x for x in results["systems"] if x["system"] == "slora" and call_of(x) == call_of(s)),
+                      None) if s["system"] != "slora" else None
         for key in point_keys(results):
             p = point_at(s, key)
             best, base = best_stock(results, key, call_of(s)), base_system(results, call_of(s))
             parts.append(f"{key['label']}: vs stock {point_ratio(p, point_at(best, key))}, "
-                         f"vs base {point_ratio(p, point_at(base, key))}")
+                         f"vs base {point_ratio(p, point_at(base, key))}"
+                         + (f", vs slora {point_ratio(p, point_at(plugin, key))}" if plugin else ""))
         if len(series) > 1:
             scale = point_ratio(point_at(s, series[-1]), point_at(s, series[0]))
             parts.append(f"n={series[-1]['n']} vs n={series[0]['n']}: {scale}")

@@ -564,7 +564,7 @@ def results_json(name, argv, cfg, workdir, prep, common, records, warnings, used
                         f"LoRA ids fresh per measurement (cold adapter caches), a short warm-up first"),
         "adapters": {"root": str(prep["adapters_root"]), "pool_per_rank": cfg["pool"],
                      "note": (f"PEFT folders of random weights, one per adapter and per measurement "
-                              f"(names n<N>-a<i>), each with its own adapter_config.json; weights are "
+                              f"(names <point>-a<i>), each with its own adapter_config.json; weights are "
                               f"hard links to {cfg['pool']} distinct files per rank (so they sit in the "
                               f"page cache: disk loads are cheaper than with truly distinct adapters); "
                               f"made in {prep['adapters_s']:.0f} s")},

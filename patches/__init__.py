@@ -29,6 +29,7 @@ MODE_PATCHES: list[str] = [
     "vllm_entrypoints_openai_models_serving",
     "vllm_v1_engine_output_processor",
     "vllm_entrypoints_generate_base_serving",
+    "vllm_v1_engine_core:apply_pins",
     "vllm_entrypoints_serve_instrumentator_metrics",
     "vllm_config_compilation",
 ]
@@ -58,10 +59,14 @@ def guard(module: ModuleType, *attrs: str) -> None:
 
 
 def _apply(names: list[str]) -> None:
+    """``name``: a patch module, whose ``apply()`` runs, or ``module:function``
+    for a part of a module's patch applied on its own (in S-LoRA mode only,
+    say, where the rest applies in every process)."""
     for name in names:
         if name in _applied:
             continue
-        importlib.import_module(f"{__name__}.{name}").apply()
+        module, _, function = name.partition(":")
+        getattr(importlib.import_module(f"{__name__}.{module}"), function or "apply")()
         _applied.add(name)
 
 

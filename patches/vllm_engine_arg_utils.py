@@ -18,7 +18,10 @@ What:
   at parse time, which sets ``VLLM_SLORA=1`` before vLLM starts its
   engine-core and worker processes (they inherit it) and patches this one.
 - ``EngineArgs.create_engine_config`` refuses S-LoRA mode without
-  ``--enable-lora``, with the fix in the message (also for ``vllm.LLM``).
+  ``--enable-lora``, with the fix in the message (also for ``vllm.LLM``),
+  and applies the plugin's settings given as ``--additional-config
+  '{"vllm_slora": {...}}'`` (``vllm_slora.config.apply_settings``: the
+  environment variables the engine's processes read, set before they start).
 
 Guard: ``guard`` checks vLLM 0.26.x and both attributes. Goes away if vLLM
 gains a per-run plugin switch.
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import functools
 
+from vllm_slora.config import SETTINGS, SETTINGS_KEY, apply_settings
 from vllm_slora.patches import guard
 
 TARGET = "vllm.engine.arg_utils"
@@ -60,7 +64,11 @@ def add_plugin_flag(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="Switch an installed plugin's mode on for this run. 'vllm_slora': "
         "S-LoRA mode (adapter weights paged in the KV-cache pool, "
-        "heterogeneous-rank LoRA kernels); needs --enable-lora.",
+        "heterogeneous-rank LoRA kernels); needs --enable-lora. Its settings: "
+        "--additional-config '{\"vllm_slora\": {...}}' with keys " + ", ".join(SETTINGS) +
+        " (kernels: auto|triton|torch|bmm; unify_mem: false keeps adapters in a "
+        "separate region of separate_fraction of the blocks; pin_fraction: the "
+        "share of blocks pin_lora may hold; cudagraph: captured|between-pieces).",
     )
 
 
@@ -94,6 +102,9 @@ def apply() -> None:
     @functools.wraps(stock_create)
     def create_engine_config(self, *args, **kwargs):
         check_lora_enabled(self)
+        settings = (getattr(self, "additional_config", None) or {}).get(SETTINGS_KEY)
+        if settings is not None:
+            apply_settings(settings)
         return stock_create(self, *args, **kwargs)
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args)

@@ -33,15 +33,17 @@ VARIABLES = (
     "VLLM_SLORA_CUDAGRAPH",
     "VLLM_SLORA_UNIFY_MEM",
     "VLLM_SLORA_SEPARATE_FRACTION",
+    "VLLM_SLORA_PIN_FRACTION",
     "VLLM_SLORA_PDL",  # kernels/grouped.py
     "VLLM_SLORA_REPLAY",  # kernels/replay.py
     "VLLM_SLORA_METRICS_DIR",  # metrics.py
     "VLLM_SLORA_TRACE",  # activation.py (tests)
     "VLLM_SLORA_STEP_LOG",  # patches/vllm_v1_engine_core.py (benchmarks)
     "VLLM_SLORA_STEP_STACKS",
+    "VLLM_SLORA_TEST_FAIL_UPLOADS",  # memory/uploads.py (tests: a worker-side read error)
 )
 PER_RUN = ("VLLM_SLORA_METRICS_DIR", "VLLM_SLORA_TRACE", "VLLM_SLORA_STEP_LOG",
-           "VLLM_SLORA_STEP_STACKS")
+           "VLLM_SLORA_STEP_STACKS", "VLLM_SLORA_TEST_FAIL_UPLOADS")
 
 
 def apply() -> None:

@@ -31,6 +31,17 @@ seconds means the engine's thread, not the GPU, set the pace.
 Guard: vLLM 0.26.x; ``EngineCore.step`` and ``step_with_batch_queue``; a
 scheduler or executor without the four methods wrapped fails the first step.
 Goes away if vLLM's iteration stats gain step times.
+
+``apply_pins`` (S-LoRA mode only; registered as
+``vllm_v1_engine_core:apply_pins``). Why: vLLM's ``pin_lora`` pins an
+adapter in the workers' LoRA slots, but in S-LoRA mode the scheduler's
+``AdapterPool`` decides which adapters are resident, and the workers follow
+its plans. What: ``EngineCore.add_lora`` tells the pool the adapter's path,
+``pin_lora`` pins it there (``AdapterPool.pin_user``: paged in now, never
+evicted, pins bounded by ``VLLM_SLORA_PIN_FRACTION`` of the blocks, a
+``ValueError`` naming the adapter and the bound beyond), ``remove_lora``
+unpins it; each then does what stock does. Guard: ``EngineCore.add_lora``,
+``remove_lora``, ``pin_lora``. Goes away if vLLM's scheduler learns of pins.
 """
 
 from __future__ import annotations
@@ -194,3 +205,35 @@ def apply() -> None:
     # wrapping __init__ would not be.
     EngineCore.step = logged(EngineCore.step)
     EngineCore.step_with_batch_queue = logged(EngineCore.step_with_batch_queue)
+
+
+def apply_pins() -> None:
+    from vllm.v1.engine import core
+
+    guard(core, "EngineCore.add_lora", "EngineCore.remove_lora", "EngineCore.pin_lora")
+    EngineCore = core.EngineCore
+    stock_add, stock_remove, stock_pin = EngineCore.add_lora, EngineCore.remove_lora, EngineCore.pin_lora
+
+    def pool_of(engine):
+        return getattr(getattr(engine.scheduler, "kv_cache_manager", None), "adapters", None)
+
+    @functools.wraps(stock_add)
+    def add_lora(self, lora_request):
+        if (pool := pool_of(self)) is not None:
+            pool.known[lora_request.lora_int_id] = lora_request.lora_path
+        return stock_add(self, lora_request)
+
+    @functools.wraps(stock_remove)
+    def remove_lora(self, lora_id: int):
+        if (pool := pool_of(self)) is not None:
+            pool.unpin_user(lora_id)
+            pool.known.pop(lora_id, None)
+        return stock_remove(self, lora_id)
+
+    @functools.wraps(stock_pin)
+    def pin_lora(self, lora_id: int):
+        if (pool := pool_of(self)) is not None:
+            pool.pin_user(lora_id)
+        return stock_pin(self, lora_id)
+
+    EngineCore.add_lora, EngineCore.remove_lora, EngineCore.pin_lora = add_lora, remove_lora, pin_lora

@@ -1,7 +1,12 @@
 """The plugin's settings: one frozen dataclass, read from the environment once.
 
 Settings are environment variables because vLLM starts engine-core and
-worker processes that inherit the environment but not Python state.
+worker processes that inherit the environment but not Python state. Users
+give them the vLLM way, as ``--additional-config '{"vllm_slora": {...}}'``
+(``LLM(additional_config=...)`` offline): ``apply_settings`` turns that dict
+into the variables while vLLM builds its config, before it starts those
+processes (``patches/vllm_engine_arg_utils.py``). The variables stay as a
+fallback.
 """
 
 from __future__ import annotations
@@ -21,6 +26,13 @@ def _flag(name: str, default: bool) -> bool:
     if raw is None:
         return default
     return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _fraction(name: str, default: float) -> float:
+    value = float(os.environ.get(name, default))
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}={value} must be within [0, 1]")
+    return value
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,10 @@ class SLoraConfig:
     # for the shrink before its rank loop (grouped.py);
     # benchmarks/results/graphs-parity-diag-h200.json.
     cudagraph: str = "captured"
+    # Adapters pinned by users (``pin_lora``) may hold at most this share of
+    # the KV blocks (VLLM_SLORA_PIN_FRACTION), so that pins cannot starve
+    # the KV cache.
+    pin_fraction: float = 0.5
 
     @classmethod
     def from_env(cls) -> "SLoraConfig":
@@ -61,9 +77,48 @@ class SLoraConfig:
             kernels=kernels,
             unify_mem=_flag("VLLM_SLORA_UNIFY_MEM", True),
             separate_fraction=float(os.environ.get("VLLM_SLORA_SEPARATE_FRACTION", "0.25")),
+            pin_fraction=_fraction("VLLM_SLORA_PIN_FRACTION", cls.pin_fraction),
         )
 
 
 @functools.cache
 def slora_config() -> SLoraConfig:
     return SLoraConfig.from_env()
+
+
+# --additional-config '{"vllm_slora": {KEY: VALUE}}' -> the variable it sets.
+SETTINGS = {
+    "kernels": "VLLM_SLORA_KERNELS",
+    "cudagraph": "VLLM_SLORA_CUDAGRAPH",
+    "unify_mem": "VLLM_SLORA_UNIFY_MEM",
+    "separate_fraction": "VLLM_SLORA_SEPARATE_FRACTION",
+    "pin_fraction": "VLLM_SLORA_PIN_FRACTION",
+}
+SETTINGS_KEY = "vllm_slora"
+
+
+def apply_settings(settings: dict) -> SLoraConfig:
+    """Set the plugin's variables from ``additional_config["vllm_slora"]`` and
+    return the settings they give; a ``ValueError`` names an unknown key or
+    a bad value, and then nothing is changed."""
+    if not isinstance(settings, dict):
+        raise ValueError(f"additional_config['{SETTINGS_KEY}'] must be a dict of "
+                         f"{', '.join(SETTINGS)}; got {settings!r}")
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown vllm_slora setting(s) {', '.join(unknown)} in --additional-config; "
+                         f"known: {', '.join(SETTINGS)}")
+    values = {SETTINGS[k]: (("1" if v else "0") if isinstance(v, bool) else str(v)) for k, v in settings.items()}
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    slora_config.cache_clear()
+    try:
+        return slora_config()
+    except ValueError:
+        for name, old in before.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+        slora_config.cache_clear()
+        raise

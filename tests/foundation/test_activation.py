@@ -87,6 +87,41 @@ def test_serve_help_lists_the_plugin_flag():
     proc = run_vllm("serve", "--help=plugin")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--plugin NAME" in proc.stdout and "vllm_slora" in proc.stdout
+    assert "--additional-config" in proc.stdout and "pin_fraction" in proc.stdout  # its settings
+
+
+def test_settings_the_vllm_way_reach_the_engine_processes(tiny_model):
+    """``additional_config={"vllm_slora": ...}`` (``--additional-config``) sets
+    the variables the engine's processes read, before they start; unknown
+    keys and bad values are refused by name, and nothing is set then."""
+    proc = run_py(f"""
+        import os
+        import vllm_slora
+        vllm_slora.enable()
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm_slora.config import slora_config
+
+        def config(settings):
+            return EngineArgs(model="{tiny_model}", skip_tokenizer_init=True, enable_lora=True,
+                              additional_config={{"vllm_slora": settings}}).create_engine_config()
+
+        config({{"unify_mem": False, "separate_fraction": 0.3, "pin_fraction": 0.25, "kernels": "torch"}})
+        assert (os.environ["VLLM_SLORA_UNIFY_MEM"], os.environ["VLLM_SLORA_PIN_FRACTION"]) == ("0", "0.25")
+        c = slora_config()
+        assert (c.unify_mem, c.separate_fraction, c.pin_fraction, c.kernels) == (False, 0.3, 0.25, "torch")
+        for bad, words in (({{"no_such": 1}}, "unknown vllm_slora setting(s) no_such"),
+                           ({{"kernels": "fast", "pin_fraction": 0.9}}, "VLLM_SLORA_KERNELS='fast'"),
+                           ({{"pin_fraction": 2}}, "VLLM_SLORA_PIN_FRACTION=2.0 must be within")):
+            try:
+                config(bad)
+            except ValueError as e:
+                assert words in str(e), str(e)
+            else:
+                raise AssertionError(bad)
+        assert os.environ["VLLM_SLORA_PIN_FRACTION"] == "0.25" and slora_config().kernels == "torch"
+        print("settings ok")
+    """)
+    assert proc.returncode == 0 and "settings ok" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_unknown_plugin_name_is_an_error(tiny_model):

@@ -29,11 +29,14 @@ def test_patches_install_as_vllm_slora_patches():
     import vllm_slora.patches as patches
 
     assert Path(patches.__file__).resolve().parent == ROOT / "patches"
-    for name in patches.CLI_PATCHES + patches.MODE_PATCHES:
+    for entry in patches.CLI_PATCHES + patches.MODE_PATCHES:
+        name, _, function = entry.partition(":")  # "module:function": a part applied on its own
         mod = __import__(f"vllm_slora.patches.{name}", fromlist=["apply"])
         assert mod.__doc__ and "Why" in mod.__doc__, f"{name}: docstring must say why"
         assert mod.TARGET.startswith("vllm."), name
-        assert callable(mod.apply)
+        assert callable(getattr(mod, function or "apply"))
+        if function:
+            assert f"``{function}``" in mod.__doc__, f"{entry}: the docstring must say why"
         assert f"`{name}.py`" in (ROOT / "patches" / "README.md").read_text(), \
             f"patches/README.md has no row for {name}.py"
 

@@ -385,3 +385,33 @@ def test_worker_fault_frees_the_adapter_and_fails_only_its_requests(tiny_model, 
     again = make_request("r4", adapters[1], 1)
     assert manager.allocate_slots(again, 20) is not None and 1 in pool.resident
     assert pool.counters["faults"] == 1 and pool.counters["reloads"] == 1
+
+
+def test_pins_page_in_survive_pressure_and_are_bounded(tiny_model, adapters):
+    manager = make_manager(64, tiny_model)  # 63 usable blocks; pins may hold int(0.5 * 63) = 31
+    pool = manager.adapters
+    assert pool.pin_limit == 31
+    with pytest.raises(ValueError, match="not registered"):
+        pool.pin_user(1)
+    for lora_id, path in enumerate(adapters, start=1):  # ranks 4, 8, 4, 2 -> 4, 8, 4, 2 blocks
+        pool.known[lora_id] = path
+    pool.pin_user(2)
+    assert 2 in pool.resident and pool.user_pins == {2: 8}
+    assert pool.evict_unreferenced() == 0  # pinned: never evicted, also when unreferenced
+    pool.pin_user(2)  # pinning twice is one pin
+    assert pool.user_pins == {2: 8}
+    # Pressure: a request that needs every free block evicts what it can, not the pin.
+    big = make_request("big", None, 0, tokens=16 * (manager.block_pool.get_num_free_blocks() - 1))
+    assert manager.allocate_slots(big, big.num_tokens) is not None
+    assert 2 in pool.resident
+    manager.free(big)
+    pool.known[5] = adapters[1]
+    pool.known[6] = adapters[1]
+    pool.pin_user(5)
+    pool.pin_user(6)
+    with pytest.raises(ValueError, match=r"pins may hold at most 31 of the 63 blocks"):
+        pool.pin_user(1)  # 24 + 4 <= 31 fits ...
+        pool.pin_user(3)  # ... 28 + 4 does not
+    assert sorted(pool.user_pins) == [1, 2, 5, 6]
+    pool.unpin_user(2)
+    assert pool.evict_unreferenced() == 1 and 2 not in pool.resident  # evictable again

@@ -76,6 +76,18 @@ class SeparateRegion:
         return len(self.free)
 
 
+def usable_blocks(block_pool, whole: bool = False) -> int:
+    """Blocks adapters may use (block 0 is vLLM's null block; a separate
+    region holds only its share); unless ``whole``, the share users' pins may
+    hold (``VLLM_SLORA_PIN_FRACTION`` of them)."""
+    usable = getattr(block_pool, "capacity", block_pool.num_gpu_blocks - 1)
+    if whole:
+        return usable
+    from vllm_slora.config import slora_config
+
+    return int(slora_config().pin_fraction * usable)
+
+
 class AdapterPool:
     """``block_pool``: vLLM's ``BlockPool`` (unified paging) or a ``SeparateRegion``."""
 
@@ -94,6 +106,12 @@ class AdapterPool:
         self.request_lora: dict[str, int] = {}
         # Pin counts: an adapter pinned by two callers stays pinned until both unpin.
         self.pinned: Counter[int] = Counter()
+        # Users' pins (``pin_lora``): lora id -> its blocks; they hold at most
+        # ``pin_limit`` blocks. ``known``: paths of registered adapters
+        # (``add_lora``), which a pin pages in.
+        self.user_pins: dict[int, int] = {}
+        self.pin_limit = usable_blocks(block_pool)
+        self.known: dict[int, str] = {}
         self.ever_evicted: set[int] = set()
         self.seen: set[int] = set()
         self.events: list[Load | Evict] = []
@@ -117,8 +135,7 @@ class AdapterPool:
         """KV blocks the adapter's pages take (``meta``: its ``adapter_meta``, if read)."""
         meta = meta or self.meta(path)
         blocks = self.geo.blocks_for(meta.rank, meta.kinds)
-        # Block 0 is vLLM's null block; a separate region holds only its share.
-        usable = getattr(self.block_pool, "capacity", self.block_pool.num_gpu_blocks - 1)
+        usable = usable_blocks(self.block_pool, whole=True)
         if blocks > usable:
             raise AdapterFault(f"adapter '{path}' (rank {meta.rank}) needs {blocks} KV blocks, "
                              f"the KV cache has {usable}; give vLLM more KV cache memory "
@@ -227,6 +244,39 @@ class AdapterPool:
         if not res.requests:
             self.unreferenced[lora_id] = None
 
+    def pin_user(self, lora_id: int) -> None:
+        """Keep a registered adapter resident until ``unpin_user`` (vLLM's
+        ``pin_lora``): paged in now if it is not, never evicted. Raises
+        ``ValueError``, naming the adapter and the bound, if it is unknown or
+        if pins would hold more than ``pin_limit`` blocks or do not fit now."""
+        if lora_id in self.user_pins:
+            return
+        path = self.known.get(lora_id)
+        if path is None:
+            raise ValueError(f"cannot pin adapter {lora_id}: it is not registered (add_lora first)")
+        need = len(self.resident[lora_id].blocks) if lora_id in self.resident else self.blocks_for(path)
+        held = sum(self.user_pins.values())
+        if held + need > self.pin_limit:
+            raise ValueError(
+                f"cannot pin adapter {lora_id} ('{path}'): it takes {need} KV blocks and pinned "
+                f"adapters hold {held}; pins may hold at most {self.pin_limit} of the "
+                f"{usable_blocks(self.block_pool, whole=True)} blocks (VLLM_SLORA_PIN_FRACTION)")
+        if lora_id not in self.resident:
+            while self.block_pool.get_num_free_blocks() < need and self.evict_one():
+                pass
+            if self.block_pool.get_num_free_blocks() < need:
+                raise ValueError(f"cannot pin adapter {lora_id} ('{path}') now: its {need} KV blocks "
+                                 f"are not free (running requests hold them); try again later")
+            self._page_in(lora_id, path)
+            self.unreferenced[lora_id] = None
+        self.pin(lora_id)
+        self.user_pins[lora_id] = need
+
+    def unpin_user(self, lora_id: int) -> None:
+        """Undo ``pin_user``: the adapter stays cached, evictable again."""
+        if self.user_pins.pop(lora_id, None) is not None:
+            self.unpin(lora_id)
+
     def pin(self, lora_id: int) -> None:
         self.pinned[lora_id] += 1
 
@@ -261,6 +311,7 @@ class AdapterPool:
         res = self.resident.pop(lora_id, None)
         if res is None:
             return set()
+        self.unpin_user(lora_id)  # a pin keeps a working adapter, not a broken one
         self.unreferenced.pop(lora_id, None)
         self._blocks -= len(res.blocks)
         self._vectors -= res.rank

@@ -172,8 +172,8 @@ class PagedLoRAWorkerManager:
         return set(self._registered) | set(self.pager.resident)
 
     def pin_adapter(self, adapter_id: int) -> bool:
-        logger.warning("vllm_slora: pinning adapter %d has no effect; adapters stay "
-                       "resident while used and cached while pages are free", adapter_id)
+        # The scheduler's AdapterPool holds the pin (patches/vllm_v1_engine_core.py,
+        # apply_pins); this worker pages the adapter in as its plans say.
         return True
 
     @contextlib.contextmanager
