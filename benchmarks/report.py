@@ -75,6 +75,16 @@ def ok_rate(p: dict | None) -> float | None:
     return p["req_per_s"] if p.get("status") == "ok" else None
 
 
+def same_workload(workload: dict) -> dict:
+    """A workload as compared for merging: files from before point grids had
+    one targets, alpha and rate, not lists, and no online duration."""
+    out = {k: v for k, v in workload.items() if k not in ("duration_s", "drain_s") or v is not None}
+    for key in ("targets", "alpha", "rate"):
+        if key in out and not isinstance(out[key], list):
+            out[key] = [out[key]]
+    return out
+
+
 def merge(paths: list[Path], out: Path) -> dict:
     """One results file from runs of the same workload split over device calls
     (``--systems`` / ``--n`` subsets): every system keeps the call that
@@ -82,7 +92,8 @@ def merge(paths: list[Path], out: Path) -> dict:
     runs = [json.loads(Path(p).read_text()) for p in paths]
     first = runs[0]
     for r in runs[1:]:
-        if r["workload"] != first["workload"] or r["config"]["arch"] != first["config"]["arch"]:
+        if same_workload(r["workload"]) != same_workload(first["workload"]) \
+                or r["config"]["arch"] != first["config"]["arch"]:
             raise ValueError(f"{r['name']} ran another workload than {first['name']}; "
                              f"only runs of one workload merge")
     merged = dict(first, name=out.stem, command=" ; ".join(r["command"] for r in runs),

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 
 ENV_MODE = "VLLM_SLORA"
 # Tests point this at a file to see which processes loaded the plugin.
@@ -49,9 +50,41 @@ def check_vllm_version(version: str | None = None) -> str:
     return version
 
 
+def plugin_version() -> str:
+    """The installed distribution's version (the package's own if not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("vllm-slora")
+    except metadata.PackageNotFoundError:
+        from vllm_slora import __version__
+
+        return __version__
+
+
+def patches():
+    """``vllm_slora.patches`` (``patches/`` at the top of the source tree,
+    which pip installs under the package). Imported from the source tree
+    itself (Python puts the current directory first: ``python -c`` or ``-m``
+    run from the repository's root with a non-editable install), the package
+    has no ``patches``: say so and how to fix it, instead of a bare
+    ``ModuleNotFoundError`` deep in vLLM's plugin loading."""
+    try:
+        import vllm_slora.patches as found
+    except ModuleNotFoundError as e:
+        if e.name != "vllm_slora.patches":
+            raise
+        here = Path(__file__).resolve().parent
+        raise ImportError(
+            f"vllm_slora is imported from its source tree ({here}), which has no "
+            f"vllm_slora.patches (pip installs them from patches/); run from another "
+            f"directory, or install the tree editable: pip install -e {here.parent}") from e
+    return found
+
+
 def register() -> None:
     """Entry point of ``vllm.general_plugins``; vLLM calls it in each process."""
-    from vllm_slora.patches import apply_cli_patches
+    apply_cli_patches = patches().apply_cli_patches
 
     _trace("register")
     if is_enabled():
@@ -70,7 +103,7 @@ def register_step_log() -> None:
     """Entry point ``vllm_slora_steplog``: the engine core's per-step log
     (``VLLM_SLORA_STEP_LOG``) and nothing else, for the benchmarks' engines
     that run without the plugin (base, stock)."""
-    from vllm_slora.patches import apply_step_log
+    apply_step_log = patches().apply_step_log
 
     try:
         check_vllm_version()
@@ -96,13 +129,12 @@ def activate() -> None:
     if _activated:
         return
     version = check_vllm_version()
-    from vllm_slora.patches import apply_cli_patches, apply_mode_patches
-
-    apply_cli_patches()
-    apply_mode_patches()
+    found = patches()
+    found.apply_cli_patches()
+    found.apply_mode_patches()
     _activated = True
     _trace("activate")
-    logger.info("vllm_slora: S-LoRA mode on (vLLM %s, pid %d)", version, os.getpid())
+    logger.info("vllm_slora %s: S-LoRA mode on (vLLM %s, pid %d)", plugin_version(), version, os.getpid())
 
 
 def _trace(event: str) -> None:

@@ -359,6 +359,9 @@ def test_merged_calls_compare_points_of_one_call_only(tmp_path):
     one["systems"] = [s for s in one["systems"] if s["system"] != "slora"]  # base, stock, bmm
     two["systems"] = [s for s in two["systems"] if s["system"] in ("slora", "base")]
     two["config"] = dict(two["config"], n=[5, 100, 1000])
+    # A file of today's format (lists per point grid) merges with an older one of the same workload.
+    two["workload"] = dict(two["workload"], targets=["attn"], alpha=[1.0], rate=[1.0], duration_s=None,
+                           drain_s=None)
     paths = [tmp_path / "one.json", tmp_path / "two.json"]
     for path, run in zip(paths, (one, two)):
         path.write_text(json.dumps(run))
