@@ -47,3 +47,16 @@ def test_same_outputs_as_stock(tmp_path, arch):
         assert diff <= LOGPROB_TOL, f"{arch} request {i}: logprob diff {diff}"
     # The adapters were paged into the KV pool, not into stock's slots.
     assert slora["phases"][0]["report"]["stats"]["loads"] >= len(adapters)
+
+
+def test_models_with_mixed_attention_kinds_are_refused_by_name(tmp_path):
+    """Gemma 2 interleaves sliding-window and full-attention layers: two KV-cache
+    groups, which unified paging does not page adapters into (yet). S-LoRA
+    mode stops at start-up naming the architecture and what is supported."""
+    model = make_tiny_llama(tmp_path / "model", arch="gemma2", seed=5)
+    with pytest.raises(RuntimeError) as failed:
+        run_engine({"model": str(model), "mode": "slora", "phases": [],
+                    "llm_kwargs": dict(COMMON, max_loras=1)})
+    message = str(failed.value)
+    assert "Gemma2ForCausalLM has 2 (SlidingWindowSpec, FullAttentionSpec" in message
+    assert "Supported: models whose layers all use one attention kind" in message

@@ -60,10 +60,13 @@ class PagedKVCacheManager(KVCacheManager):
         its request was accepted fails that request, not the engine."""
         groups = self.kv_cache_config.kv_cache_groups
         if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, AttentionSpec):
+            arch = ", ".join(getattr(hf_config, "architectures", None) or ["this model"])
             raise ValueError(
-                f"vllm_slora pages adapters in a single attention KV-cache group; this model "
-                f"has {len(groups)} group(s) ({[type(g.kv_cache_spec).__name__ for g in groups]}); "
-                f"run it without --plugin vllm_slora")
+                f"vllm_slora pages adapters in a single attention KV-cache group; {arch} has "
+                f"{len(groups)} ({', '.join(type(g.kv_cache_spec).__name__ for g in groups)}: layers "
+                f"of different attention kinds, e.g. sliding-window beside full attention). "
+                f"Supported: models whose layers all use one attention kind (Llama 2/3, Mistral, "
+                f"Qwen2/2.5, Qwen3); run {arch} without --plugin vllm_slora")
         geo = PageGeometry.create(hf_config, lora_dtype, groups[0].kv_cache_spec.page_size_bytes,
                                   tp_size=tp_size)
         config = slora_config()

@@ -60,6 +60,16 @@ ARCHITECTURES = {
     "qwen3": dict(config={"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
                           "use_sliding_window": False, "sliding_window": None,
                           "max_window_layers": 0, "head_dim": 64}, qkv_bias=False, qk_norm=True),
+    # Gemma 2: norms before and after the MLP as well, tied embeddings, GELU,
+    # its own attention scale; every other layer a sliding window (wider than
+    # the tests' prompts) and logit soft-capping as in the real configs.
+    "gemma2": dict(config={"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
+                           "head_dim": 32, "query_pre_attn_scalar": 32, "hidden_activation":
+                           "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh",
+                           "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                           "sliding_window": 512, "tie_word_embeddings": True,
+                           "layer_types": ["sliding_attention", "full_attention"]},
+                   qkv_bias=False, qk_norm=False, ffn_norms=True, tied=True),
 }
 
 
@@ -159,6 +169,11 @@ def make_tiny_llama(path: str | Path, *, hidden: int = 128, layers: int = 2, hea
         if spec["qk_norm"]:
             weights |= {p + f"{m}.weight": 1 + 0.1 * torch.randn(config["head_dim"], generator=g)
                         for m in ("q_norm", "k_norm")}
+        if spec.get("ffn_norms"):
+            weights |= {f"model.layers.{i}.{m}.weight": 0.1 * torch.randn(hidden, generator=g)
+                        for m in ("pre_feedforward_layernorm", "post_feedforward_layernorm")}
+    if spec.get("tied"):
+        del weights["lm_head.weight"]
     torch_dtype = getattr(torch, dtype)
     save_file({k: v.to(torch_dtype).contiguous() for k, v in weights.items()},
               str(path / "model.safetensors"))
