@@ -24,6 +24,9 @@ SUPPORTED_VLLM = "0.26"
 PLUGIN_NAME = "vllm_slora"
 
 logger = logging.getLogger("vllm_slora")
+# Under vLLM's "vllm" logger, so that the mode-on line reaches vLLM's log
+# (INFO) like the engine's own start-up lines.
+vllm_log = logging.getLogger("vllm.plugins.vllm_slora")
 _activated = False
 
 
@@ -134,7 +137,7 @@ def activate() -> None:
     found.apply_mode_patches()
     _activated = True
     _trace("activate")
-    logger.info("vllm_slora %s: S-LoRA mode on (vLLM %s, pid %d)", plugin_version(), version, os.getpid())
+    vllm_log.info("vllm_slora %s: S-LoRA mode on (vLLM %s, pid %d)", plugin_version(), version, os.getpid())
 
 
 def _trace(event: str) -> None:
