@@ -4,8 +4,11 @@
 #   STEPS=... arguments for `python -m benchmarks.step_time` (decode step
 #             time of base, stock, plugin at fixed batches; --profile K adds
 #             the anatomy), e.g. "--systems base,slora"
-#   TESTS=1   GPU tests (TESTS_S, default: what is left of the call): the plugin in full + piecewise graphs vs stock and vs
-#             itself eager (tests/gpu; GPU_K selects, pytest -k), and the
+#   TESTS=1   GPU tests (TESTS_S, default: what is left of the call): `pytest -m gpu`
+#             over GPU_TESTS (default tests/gpu tests/paging): the plugin in full +
+#             piecewise graphs vs stock and vs itself eager, memory pressure with
+#             async scheduling vs a roomy run, adapter faults mid-run with async
+#             scheduling, CUDA upload paths (GPU_K selects, pytest -k), and the
 #             kernel tests of the grouping (KERNEL_K selects, KERNEL_S limits,
 #             KERNEL_TESTS=0 skips them)
 #   KTESTS=.. kernel tests first (pytest -k expression over tests/kernels;
@@ -87,8 +90,8 @@ if [ -n "${STEPS:-}" ]; then  # decode step time at fixed batches, e.g. "--syste
   mkdir -p $O/step-children && cp /tmp/slora-steps/*.json $O/step-children/ 2>/dev/null
 fi
 if [ "${TESTS:-1}" = 1 ]; then
-  timeout "$(cap ${TESTS_S:-600})" python3 -m pytest -q -rs -s tests/gpu ${GPU_K:+-k "$GPU_K"} \
-    > $O/pytest-gpu.txt 2>&1
+  timeout "$(cap ${TESTS_S:-600})" python3 -m pytest -q -rs -s -m gpu ${GPU_TESTS:-tests/gpu tests/paging} \
+    ${GPU_K:+-k "$GPU_K"} > $O/pytest-gpu.txt 2>&1
   echo "pytest gpu rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   if [ "${KERNEL_TESTS:-1}" = 1 ]; then
     timeout "$(cap ${KERNEL_S:-120})" python3 -m pytest -q -rs tests/kernels \

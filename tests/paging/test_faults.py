@@ -25,16 +25,23 @@ FAULTS = ["weights removed", "truncated weights", "rank above the limit", "read 
 WORKER_FAULT = "uploadfails"
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")])
+
+
 @pytest.mark.slow
-def test_broken_adapter_fails_only_its_requests(tmp_path, tiny_model):
-    """Each fault on its own adapter, one after the other in one engine."""
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_broken_adapter_fails_only_its_requests(tmp_path, tiny_model, device):
+    """Each fault on its own adapter, one after the other in one engine. On a
+    GPU with async scheduling on: the next step is scheduled while this one
+    runs, and uploads go through the copy streams."""
     from vllm_slora.testing.adapters import make_peft_adapter
 
     good = make_peft_adapter(tmp_path / "good", tiny_model, 8, seed=1)
     bad = [make_peft_adapter(tmp_path / (f"bad{k}" + ("-" + WORKER_FAULT if "worker" in f else "")),
                              tiny_model, 8, seed=2 + k) for k, f in enumerate(FAULTS)]
     spec = {"model": str(tiny_model), "good": str(good), "bad": [str(b) for b in bad],
-            "faults": FAULTS, "max_tokens": 6}
+            "faults": FAULTS, "max_tokens": 6, "async_scheduling": device == "cuda"}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     out = tmp_path / "out.json"
     job = Path(__file__).with_name("fault_job.py")
