@@ -337,12 +337,16 @@ def fake_results() -> dict:
             "systems": systems}
 
 
-def test_report_ratios_best_stock_and_failures(tmp_path):
-    path = tmp_path / "t.json"
-    path.write_text(json.dumps(fake_results()))
+def render_rows(path: Path, results: dict) -> tuple[str, dict]:
+    """The rendered markdown and its table rows by (point, system)."""
+    path.write_text(json.dumps(results))
     md = report.render(path)
-    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line
-            for line in md.splitlines() if line.startswith("| ")}
+    return md, {tuple(c.strip() for c in line.split("|")[1:3]): line
+                for line in md.splitlines() if line.startswith("| ")}
+
+
+def test_report_ratios_best_stock_and_failures(tmp_path):
+    md, rows = render_rows(tmp_path / "t.json", fake_results())
     assert "**best**" in rows[("n=5", "stock (max_loras=16) **best**")]
     assert "**best**" in rows[("n=100", "stock (max_loras=16) **best**")]  # 64 was too slow there
     assert "| 1.25x | 0.75x |" in rows[("n=5", "slora")]  # 15 / 12 vs stock, 15 / 20 vs base
@@ -579,11 +583,7 @@ def fake_online_results() -> dict:
 
 
 def test_online_report_ratios_by_achieved_throughput_vs_rate_plots_and_cross_check(tmp_path):
-    path = tmp_path / "o.json"
-    path.write_text(json.dumps(fake_online_results()))
-    md = report.render(path)
-    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line
-            for line in md.splitlines() if line.startswith("| n=")}
+    md, rows = render_rows(tmp_path / "o.json", fake_online_results())
     assert "| 3.00x | 0.75x |" in rows[("n=5 rate=16/s", "slora")]  # 300/100 vs stock, 300/400 vs base
     assert "| 1.25x | 1.00x |" in rows[("n=5 rate=4/s", "slora")]
     assert "3 s of arrivals per point" in md and "at most 2 s for those in flight" in md

@@ -294,32 +294,31 @@ class AdapterPool:
         else:
             return False
         del self.unreferenced[lora_id]
+        self._drop(lora_id)
+        self.counters["evictions"] += 1
+        return True
+
+    def _drop(self, lora_id: int) -> Resident:
+        """Take ``lora_id`` out of the pool: its blocks back, an ``Evict`` for the workers."""
         res = self.resident.pop(lora_id)
         self._blocks -= len(res.blocks)
         self._vectors -= res.rank
         self.block_pool.free_blocks(res.blocks)
         self.events.append(Evict(lora_id))
         self.ever_evicted.add(lora_id)
-        self.counters["evictions"] += 1
-        return True
+        return res
 
     def fault(self, lora_id: int) -> set[str]:
         """A worker could not page ``lora_id`` in (``Pager.take_faults``): drop
         it now (its blocks back to the pool, an ``Evict`` for the workers)
         and return the requests that were using it, which must fail. A later
         request of the adapter pages it in afresh, checking its files again."""
-        res = self.resident.pop(lora_id, None)
-        if res is None:
+        if lora_id not in self.resident:
             return set()
         self.unpin_user(lora_id)  # a pin keeps a working adapter, not a broken one
         self.unreferenced.pop(lora_id, None)
-        self._blocks -= len(res.blocks)
-        self._vectors -= res.rank
-        self.block_pool.free_blocks(res.blocks)
-        self.events.append(Evict(lora_id))
-        self.ever_evicted.add(lora_id)
         self.counters["faults"] += 1
-        return set(res.requests)
+        return set(self._drop(lora_id).requests)
 
     def evict_unreferenced(self) -> int:
         n = 0
