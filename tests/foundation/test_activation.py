@@ -156,7 +156,8 @@ def test_plugin_variables_are_known_to_vllm(tmp_path):
               "VLLM_SLORA_PDL": "1", "VLLM_SLORA_REPLAY": "1",
               "VLLM_SLORA_METRICS_DIR": str(tmp_path / "m"),
               "VLLM_SLORA_TRACE": str(tmp_path / "trace"),
-              "VLLM_SLORA_STEP_LOG": str(tmp_path / "steps.jsonl"), "VLLM_SLORA_STEP_STACKS": "0"}
+              "VLLM_SLORA_STEP_LOG": str(tmp_path / "steps.jsonl"), "VLLM_SLORA_STEP_STACKS": "0",
+              "VLLM_SLORA_PIN_FRACTION": "0.5", "VLLM_SLORA_TEST_FAIL_UPLOADS": "no-such-folder"}
     assert set(values) == set(vllm_envs.VARIABLES)
     proc = run_py("""
         from vllm.plugins import load_general_plugins
@@ -166,6 +167,7 @@ def test_plugin_variables_are_known_to_vllm(tmp_path):
         factors = envs.compile_factors()
         assert factors["VLLM_SLORA_METRICS_DIR"] == factors["VLLM_SLORA_TRACE"], factors
         assert factors["VLLM_SLORA_STEP_LOG"] == factors["VLLM_SLORA_TRACE"], factors
+        assert factors["VLLM_SLORA_TEST_FAIL_UPLOADS"] == factors["VLLM_SLORA_TRACE"], factors
         assert factors["VLLM_SLORA_KERNELS"] != factors["VLLM_SLORA_TRACE"], factors
         print("validated")
     """, env=values)
