@@ -30,6 +30,9 @@ layer's all-reduce then carries base and LoRA outputs together.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
 import re
 import weakref
 
@@ -43,6 +46,28 @@ from vllm_slora.memory.layout import COLUMN_PARALLEL, GROUPS
 
 # Layers by the address of their ``lora_key`` buffer (the op's handle on its layer).
 _BY_KEY: "weakref.WeakValueDictionary[int, PagedLoRALinear]" = weakref.WeakValueDictionary()
+# sha256 (first 16 hex digits) of vLLM 0.26.0's ``RowParallelLinear.forward``
+# source, which ``_row_parallel_forward`` copies with the LoRA output added
+# before the all-reduce (patches/README.md lists this touch point).
+ROW_PARALLEL_FORWARD_SHA = "d90bdc0c707aa085"
+
+
+@functools.cache
+def check_row_parallel_copy(forward=None) -> None:
+    """Refuse to run the copy of ``RowParallelLinear.forward`` (tensor
+    parallelism) against a vLLM whose original differs from the one copied."""
+    from vllm_slora.patches import PatchTargetChanged
+
+    if forward is None:
+        from vllm.model_executor.layers.linear import RowParallelLinear
+
+        forward = RowParallelLinear.forward
+    found = hashlib.sha256(inspect.getsource(forward).encode()).hexdigest()[:16]
+    if found != ROW_PARALLEL_FORWARD_SHA:
+        raise PatchTargetChanged(
+            f"vllm_slora's tensor-parallel LoRA copies vLLM 0.26.0's RowParallelLinear.forward "
+            f"(vllm_slora/layers.py); this vLLM's differs (source sha256 {found}, copied "
+            f"{ROW_PARALLEL_FORWARD_SHA}): run with tensor_parallel_size 1 or a vLLM 0.26.0")
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -60,6 +85,8 @@ class PagedLoRALinear(nn.Module):
         self.row_parallel = GROUPS[group][0] not in COLUMN_PARALLEL
         # Set by the worker manager on the first LoRA layer of the forward.
         self.builds_meta = False
+        if self.tp_size > 1 and self.row_parallel:
+            check_row_parallel_copy()
         if self.tp_size > 1 and self.row_parallel and not base_layer.reduce_results:
             raise ValueError(f"vllm_slora: '{name}' does not all-reduce its output; "
                              f"the LoRA output has nowhere to join it")

@@ -49,3 +49,16 @@ def test_guard_refuses_a_changed_target():
     guard(arg_utils, "EngineArgs.add_cli_args")
     with pytest.raises(PatchTargetChanged, match="EngineArgs.no_such_method"):
         guard(arg_utils, "EngineArgs.no_such_method")
+
+
+def test_the_copied_row_parallel_forward_is_guarded():
+    from vllm_slora.layers import check_row_parallel_copy
+    from vllm_slora.patches import PatchTargetChanged
+
+    check_row_parallel_copy()  # this vLLM's original is the one copied
+
+    def forward(self, input_):  # another vLLM's
+        return self.quant_method.apply(self, input_, None)
+
+    with pytest.raises(PatchTargetChanged, match="copies vLLM 0.26.0's RowParallelLinear.forward"):
+        check_row_parallel_copy(forward)
