@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_slora.memory.layout import (ADAPTER_FILE, CONFIG_FILE, KINDS, AdapterMeta, PageGeometry,
-                                      file_version, lora_scale, module_widths, split_key)
+                                      file_version, lora_scale, lora_targets, module_widths, split_key)
 
 
 class AdapterError(ValueError):
@@ -102,13 +102,15 @@ def _resolved(path: str) -> str:
 
 # hf_config objects are not hashable: key the cache by the widths and layers.
 def _model_key(hf_config) -> tuple:
-    return (tuple(sorted(module_widths(hf_config).items())), hf_config.num_hidden_layers)
+    arch = ", ".join(getattr(hf_config, "architectures", None) or ["this base model"])
+    return (tuple(sorted(module_widths(hf_config).items())), hf_config.num_hidden_layers,
+            lora_targets(hf_config), arch)
 
 
 @functools.lru_cache(maxsize=4096)
 def _check_headers(path: str, name: str | None, version: tuple, model: tuple,
                    max_rank: int) -> AdapterInfo:
-    widths, num_layers = dict(model[0]), model[1]
+    widths, num_layers, targets, arch = dict(model[0]), model[1], model[2], model[3]
     folder = Path(path)
     cfg_file, weights = folder / CONFIG_FILE, folder / ADAPTER_FILE
 
@@ -169,6 +171,9 @@ def _check_headers(path: str, name: str | None, version: tuple, model: tuple,
         if kind not in KINDS:
             fail(f"targets module '{kind}' ('{key}'), which this base model does not have "
                  f"as a LoRA target; supported: {', '.join(KINDS)}")
+        if kind not in targets:
+            fail(f"targets module '{kind}' ('{key}'); {arch} is a mixture-of-experts model, "
+                 f"where vllm_slora serves LoRA on {', '.join(targets)} only")
         if layer >= num_layers:
             fail(f"has '{key}' for layer {layer}, the base model has {num_layers} layers; "
                  f"was it trained for another base model?")

@@ -7,9 +7,9 @@ import torch
 
 class PeftReference:
     def __init__(self, model_dir: str):
-        from transformers import LlamaForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        self.base = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+        self.base = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
         self.model = None
         self.names: dict[str, str] = {}
 

@@ -60,3 +60,38 @@ def test_models_with_mixed_attention_kinds_are_refused_by_name(tmp_path):
     message = str(failed.value)
     assert "Gemma2ForCausalLM has 2 (SlidingWindowSpec, FullAttentionSpec" in message
     assert "Supported: models whose layers all use one attention kind" in message
+
+
+def test_mixture_of_experts_attention_lora_equals_hf_peft(tmp_path):
+    """Mixtral (4 experts, top 2): LoRA on q, k, v, o served from the KV pool,
+    the experts as the base model has them, against Hugging Face + PEFT
+    (stock vLLM's LoRA cannot run MoE LoRA on CPU: "Monolithic kernels are
+    not supported for Fused MoE LoRA"). An adapter on the MLP projections is
+    refused at registration, naming the module and the architecture."""
+    import json
+    from types import SimpleNamespace
+
+    from peft_reference import PeftReference
+
+    from vllm_slora.adapters import AdapterError, check_adapter
+
+    model = make_tiny_llama(tmp_path / "model", arch="mixtral", seed=5)
+    attn = [str(p) for p in make_adapters(tmp_path / "attn", model, [4, 8, 16],
+                                          target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=6)]
+    reqs = [(p, None if i % 4 == 3 else attn[i % 3]) for i, p in enumerate(prompts(8, seed=12))]
+    slora = run_engine({"model": str(model), "mode": "slora",
+                        "phases": [{"name": "mixtral", "requests": reqs, "max_tokens": 6}],
+                        "llm_kwargs": dict(COMMON, max_loras=1)})
+    ref = PeftReference(str(model))
+    for i, (prompt, adapter) in enumerate(reqs):
+        tokens, lps = ref.greedy(prompt, adapter, 6)
+        got = slora["phases"][0]["outputs"][i]
+        assert got["token_ids"] == tokens, f"request {i} ({adapter})"
+        assert max(abs(a - b) for a, b in zip(got["logprobs"], lps)) <= LOGPROB_TOL, i
+    assert slora["phases"][0]["report"]["stats"]["loads"] >= 3
+
+    mlp = make_adapters(tmp_path / "mlp", model, [8], seed=7)[0]  # all seven projections
+    hf = SimpleNamespace(**json.loads((model / "config.json").read_text()))
+    with pytest.raises(AdapterError, match="MixtralForCausalLM is a mixture-of-experts model, where "
+                                           "vllm_slora serves LoRA on q_proj, k_proj, v_proj, o_proj only"):
+        check_adapter(str(mlp), "mlp", hf, max_rank=16)

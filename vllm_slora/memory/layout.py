@@ -71,6 +71,21 @@ def module_widths(hf_config) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
 
 
+MOE_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def is_moe(hf_config) -> bool:
+    """A mixture-of-experts model (Mixtral, Qwen MoE, DeepSeek): its MLPs are experts."""
+    return any((getattr(hf_config, a, None) or 0) > 0 for a in MOE_ATTRS)
+
+
+def lora_targets(hf_config) -> tuple[str, ...]:
+    """The module kinds paged LoRA serves on this model: all seven, or on a
+    mixture-of-experts model the attention projections (its experts are not
+    linear layers that paged LoRA wraps)."""
+    return ("q_proj", "k_proj", "v_proj", "o_proj") if is_moe(hf_config) else tuple(module_widths(hf_config))
+
+
 def largest_pow2_divisor(n: int, cap: int) -> int:
     return min(n & -n, cap)
 

@@ -19,7 +19,7 @@ import torch
 from vllm.logger import init_logger
 
 from vllm_slora.layers import PagedLoRALinear, register_op
-from vllm_slora.memory.layout import GROUPS
+from vllm_slora.memory.layout import GROUPS, is_moe
 from vllm_slora.memory.pager import Pager
 from vllm_slora.memory.plan import PagingPlan
 from vllm_slora.memory.step import StepLimits
@@ -59,12 +59,16 @@ class PagedLoRAWorkerManager:
                 layer = PagedLoRALinear(module, name, leaf, self.pager)
                 setattr(model.get_submodule(parent_name), leaf, layer)
                 self.layers.append(layer)
-        expected = len(GROUPS) * self.pager.hf_config.num_hidden_layers
-        if len(self.layers) != expected:
+        # A mixture-of-experts model has no dense MLP projections to wrap: LoRA
+        # on attention only (adapters.check_adapter refuses the others).
+        groups = [g for g in GROUPS if not (is_moe(self.pager.hf_config) and g in ("gate_up_proj", "down_proj"))]
+        expected = len(groups) * self.pager.hf_config.num_hidden_layers
+        if len(self.layers) != expected or {layer.group for layer in self.layers} != set(groups):
             raise ValueError(
                 f"vllm_slora wrapped {len(self.layers)} projections of "
-                f"{type(model).__name__}, expected {expected} ({', '.join(GROUPS)} per layer); "
-                f"only Llama-style models are supported")
+                f"{type(model).__name__}, expected {expected} ({', '.join(groups)} per layer); "
+                f"supported: Llama-style models (Llama 2/3, Mistral, Qwen2/2.5, Qwen3), and "
+                f"attention LoRA on mixture-of-experts models")
         self.layers[0].builds_meta = True  # layers.0.qkv_proj: the forward's first
         logger.info("vllm_slora: %d projections read adapters from KV-cache pages "
                     "(no LoRA slots, no stacked LoRA weights)", len(self.layers))

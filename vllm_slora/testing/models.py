@@ -70,6 +70,10 @@ ARCHITECTURES = {
                            "sliding_window": 512, "tie_word_embeddings": True,
                            "layer_types": ["sliding_attention", "full_attention"]},
                    qkv_bias=False, qk_norm=False, ffn_norms=True, tied=True),
+    # Mixtral: a mixture of 4 experts (top 2) in place of each dense MLP.
+    "mixtral": dict(config={"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                            "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
+                    qkv_bias=False, qk_norm=False, experts=4),
 }
 
 
@@ -174,6 +178,16 @@ def make_tiny_llama(path: str | Path, *, hidden: int = 128, layers: int = 2, hea
                         for m in ("pre_feedforward_layernorm", "post_feedforward_layernorm")}
     if spec.get("tied"):
         del weights["lm_head.weight"]
+    for i in range(layers if spec.get("experts") else 0):  # experts in place of the dense MLP
+        p = f"model.layers.{i}."
+        for m in ("gate_proj", "up_proj", "down_proj"):
+            del weights[p + f"mlp.{m}.weight"]
+        moe = p + "block_sparse_moe."
+        weights[moe + "gate.weight"] = torch.randn(spec["experts"], hidden, generator=g) / hidden**0.5
+        for e in range(spec["experts"]):
+            for w, shape in (("w1", (intermediate, hidden)), ("w2", (hidden, intermediate)),
+                             ("w3", (intermediate, hidden))):
+                weights[moe + f"experts.{e}.{w}.weight"] = torch.randn(*shape, generator=g) / shape[1]**0.5
     torch_dtype = getattr(torch, dtype)
     save_file({k: v.to(torch_dtype).contiguous() for k, v in weights.items()},
               str(path / "model.safetensors"))
