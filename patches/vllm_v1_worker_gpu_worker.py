@@ -53,17 +53,14 @@ def apply() -> None:
         faults = take()
         if not faults:
             return out
+        def attach(got):
+            setattr(got, FAULTS_ATTR, {**getattr(got, FAULTS_ATTR, {}), **faults})
+            return got
+
         if isinstance(out, ModelRunnerOutput):
-            setattr(out, FAULTS_ATTR, {**getattr(out, FAULTS_ATTR, {}), **faults})
-        else:  # AsyncModelRunnerOutput: when its output is taken
-            inner = out.get_output
-
-            def get_output():
-                got = inner()
-                setattr(got, FAULTS_ATTR, {**getattr(got, FAULTS_ATTR, {}), **faults})
-                return got
-
-            out.get_output = get_output
+            return attach(out)
+        inner = out.get_output  # AsyncModelRunnerOutput: when its output is taken
+        out.get_output = lambda: attach(inner())
         return out
 
     @functools.wraps(stock_execute)

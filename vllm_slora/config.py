@@ -76,7 +76,7 @@ class SLoraConfig:
             cudagraph=cudagraph,
             kernels=kernels,
             unify_mem=_flag("VLLM_SLORA_UNIFY_MEM", True),
-            separate_fraction=float(os.environ.get("VLLM_SLORA_SEPARATE_FRACTION", "0.25")),
+            separate_fraction=_fraction("VLLM_SLORA_SEPARATE_FRACTION", cls.separate_fraction),
             pin_fraction=_fraction("VLLM_SLORA_PIN_FRACTION", cls.pin_fraction),
         )
 

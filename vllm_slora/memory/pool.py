@@ -194,12 +194,8 @@ class AdapterPool:
                     continue  # its request fails at admission, with the cause
                 if room - need < keep_free:
                     continue
-                while self.block_pool.get_num_free_blocks() < need and self.evict_one():
-                    pass
-                if self.block_pool.get_num_free_blocks() < need:
+                if not self._page_in_cached(lora_id, path, need):
                     break
-                self._page_in(lora_id, path)
-                self.unreferenced[lora_id] = None
                 self.counters["loaded_ahead"] += 1
                 room -= need
         finally:
@@ -215,6 +211,18 @@ class AdapterPool:
         whole pool when adapters share it (unified paging), none in a
         separate region, which holds adapters only."""
         return int(fraction * self.block_pool.num_gpu_blocks) if self.unified else 0
+
+    def _page_in_cached(self, lora_id: int, path: str, need: int) -> bool:
+        """Page ``lora_id`` in as a cached (unreferenced, most recently used)
+        adapter, evicting LRU cached ones until its ``need`` blocks are free;
+        False, with nothing paged in, if they cannot be freed."""
+        while self.block_pool.get_num_free_blocks() < need and self.evict_one():
+            pass
+        if self.block_pool.get_num_free_blocks() < need:
+            return False
+        self._page_in(lora_id, path)
+        self.unreferenced[lora_id] = None
+        return True
 
     def _page_in(self, lora_id: int, path: str) -> Resident:
         meta = self.meta(path)
@@ -261,14 +269,9 @@ class AdapterPool:
                 f"cannot pin adapter {lora_id} ('{path}'): it takes {need} KV blocks and pinned "
                 f"adapters hold {held}; pins may hold at most {self.pin_limit} of the "
                 f"{usable_blocks(self.block_pool, whole=True)} blocks (VLLM_SLORA_PIN_FRACTION)")
-        if lora_id not in self.resident:
-            while self.block_pool.get_num_free_blocks() < need and self.evict_one():
-                pass
-            if self.block_pool.get_num_free_blocks() < need:
-                raise ValueError(f"cannot pin adapter {lora_id} ('{path}') now: its {need} KV blocks "
-                                 f"are not free (running requests hold them); try again later")
-            self._page_in(lora_id, path)
-            self.unreferenced[lora_id] = None
+        if lora_id not in self.resident and not self._page_in_cached(lora_id, path, need):
+            raise ValueError(f"cannot pin adapter {lora_id} ('{path}') now: its {need} KV blocks "
+                             f"are not free (running requests hold them); try again later")
         self.pin(lora_id)
         self.user_pins[lora_id] = need
 

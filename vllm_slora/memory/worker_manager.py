@@ -19,7 +19,7 @@ import torch
 from vllm.logger import init_logger
 
 from vllm_slora.layers import PagedLoRALinear, register_op
-from vllm_slora.memory.layout import GROUPS, is_moe
+from vllm_slora.memory.layout import GROUPS, lora_targets
 from vllm_slora.memory.pager import Pager
 from vllm_slora.memory.plan import PagingPlan
 from vllm_slora.memory.step import StepLimits
@@ -61,7 +61,8 @@ class PagedLoRAWorkerManager:
                 self.layers.append(layer)
         # A mixture-of-experts model has no dense MLP projections to wrap: LoRA
         # on attention only (adapters.check_adapter refuses the others).
-        groups = [g for g in GROUPS if not (is_moe(self.pager.hf_config) and g in ("gate_up_proj", "down_proj"))]
+        targets = lora_targets(self.pager.hf_config)
+        groups = [g for g, kinds in GROUPS.items() if kinds[0] in targets]
         expected = len(groups) * self.pager.hf_config.num_hidden_layers
         if len(self.layers) != expected or {layer.group for layer in self.layers} != set(groups):
             raise ValueError(
