@@ -23,6 +23,7 @@ CLI_PATCHES = ["vllm_engine_arg_utils", "vllm_envs", *STEP_LOG_PATCHES]
 MODE_PATCHES: list[str] = [
     "vllm_v1_core_sched_scheduler",
     "vllm_v1_core_kv_cache_utils",
+    "vllm_v1_core_kv_cache_utils:apply_sliding_window_blocks",
     "vllm_v1_worker_lora_model_runner_mixin",
     "vllm_v1_worker_gpu_worker",
     "vllm_v1_engine_input_processor",

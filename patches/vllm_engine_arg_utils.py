@@ -22,21 +22,29 @@ What:
   and applies the plugin's settings given as ``--additional-config
   '{"vllm_slora": {...}}'`` (``vllm_slora.config.apply_settings``: the
   environment variables the engine's processes read, set before they start).
+  In S-LoRA mode it also turns vLLM's hybrid KV cache manager off unless the
+  user chose (``keep_one_kv_cache_group``): adapters are paged in one
+  KV-cache group, and a model that mixes sliding-window and full-attention
+  layers (Gemma 2) gets one group only without it.
 
-Guard: ``guard`` checks vLLM 0.26.x and both attributes. Goes away if vLLM
-gains a per-run plugin switch.
+Guard: ``guard`` checks vLLM 0.26.x and the attributes used. Goes away if
+vLLM gains a per-run plugin switch (and, for the hybrid manager, when paged
+LoRA can use the pages of several KV-cache groups).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import logging
 
 from vllm_slora.config import SETTINGS, SETTINGS_KEY, apply_settings
 from vllm_slora.patches import guard
 
 TARGET = "vllm.engine.arg_utils"
 KNOWN_PLUGINS = ("vllm_slora",)
+# Under vLLM's logger, so that the line reaches vLLM's log at INFO.
+logger = logging.getLogger("vllm.plugins.vllm_slora")
 
 
 class PluginAction(argparse.Action):
@@ -83,10 +91,32 @@ def check_lora_enabled(engine_args) -> None:
         )
 
 
+def keep_one_kv_cache_group(engine_args, vllm_config) -> None:
+    """In S-LoRA mode, unless the user chose: vLLM's hybrid KV cache manager
+    off, so that sliding-window layers beside full-attention ones join their
+    group (``kv_cache_utils.unify_hybrid_kv_cache_specs``), whose blocks hold
+    the adapters' pages. Those layers then keep their full KV (memory stock
+    frees); the attention still applies the window. Left on for models with
+    Mamba layers, which need it; ``PagedKVCacheManager.enable_adapters``
+    refuses them by name."""
+    from vllm_slora.activation import is_enabled
+
+    model, scheduler = vllm_config.model_config, vllm_config.scheduler_config
+    if (not is_enabled() or engine_args.disable_hybrid_kv_cache_manager is not None
+            or scheduler.disable_hybrid_kv_cache_manager or model is None
+            or model.is_hybrid or model.is_attention_free):
+        return
+    scheduler.disable_hybrid_kv_cache_manager = True
+    logger.info("vllm_slora: hybrid KV cache manager off, so that adapter pages share one "
+                "KV-cache group with every layer; sliding-window layers beside full-attention "
+                "ones (Gemma 2) keep their full KV, more KV memory than stock")
+
+
 def apply() -> None:
     from vllm.engine import arg_utils
 
-    guard(arg_utils, "EngineArgs.add_cli_args", "EngineArgs.create_engine_config")
+    guard(arg_utils, "EngineArgs.add_cli_args", "EngineArgs.create_engine_config",
+          "EngineArgs.disable_hybrid_kv_cache_manager")
     EngineArgs = arg_utils.EngineArgs
 
     stock_add_cli_args = EngineArgs.add_cli_args
@@ -105,7 +135,9 @@ def apply() -> None:
         settings = (getattr(self, "additional_config", None) or {}).get(SETTINGS_KEY)
         if settings is not None:
             apply_settings(settings)
-        return stock_create(self, *args, **kwargs)
+        config = stock_create(self, *args, **kwargs)
+        keep_one_kv_cache_group(self, config)
+        return config
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
     EngineArgs.create_engine_config = create_engine_config

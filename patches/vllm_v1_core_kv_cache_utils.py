@@ -17,9 +17,30 @@ old and new weights, never share a block.
 Guard: vLLM 0.26.x; ``_gen_lora_extra_hash_keys`` (looked up by name at call
 time by ``generate_block_hash_extra_keys``). Goes away if vLLM keys LoRA
 blocks by the adapter's identity (id or content), not its name.
+
+``apply_sliding_window_blocks`` (registered as
+``vllm_v1_core_kv_cache_utils:apply_sliding_window_blocks``). Why: S-LoRA
+mode turns the hybrid KV cache manager off (``vllm_engine_arg_utils.py``),
+so that ``unify_hybrid_kv_cache_specs`` makes a model's sliding-window
+layers (Gemma 2) full-attention specs of the one KV-cache group. vLLM 0.26
+gives sliding-window layers a block size of their own (the attention
+backend's smallest, 16 tokens on CPU, beside full attention's 128), which
+it then cannot unify ("Hybrid KV cache manager is disabled but failed to
+convert the KV cache specs to one unified type"). What:
+``unify_hybrid_kv_cache_specs`` first gives unpadded sliding-window specs
+the block size of the full-attention layers, when they all have one (the
+block size the backend serves them with already); the window is still
+applied by the attention. Guard: ``unify_hybrid_kv_cache_specs`` (looked
+up by name at call time by ``get_kv_cache_groups``),
+``kv_cache_interface.SlidingWindowSpec`` and ``FullAttentionSpec``. Goes
+away when vLLM unifies the block sizes itself, or when paged LoRA can use
+the pages of several KV-cache groups.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
 
 from vllm_slora.patches import guard
 
@@ -47,3 +68,34 @@ def apply() -> None:
 
     guard(kv_cache_utils, "_gen_lora_extra_hash_keys", "generate_block_hash_extra_keys")
     kv_cache_utils._gen_lora_extra_hash_keys = lora_extra_hash_keys
+
+
+def align_sliding_window_blocks(kv_cache_spec: dict) -> None:
+    """Sliding-window specs (unpadded) take the block size of the
+    full-attention specs, in place, where those have one block size."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    full = {spec.block_size for spec in kv_cache_spec.values() if isinstance(spec, FullAttentionSpec)}
+    if len(full) != 1:
+        return
+    block_size = full.pop()
+    for name, spec in kv_cache_spec.items():
+        if (isinstance(spec, SlidingWindowSpec) and spec.page_size_padded is None
+                and spec.block_size != block_size):
+            kv_cache_spec[name] = dataclasses.replace(spec, block_size=block_size)
+
+
+def apply_sliding_window_blocks() -> None:
+    from vllm.v1 import kv_cache_interface
+    from vllm.v1.core import kv_cache_utils
+
+    guard(kv_cache_utils, "unify_hybrid_kv_cache_specs", "get_kv_cache_groups")
+    guard(kv_cache_interface, "SlidingWindowSpec.page_size_padded", "FullAttentionSpec")
+    stock = kv_cache_utils.unify_hybrid_kv_cache_specs
+
+    @functools.wraps(stock)
+    def unify_hybrid_kv_cache_specs(kv_cache_spec):
+        align_sliding_window_blocks(kv_cache_spec)
+        return stock(kv_cache_spec)
+
+    kv_cache_utils.unify_hybrid_kv_cache_specs = unify_hybrid_kv_cache_specs

@@ -19,7 +19,9 @@ Checks: folder; ``adapter_config.json`` (present, JSON, ``peft_type`` LORA,
 ranks); ``r`` <= ``--max-lora-rank`` (S-LoRA mode enforces it like stock
 vLLM does: it bounds the pages one adapter may take); ``adapter_model.safetensors``
 (present, readable); each tensor a LoRA A/B of a projection the base model
-has, of a layer it has, of the shape it needs at rank ``r``; the adapter's
+has (or of a fused qkv_proj / gate_up_proj, as Phi-3 adapters have, but not
+both for one layer group), of a layer it has, of the shape it needs at rank
+``r`` (a fused B: the slices' rows in turn); the adapter's
 pages fit the KV pool; with ``weights=True`` no NaN or inf. NaN/inf weights
 are rejected: the paged kernels would add them to every token of the
 request, whose outputs would be NaN logits, i.e. garbage.
@@ -33,8 +35,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_slora.memory.layout import (ADAPTER_FILE, CONFIG_FILE, KINDS, AdapterMeta, PageGeometry,
-                                      file_version, lora_scale, lora_targets, module_widths, split_key)
+from vllm_slora.memory.layout import (ADAPTER_FILE, CONFIG_FILE, KINDS, PACKED, AdapterMeta,
+                                      PageGeometry, adapter_kinds, file_version, lora_scale,
+                                      lora_targets, module_widths, slice_rows, split_key)
 
 
 class AdapterError(ValueError):
@@ -155,39 +158,42 @@ def _check_headers(path: str, name: str | None, version: tuple, model: tuple,
         fail(f"has no {ADAPTER_FILE}{hint}", not_found=True)
     from safetensors import safe_open
 
-    kinds = set()
+    modules = set()
     try:
         with safe_open(str(weights), framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types
         fail(f"has a corrupt {ADAPTER_FILE} ({type(e).__name__}: {e}); re-save or "
              f"re-download the adapter")
+    supported = ", ".join(KINDS + tuple(PACKED))
     for key, shape in shapes.items():
         parts = split_key(key)
         if parts is None:
             fail(f"has tensor '{key}', which is not a LoRA A/B weight of a projection; "
-                 f"paged LoRA serves LoRA of {', '.join(KINDS)} only")
-        layer, kind, ab = parts
-        if kind not in KINDS:
-            fail(f"targets module '{kind}' ('{key}'), which this base model does not have "
-                 f"as a LoRA target; supported: {', '.join(KINDS)}")
-        if kind not in targets:
-            fail(f"targets module '{kind}' ('{key}'); {arch} is a mixture-of-experts model, "
+                 f"paged LoRA serves LoRA of {supported} only")
+        layer, module, ab = parts
+        if module not in KINDS and module not in PACKED:
+            fail(f"targets module '{module}' ('{key}'), which this base model does not have "
+                 f"as a LoRA target; supported: {supported}")
+        rows = slice_rows(module, widths)
+        if rows[0][0] not in targets:
+            fail(f"targets module '{module}' ('{key}'); {arch} is a mixture-of-experts model, "
                  f"where vllm_slora serves LoRA on {', '.join(targets)} only")
         if layer >= num_layers:
             fail(f"has '{key}' for layer {layer}, the base model has {num_layers} layers; "
                  f"was it trained for another base model?")
-        k, n = widths[kind]
-        want = (rank, k) if ab == "A" else (n, rank)
+        k = widths[rows[0][0]][0]
+        want = (rank, k) if ab == "A" else (sum(n for _, n in rows), rank)
         if shape != want:
             fail(f"has '{key}' of shape {shape}, the base model needs {want} at rank {rank}; "
                  f"was it trained for another base model?")
-        kinds.add(kind)
-    if not kinds:
+        modules.add(module)
+    if not modules:
         fail(f"has no LoRA weights in {ADAPTER_FILE}")
-    for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
-        if kinds & set(group):
-            kinds |= set(group)
+    try:
+        kinds = adapter_kinds(modules)
+    except ValueError as e:
+        fail(str(e))
     return AdapterInfo(rank, tuple(k for k in KINDS if k in kinds), None, lora_scale(cfg, rank))
 
 

@@ -124,6 +124,30 @@ def test_settings_the_vllm_way_reach_the_engine_processes(tiny_model):
     assert proc.returncode == 0 and "settings ok" in proc.stdout, proc.stderr[-3000:]
 
 
+def test_mode_on_turns_the_hybrid_kv_cache_manager_off(tiny_model):
+    """Adapters are paged in one KV-cache group: S-LoRA mode turns vLLM's
+    hybrid KV cache manager off (sliding-window and full-attention layers
+    then share one group), saying why in one line, unless the user chose;
+    mode off leaves vLLM's choice."""
+    proc = run_py(f"""
+        import vllm_slora
+        from vllm.engine.arg_utils import EngineArgs
+
+        def hybrid_off(**kwargs):
+            config = EngineArgs(model="{tiny_model}", skip_tokenizer_init=True, enable_lora=True,
+                                **kwargs).create_engine_config()
+            return config.scheduler_config.disable_hybrid_kv_cache_manager
+
+        assert hybrid_off() is False
+        vllm_slora.enable()
+        assert hybrid_off() is True
+        assert hybrid_off(disable_hybrid_kv_cache_manager=False) is False
+        print("hybrid ok")
+    """)
+    assert proc.returncode == 0 and "hybrid ok" in proc.stdout, proc.stderr[-3000:]
+    assert (proc.stdout + proc.stderr).count("hybrid KV cache manager off, so that adapter pages") == 1
+
+
 def test_unknown_plugin_name_is_an_error(tiny_model):
     proc = run_vllm("serve", str(tiny_model), "--enable-lora", "--plugin", "no_such_plugin")
     assert proc.returncode == 2

@@ -6,7 +6,9 @@ Mistral, Qwen2 (q/k/v biases in the base layer; the LoRA output adds to
 the biased output) and Qwen3 (q/k norms, a head_dim of 64 with a hidden size
 of 128, so q is twice as wide as the model). Adapters of mixed ranks on all
 seven projections; every fifth request without an adapter (compared with
-the base model without LoRA).
+the base model without LoRA). Phi-3 (adapters on its fused projections) and
+Gemma 2 (sliding-window layers) have a test each, every request with an
+adapter so that two engines suffice; Mixtral is compared with HF + PEFT.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from __future__ import annotations
 import pytest
 from conftest import prompts, run_engine
 
-from vllm_slora.testing.adapters import make_adapters
-from vllm_slora.testing.models import make_tiny_llama
+from vllm_slora.testing.adapters import FUSED, make_adapters
+from vllm_slora.testing.models import ARCHITECTURES, make_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -49,17 +51,58 @@ def test_same_outputs_as_stock(tmp_path, arch):
     assert slora["phases"][0]["report"]["stats"]["loads"] >= len(adapters)
 
 
-def test_models_with_mixed_attention_kinds_are_refused_by_name(tmp_path):
-    """Gemma 2 interleaves sliding-window and full-attention layers: two KV-cache
-    groups, which unified paging does not page adapters into (yet). S-LoRA
-    mode stops at start-up naming the architecture and what is supported."""
+def assert_same_outputs(slora: dict, stock: dict, reqs: list, label: str) -> None:
+    got, want = slora["phases"][0]["outputs"], stock["phases"][0]["outputs"]
+    assert len(got) == len(want) == len(reqs)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g["token_ids"] == w["token_ids"], f"{label} request {i} ({reqs[i][1]})"
+        diff = max(abs(a - b) for a, b in zip(g["logprobs"], w["logprobs"]))
+        assert diff <= LOGPROB_TOL, f"{label} request {i}: logprob diff {diff}"
+
+
+def run_both(model, reqs: list, label: str, num_adapters: int) -> None:
+    """Stock vLLM's LoRA and the plugin on the same requests (each with an
+    adapter): the same tokens and logprobs, the adapters paged into the pool."""
+    phases = [{"name": label, "requests": reqs, "max_tokens": 8}]
+    stock = run_engine({"model": str(model), "mode": "stock", "phases": phases,
+                        "llm_kwargs": dict(COMMON, max_loras=num_adapters,
+                                           max_cpu_loras=num_adapters)})
+    slora = run_engine({"model": str(model), "mode": "slora", "phases": phases,
+                        "llm_kwargs": dict(COMMON, max_loras=1)})
+    assert_same_outputs(slora, stock, reqs, label)
+    report = slora["phases"][0]["report"]
+    assert report["stats"]["loads"] >= num_adapters
+    assert report["adapters_checked_in_kv"] and not report["adapters_mismatched_in_kv"]
+
+
+def test_phi3_fused_adapters_same_outputs_as_stock(tmp_path):
+    """Phi-3 stores q, k, v (and gate, up) as one checkpoint weight, and its
+    adapters target the fused modules: qkv_proj, o_proj, gate_up_proj,
+    down_proj, one A and one B each. The plugin packs them as the slices'
+    kinds (the A copied, the B split by rows; layout.py, "fused adapter");
+    stock vLLM serves them as one slice. Mixed ranks."""
+    model = make_tiny_llama(tmp_path / "model", arch="phi3", seed=5)
+    adapters = [str(p) for p in make_adapters(tmp_path / "adapters", model, [4, 16, 8], seed=6,
+                                              target_modules=FUSED)]
+    reqs = [(p, adapters[i % 3]) for i, p in enumerate(prompts(6, seed=13))]
+    run_both(model, reqs, "phi3", len(adapters))
+
+
+def test_gemma2_sliding_window_same_outputs_as_stock(tmp_path):
+    """Gemma 2 alternates sliding-window and full-attention layers, with
+    logit soft-capping. S-LoRA mode turns vLLM's hybrid KV cache manager
+    off (one KV-cache group, whose blocks hold the adapters' pages; the
+    sliding-window layers keep their full KV, in blocks of the full layers'
+    size: patches/vllm_v1_core_kv_cache_utils.py); stock keeps it on (two
+    groups, KV outside the window dropped). The tiny model's window is 16
+    tokens and most prompts are longer, so the window shapes the outputs of
+    both. Adapters of mixed ranks on all seven projections."""
+    window = ARCHITECTURES["gemma2"]["config"]["sliding_window"]
     model = make_tiny_llama(tmp_path / "model", arch="gemma2", seed=5)
-    with pytest.raises(RuntimeError) as failed:
-        run_engine({"model": str(model), "mode": "slora", "phases": [],
-                    "llm_kwargs": dict(COMMON, max_loras=1)})
-    message = str(failed.value)
-    assert "Gemma2ForCausalLM has 2 (SlidingWindowSpec, FullAttentionSpec" in message
-    assert "Supported: models whose layers all use one attention kind" in message
+    adapters = [str(p) for p in make_adapters(tmp_path / "adapters", model, [4, 16, 8], seed=6)]
+    reqs = [(p, adapters[i % 3]) for i, p in enumerate(prompts(6, seed=17, lo=8, hi=48))]
+    assert sum(len(p) > window for p, _ in reqs) >= 4
+    run_both(model, reqs, "gemma2", len(adapters))
 
 
 def test_mixture_of_experts_attention_lora_equals_hf_peft(tmp_path):

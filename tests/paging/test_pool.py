@@ -211,6 +211,63 @@ def test_pages_per_adapter_for_llama_7b():
     assert [geo.blocks_for(r, KINDS[:4]) for r in (8, 16, 32, 64)] == [2, 4, 8, 16]
 
 
+
+@pytest.mark.parametrize("arch,second,words", [
+    ("Gemma2ForCausalLM", "sliding",
+     "(SlidingWindowSpec, FullAttentionSpec): attention layers of several kinds, kept apart by "
+     "vLLM's hybrid KV cache manager. Start without --no-disable-hybrid-kv-cache-manager"),
+    ("JambaForCausalLM", "mamba",
+     "(SlidingWindowSpec, MambaSpec): layers that are not all attention (e.g. Mamba beside "
+     "attention). Supported: models whose layers are all attention"),
+])
+def test_several_kv_cache_groups_are_refused_by_name(tiny_model, arch, second, words):
+    """Adapters are paged in one attention KV-cache group. Several attention
+    groups (the hybrid KV cache manager kept on by the user: S-LoRA mode turns
+    it off, patches/vllm_engine_arg_utils.py) and groups of Mamba state stop
+    start-up, naming the architecture and the fix."""
+    from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheGroupSpec, MambaSpec,
+                                            SlidingWindowSpec)
+
+    from vllm_slora.memory.manager import PagedKVCacheManager
+
+    attn = dict(block_size=BLOCK, num_kv_heads=2, head_size=32, dtype=torch.float32)
+    other = (FullAttentionSpec(**attn) if second == "sliding"
+             else MambaSpec(block_size=BLOCK, shapes=((4, 32),), dtypes=(torch.float32,)))
+    groups = [KVCacheGroupSpec(["model.layers.0.self_attn.attn"],
+                               SlidingWindowSpec(**attn, sliding_window=16)),
+              KVCacheGroupSpec(["model.layers.1.mixer"], other)]
+    manager = SimpleNamespace(kv_cache_config=SimpleNamespace(kv_cache_groups=groups))
+    hf = hf_config(tiny_model)
+    hf.architectures = [arch]
+    with pytest.raises(ValueError) as refused:
+        PagedKVCacheManager.enable_adapters(manager, hf, torch.float32)
+    assert f"single attention KV-cache group; {arch} has 2 {words}" in str(refused.value)
+
+
+def test_sliding_window_layers_join_the_full_attention_group():
+    """With the hybrid KV cache manager off (S-LoRA mode), vLLM 0.26 cannot
+    unify a sliding-window layer of its own block size (16 on CPU) with
+    full-attention layers of 128; given the full layers' block size first
+    (patches/vllm_v1_core_kv_cache_utils.py), they make one group."""
+    from vllm.v1.core import kv_cache_utils
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    from vllm_slora.patches.vllm_v1_core_kv_cache_utils import align_sliding_window_blocks
+
+    attn = dict(num_kv_heads=2, head_size=32, dtype=torch.float32)
+
+    def specs():
+        return {"layers.0": SlidingWindowSpec(block_size=16, sliding_window=16, **attn),
+                "layers.1": FullAttentionSpec(block_size=128, **attn)}
+
+    with pytest.raises(ValueError, match="failed to convert the KV cache specs to one unified type"):
+        kv_cache_utils.unify_hybrid_kv_cache_specs(specs())
+    unified = specs()
+    align_sliding_window_blocks(unified)
+    kv_cache_utils.unify_hybrid_kv_cache_specs(unified)
+    assert unified["layers.0"] == FullAttentionSpec(block_size=128, sliding_window=16, **attn)
+    assert kv_cache_utils.is_kv_cache_spec_uniform(unified)
+
 def test_separate_region_when_unify_mem_is_off(tiny_model, adapters, monkeypatch):
     from vllm_slora import config
 

@@ -20,6 +20,12 @@ Vocabulary (used everywhere in ``vllm_slora.memory``):
   qkv_proj = q, k, v; o_proj; gate_up_proj = gate, up; down_proj). An adapter
   has all kinds of a group or none (missing slices are zero pages), so the
   slices of a fused layer share its rank.
+- **fused adapter**: one trained on a checkpoint that stores a packed layer
+  as one weight (Phi-3's ``qkv_proj``, ``gate_up_proj``), so it has one A
+  ``[r, K]`` and one B ``[sum of the slices' N, r]`` per group. It is packed
+  as the slices' kinds: the A copied for each slice, the B split by rows
+  (``B x A x`` is the slices' outputs in turn, so this is exact). An adapter
+  names a group fused or by its slices, not both.
 - **packed adapter**: per layer, the ``[rows, D]`` block of pages an adapter
   fills, in the order given by ``AdapterMeta.offsets``; the pager copies it
   into the pool rows of the adapter's blocks with one indexed copy per layer.
@@ -83,7 +89,9 @@ def lora_targets(hf_config) -> tuple[str, ...]:
     """The module kinds paged LoRA serves on this model: all seven, or on a
     mixture-of-experts model the attention projections (its experts are not
     linear layers that paged LoRA wraps)."""
-    return ("q_proj", "k_proj", "v_proj", "o_proj") if is_moe(hf_config) else tuple(module_widths(hf_config))
+    if is_moe(hf_config):
+        return GROUPS["qkv_proj"] + GROUPS["o_proj"]
+    return tuple(module_widths(hf_config))
 
 
 def largest_pow2_divisor(n: int, cap: int) -> int:
@@ -189,9 +197,35 @@ class AdapterMeta:
 
 
 def split_key(key: str) -> tuple[int, str, str] | None:
-    """'...layers.3.self_attn.q_proj.lora_A.weight' -> (3, 'q_proj', 'A')."""
+    """'...layers.3.self_attn.q_proj.lora_A.weight' -> (3, 'q_proj', 'A');
+    a fused module keeps its name ('qkv_proj': ``PACKED`` gives its kinds)."""
     m = _KEY.search(key)
     return (int(m.group(1)), m.group(2), m.group(3)) if m else None
+
+
+def adapter_kinds(modules) -> set[str]:
+    """The module kinds of an adapter's ``modules`` (kinds and fused names),
+    with fused groups completed; ``ValueError`` for a group named both fused
+    and by its slices (which A would the slices take?)."""
+    kinds = set()
+    for module in modules:
+        kinds |= set(PACKED.get(module, (module,)))
+    for fused, group in PACKED.items():
+        both = [f"'{k}'" for k in group if k in modules]
+        if fused in modules and both:
+            raise ValueError(f"has LoRA weights for both '{fused}' and {', '.join(both)}; a "
+                             f"layer group is either fused or split: re-save the adapter with "
+                             f"one of the two")
+        if kinds & set(group):
+            kinds |= set(group)
+    return kinds
+
+
+def slice_rows(module: str, widths) -> list[tuple[str, int]]:
+    """(kind, rows of B) of each kind a ``module``'s weights hold: a fused
+    module's slices in the checkpoint's order, else the kind itself;
+    ``widths``: ``module_widths`` (full K, N of each kind)."""
+    return [(k, widths[k][1]) for k in PACKED.get(module, (module,))]
 
 
 def file_version(path: str) -> tuple:
@@ -227,28 +261,29 @@ def _read_adapter_meta(path: str, version: tuple) -> AdapterMeta:
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise ValueError(f"adapter '{path}' has rank_pattern/alpha_pattern; paged LoRA needs "
                          f"one rank per adapter: re-save it without per-module ranks")
-    kinds, rank = set(), None
+    modules, rank = set(), None
     with safe_open(str(weights), framework="pt") as f:
         for key in f.keys():
             parts = split_key(key)
-            if parts is None or parts[1] not in KINDS:
+            if parts is None or (parts[1] not in KINDS and parts[1] not in PACKED):
                 raise ValueError(f"adapter '{path}' has weight '{key}'; paged LoRA supports "
-                                 f"only LoRA A/B of {', '.join(KINDS)}")
+                                 f"only LoRA A/B of {', '.join(KINDS + tuple(PACKED))}")
             shape = f.get_slice(key).get_shape()
             r = shape[0] if parts[2] == "A" else shape[1]
             if rank is not None and r != rank:
                 raise ValueError(f"adapter '{path}': '{key}' has rank {r}, others {rank}; "
                                  f"paged LoRA needs one rank per adapter")
             rank = r
-            kinds.add(parts[1])
+            modules.add(parts[1])
     if rank is None:
         raise ValueError(f"adapter '{path}' has no LoRA weights")
     # A fused vLLM layer (qkv_proj, gate_up_proj) runs one kernel call for all
     # its slices, which share the adapter's rank: an adapter on q and v also
     # gets (zero) k pages.
-    for group in PACKED.values():
-        if kinds & set(group):
-            kinds |= set(group)
+    try:
+        kinds = adapter_kinds(modules)
+    except ValueError as e:
+        raise ValueError(f"adapter '{path}' {e}") from None
     return AdapterMeta(path=str(path), rank=rank,
                        kinds=tuple(k for k in KINDS if k in kinds), scale=lora_scale(cfg, rank),
                        version=version)
@@ -266,35 +301,42 @@ def pack_adapter(meta: AdapterMeta, geo: PageGeometry, tensors: dict,
 
     Each tensor is copied once, straight into its pages (B transposed on the
     way, converted to the adapter dtype); only pages no tensor fills (layers
-    or slices of a fused group the adapter lacks) are zeroed. With tensor
+    or slices of a fused group the adapter lacks) are zeroed. A fused
+    module's A is copied for each of its slices and its B split by rows
+    into theirs, before the TP shard is cut per slice. With tensor
     parallelism, this rank's shard (see the module docstring).
     """
     d, r = geo.page_width, meta.rank
     p, world = geo.tp_rank, geo.tp_size
     packed = torch.empty(geo.num_layers, meta.rows(geo), d, dtype=geo.dtype, device=device)
     offsets = meta.offsets(geo)
+    widths = dict(zip(KINDS, geo.full_widths))
     filled = set()
     for key, t in tensors.items():
-        layer, kind, ab = split_key(key)
+        layer, module, ab = split_key(key)
         if layer >= geo.num_layers:
             raise ValueError(f"adapter '{meta.path}': '{key}' is for layer {layer}, "
                              f"the model has {geo.num_layers}")
-        k, n = geo.full_widths[KINDS.index(kind)]
-        a_off, b_off = offsets[kind]
-        want = (r, k) if ab == "A" else (n, r)
+        rows = slice_rows(module, widths)
+        want = (r, widths[rows[0][0]][0]) if ab == "A" else (sum(n for _, n in rows), r)
         if tuple(t.shape) != want:
             raise ValueError(f"adapter '{meta.path}': '{key}' has shape {tuple(t.shape)}, "
                              f"the model needs {want}; was it trained for another model?")
-        if ab == "A":  # [r, K]: rank-vectors are rows
-            if world > 1:
-                t = t[p::world] if kind in COLUMN_PARALLEL else t.tensor_split(world, dim=1)[p]
-            off = a_off
-        else:  # [N, r]: rank-vectors are columns
-            if world > 1:
-                t = t.tensor_split(world, dim=0)[p]
-            t, off = t.t(), b_off
-        packed[layer, off:off + t.numel() // d].view(t.shape).copy_(t)
-        filled.add((layer, kind, ab))
+        kinds = [kind for kind, _ in rows]
+        parts = [t] * len(kinds) if ab == "A" else t.split([n for _, n in rows])
+        for kind, part in zip(kinds, parts):
+            a_off, b_off = offsets[kind]
+            if ab == "A":  # [r, K]: rank-vectors are rows
+                if world > 1:
+                    part = (part[p::world] if kind in COLUMN_PARALLEL
+                            else part.tensor_split(world, dim=1)[p])
+                off = a_off
+            else:  # [N, r]: rank-vectors are columns
+                if world > 1:
+                    part = part.tensor_split(world, dim=0)[p]
+                part, off = part.t(), b_off
+            packed[layer, off:off + part.numel() // d].view(part.shape).copy_(part)
+            filled.add((layer, kind, ab))
     for layer in range(geo.num_layers):
         for kind in meta.kinds:
             a_off, b_off = offsets[kind]
@@ -348,9 +390,10 @@ def pack_file_bytes(meta: AdapterMeta, geo: PageGeometry, data: torch.Tensor, he
     one gather per (kind, A or B) takes every layer's tensor at once, through
     an index made of the layers' offsets in the file (one small copy to the
     device per adapter) and one pattern per shape (B's transpose, the TP
-    shard), cached. Files with a tensor ``pack_adapter`` would refuse, or a
-    kind whose tensors differ in dtype or are not aligned to their element
-    size, take ``pack_adapter``'s path. The same result, bit for bit (tested).
+    shard), cached. Files with a tensor ``pack_adapter`` would refuse, a
+    fused module (its name is not a kind of ``meta``), or a kind whose
+    tensors differ in dtype or are not aligned to their element size, take
+    ``pack_adapter``'s path. The same result, bit for bit (tested).
     """
     fallback = lambda: pack_adapter(meta, geo, tensors_from_bytes(meta.path, data, header),  # noqa: E731
                                     device)
@@ -358,7 +401,7 @@ def pack_file_bytes(meta: AdapterMeta, geo: PageGeometry, data: torch.Tensor, he
     for key, entry in header.items():
         parts = split_key(key)
         if parts is None or parts[0] >= geo.num_layers or parts[1] not in meta.kinds:
-            return fallback()  # it raises the error that names the tensor
+            return fallback()  # fused, or the error that names the tensor
         groups.setdefault((parts[1], parts[2]), []).append((parts[0], entry))
     d, r, layers = geo.page_width, meta.rank, geo.num_layers
     offsets = meta.offsets(geo)

@@ -61,12 +61,19 @@ class PagedKVCacheManager(KVCacheManager):
         groups = self.kv_cache_config.kv_cache_groups
         if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, AttentionSpec):
             arch = ", ".join(getattr(hf_config, "architectures", None) or ["this model"])
+            kinds = ", ".join(type(g.kv_cache_spec).__name__ for g in groups)
+            problem = (f"vllm_slora pages adapters in a single attention KV-cache group; {arch} "
+                       f"has {len(groups)} ({kinds})")
+            if groups and all(isinstance(g.kv_cache_spec, AttentionSpec) for g in groups):
+                raise ValueError(
+                    f"{problem}: attention layers of several kinds, kept apart by vLLM's hybrid "
+                    f"KV cache manager. Start without --no-disable-hybrid-kv-cache-manager "
+                    f"(disable_hybrid_kv_cache_manager=False for vllm.LLM): S-LoRA mode turns "
+                    f"the manager off, so that they share one group")
             raise ValueError(
-                f"vllm_slora pages adapters in a single attention KV-cache group; {arch} has "
-                f"{len(groups)} ({', '.join(type(g.kv_cache_spec).__name__ for g in groups)}: layers "
-                f"of different attention kinds, e.g. sliding-window beside full attention). "
-                f"Supported: models whose layers all use one attention kind (Llama 2/3, Mistral, "
-                f"Qwen2/2.5, Qwen3); run {arch} without --plugin vllm_slora")
+                f"{problem}: layers that are not all attention (e.g. Mamba beside attention). "
+                f"Supported: models whose layers are all attention (Llama 2/3, Mistral, "
+                f"Qwen2/2.5, Qwen3, Phi-3, Gemma 2); run {arch} without --plugin vllm_slora")
         geo = PageGeometry.create(hf_config, lora_dtype, groups[0].kv_cache_spec.page_size_bytes,
                                   tp_size=tp_size)
         config = slora_config()

@@ -1,5 +1,7 @@
 """Random PEFT LoRA adapters (``adapter_config.json`` +
-``adapter_model.safetensors``) for a Llama folder made by ``models``."""
+``adapter_model.safetensors``) for a Llama folder made by ``models``, in
+PEFT's key format: on Llama's seven projections, or on Phi-3's fused ones
+(``FUSED``: qkv_proj and gate_up_proj as the checkpoint stores them)."""
 
 from __future__ import annotations
 
@@ -9,16 +11,19 @@ from pathlib import Path
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 ALL_SEVEN = ATTN + MLP
+FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 def module_shapes(config: dict) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each Llama projection."""
+    """(in_features, out_features) of each Llama projection and of the fused
+    qkv_proj (q, k, v rows in turn) and gate_up_proj (gate, up)."""
     h, inter = config["hidden_size"], config["intermediate_size"]
     head_dim = config.get("head_dim", h // config["num_attention_heads"])
     q = config["num_attention_heads"] * head_dim
     kv = config["num_key_value_heads"] * head_dim
     return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h),
+            "qkv_proj": (h, q + 2 * kv), "gate_up_proj": (h, 2 * inter)}
 
 
 def adapter_tensors(config: dict, rank: int, target_modules, seed: int, dtype):
@@ -30,7 +35,7 @@ def adapter_tensors(config: dict, rank: int, target_modules, seed: int, dtype):
     for i in range(config["num_hidden_layers"]):
         for m in target_modules:
             k, n = shapes[m]
-            part = "self_attn" if m in ATTN else "mlp"
+            part = "self_attn" if m in ATTN + ("qkv_proj",) else "mlp"
             prefix = f"base_model.model.model.layers.{i}.{part}.{m}"
             # B is not zero (unlike a fresh PEFT init) so that every adapter
             # changes the outputs and a mix-up between adapters shows.

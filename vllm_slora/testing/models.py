@@ -3,7 +3,8 @@
 ``make_tiny_llama`` writes a config.json and seeded random weights
 (safetensors), small enough for CPU tests and exact comparisons with a plain
 PyTorch forward; ``arch`` picks another Llama-style architecture (Mistral,
-Qwen2 with q/k/v biases, Qwen3 with q/k norms and a head_dim of its own).
+Qwen2 with q/k/v biases, Qwen3 with q/k norms and a head_dim of its own,
+Phi-3 with q/k/v and gate/up fused in the checkpoint, Gemma 2, Mixtral).
 ``make_llama_config`` writes the config.json of a real architecture for
 ``load_format="dummy"`` benchmarks.
 """
@@ -61,15 +62,25 @@ ARCHITECTURES = {
                           "use_sliding_window": False, "sliding_window": None,
                           "max_window_layers": 0, "head_dim": 64}, qkv_bias=False, qk_norm=True),
     # Gemma 2: norms before and after the MLP as well, tied embeddings, GELU,
-    # its own attention scale; every other layer a sliding window (wider than
-    # the tests' prompts) and logit soft-capping as in the real configs.
+    # its own attention scale; every other layer a sliding window (of 16
+    # tokens, shorter than most test prompts, so that it matters) and logit
+    # soft-capping as in the real configs. Gemma scales the embeddings by
+    # sqrt(hidden) and reads logits through them: at unit scale a token's own
+    # embedding outweighs what the layers add and greedy decoding repeats the
+    # last token, so the tiny model's embeddings are scaled down.
     "gemma2": dict(config={"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
                            "head_dim": 32, "query_pre_attn_scalar": 32, "hidden_activation":
                            "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh",
                            "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
-                           "sliding_window": 512, "tie_word_embeddings": True,
+                           "sliding_window": 16, "tie_word_embeddings": True,
                            "layer_types": ["sliding_attention", "full_attention"]},
-                   qkv_bias=False, qk_norm=False, ffn_norms=True, tied=True),
+                   qkv_bias=False, qk_norm=False, ffn_norms=True, tied=True, embed_scale=0.02),
+    # Phi-3: Llama's layers with q, k, v stored as one weight (qkv_proj) and
+    # gate, up as another (gate_up_proj), the modules its adapters target.
+    # Phi3Config's pad token (32000) must lie in the tiny vocabulary.
+    "phi3": dict(config={"architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+                         "sliding_window": None, "pad_token_id": 0},
+                 qkv_bias=False, qk_norm=False, fused=True),
     # Mixtral: a mixture of 4 experts (top 2) in place of each dense MLP.
     "mixtral": dict(config={"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
                             "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
@@ -178,6 +189,12 @@ def make_tiny_llama(path: str | Path, *, hidden: int = 128, layers: int = 2, hea
                         for m in ("pre_feedforward_layernorm", "post_feedforward_layernorm")}
     if spec.get("tied"):
         del weights["lm_head.weight"]
+    weights["model.embed_tokens.weight"] *= spec.get("embed_scale", 1.0)
+    for i in range(layers if spec.get("fused") else 0):  # the checkpoint's fused weights
+        for part, fused, slices in (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                                    ("mlp", "gate_up_proj", ("gate_proj", "up_proj"))):
+            p = f"model.layers.{i}.{part}."
+            weights[p + f"{fused}.weight"] = torch.cat([weights.pop(p + f"{m}.weight") for m in slices])
     for i in range(layers if spec.get("experts") else 0):  # experts in place of the dense MLP
         p = f"model.layers.{i}."
         for m in ("gate_proj", "up_proj", "down_proj"):
