@@ -45,6 +45,7 @@ import urllib.request
 from pathlib import Path
 
 from vllm_slora.testing.compare import TIE_THRESHOLD, first_divergence
+from vllm_slora.testing.runner import EAGER_ENV
 from vllm_slora.testing.server import wait_healthy
 
 
@@ -63,6 +64,8 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         full_env = {k: v for k, v in os.environ.items() if k != "VLLM_SLORA"}
         full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if "--enforce-eager" in args:
+            full_env.update(EAGER_ENV)
         full_env.update(env or {})
         self.log_path = Path(log) if log else Path(tempfile.mkstemp(suffix=".log")[1])
         self.log = open(self.log_path, "w")
@@ -200,13 +203,14 @@ def reference_runs(model: str, requests: list[tuple[list[int], str]], paths: dic
     """The same requests offline (``vllm.LLM``, S-LoRA mode, greedy): per
     request ``token_ids`` and, with ``logprobs`` >= 2, ``top_logprobs``
     (per step ``{token id: logprob}``)."""
-    from vllm_slora.testing.runner import Workload, run_workload
+    from vllm_slora.testing.runner import IN_PROCESS_ENV, Workload, run_workload
 
     llm_kwargs = dict(llm_kwargs)
     result = run_workload(Workload(
         model=model, plugin="on", max_tokens=max_tokens, logprobs=logprobs,
         requests=[(p, paths[m]) for p, m in requests],
-        max_lora_rank=llm_kwargs.pop("max_lora_rank"), max_loras=1, llm_kwargs=llm_kwargs))
+        max_lora_rank=llm_kwargs.pop("max_lora_rank"), max_loras=1, llm_kwargs=llm_kwargs,
+        env=IN_PROCESS_ENV))
     return [{"token_ids": o["token_ids"],
              **({"top_logprobs": [{int(t): lp for t, lp in step.items()}
                                   for step in o["top_logprobs"]]} if "top_logprobs" in o else {})}

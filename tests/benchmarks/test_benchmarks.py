@@ -20,6 +20,7 @@ from benchmarks import report  # noqa: E402
 from benchmarks.adapter_pool import make_folders  # noqa: E402
 from benchmarks.metrics import percentile, summarize  # noqa: E402
 from benchmarks.run import error_from_log, parse  # noqa: E402
+from vllm_slora.testing.runner import EAGER_ENV, IN_PROCESS_ENV  # noqa: E402
 from benchmarks.step_time import is_lora_kernel, kernel_anatomy  # noqa: E402
 from benchmarks.systems import Config, configs, engine_kwargs, serve_flags  # noqa: E402
 from benchmarks.workload import ATTN, WorkloadSpec, generate, read_trace, write_trace  # noqa: E402
@@ -609,7 +610,8 @@ def test_tiny_offline_run(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--preset", "tiny", "--systems", ",".join(systems),
          "--workdir", str(tmp_path / "work"), "--results-dir", str(results_dir), "--name", "tiny"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        env=dict(os.environ, **EAGER_ENV, **IN_PROCESS_ENV))  # the tiny preset's engines run eager
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((results_dir / "tiny.json").read_text())
     traces = Path(results["config"]["workdir"]) / "runs" / "tiny" / "traces"

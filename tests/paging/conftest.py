@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from vllm_slora.testing.runner import EAGER_ENV, IN_PROCESS_ENV
+
 JOB = Path(__file__).with_name("engine_job.py")
 MIXED_RANKS = [4, 8, 16, 32]
 NUM_SCALE_ADAPTERS = 2000
@@ -26,6 +28,7 @@ def run_engine(spec: dict, env: dict | None = None, timeout: float = 900) -> dic
     full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # LLM.collective_rpc with a function (the worker-side checks) needs pickle.
     full_env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    full_env.update(EAGER_ENV | IN_PROCESS_ENV)  # engine_job.py runs eager
     full_env.update(env or {})
     with tempfile.TemporaryDirectory() as tmp:
         spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"

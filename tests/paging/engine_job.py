@@ -7,7 +7,9 @@ the other in the same engine so several checks share one engine start. The
 result has each phase's outputs, the KV block count, and for S-LoRA mode the
 plugin's counters and checks made inside the worker process (run there with
 ``LLM.collective_rpc``; this file runs as ``__main__``, so the functions
-travel by value).
+travel by value). ``run_engine`` runs it with the engine core in this
+process (``testing.runner.IN_PROCESS_ENV``); the suite's serving and
+foundation tests run vLLM's processes as users do.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ def main(spec_path: str, out_path: str) -> None:
         if phase.get("reset_prefix_cache_after"):
             result.setdefault("reset_ok", []).append(llm.reset_prefix_cache())
     Path(out_path).write_text(json.dumps(result))
+    os._exit(0)  # no engine teardown: nothing of it is checked
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def main(spec_path: str, out_path: str) -> None:
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
-    gpu = {"async_scheduling": True, "gpu_memory_utilization": 0.3} if spec.get("async_scheduling") else {}
+    gpu = ({"async_scheduling": True, "gpu_memory_utilization": 0.3} if spec.get("async_scheduling")
+           else {"enforce_eager": True})
     llm = LLM(model=spec["model"], skip_tokenizer_init=True, enable_lora=True, max_loras=2,
               max_lora_rank=16, seed=0, max_cpu_loras=4, **gpu)
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler

@@ -27,7 +27,7 @@ def main(spec_path: str, out_path: str) -> None:
     from vllm.lora.request import LoRARequest
 
     llm = LLM(model=spec["model"], skip_tokenizer_init=True, enable_lora=True, max_loras=2,
-              max_lora_rank=16, seed=0, max_cpu_loras=8)
+              max_lora_rank=16, seed=0, max_cpu_loras=8, enforce_eager=True)
     pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.adapters
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     prompts = [[3 + (7 * i + j) % 300 for j in range(12 + 5 * i)] for i in range(3)]

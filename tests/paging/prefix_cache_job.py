@@ -3,7 +3,9 @@
 One engine with prefix caching on runs phases one after the other (each a
 list of (prompt token ids, adapter folder, LoRA id, adapter name)) and records, per phase,
 the outputs and how many prompt tokens hit the prefix cache (the requests'
-``num_cached_tokens``, as vLLM reports them).
+``num_cached_tokens``, as vLLM reports them). The suite's one CPU engine
+that vLLM compiles (torch.compile with inductor, not eager): the paged LoRA
+op inside vLLM's compiled graph on CPU.
 """
 
 from __future__ import annotations

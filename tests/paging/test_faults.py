@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from vllm_slora.testing.runner import EAGER_ENV
+
 
 FAULTS = ["weights removed", "truncated weights", "rank above the limit", "read error in the worker"]
 # The worker's uploads of folders named so fail as a disk error would, after
@@ -47,7 +49,8 @@ def test_broken_adapter_fails_only_its_requests(tmp_path, tiny_model, device):
     job = Path(__file__).with_name("fault_job.py")
     proc = subprocess.run([sys.executable, str(job), str(tmp_path / "spec.json"), str(out)],
                           env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1",
-                                   VLLM_SLORA_TEST_FAIL_UPLOADS=WORKER_FAULT),
+                                   VLLM_SLORA_TEST_FAIL_UPLOADS=WORKER_FAULT,
+                                   **(EAGER_ENV if device == "cpu" else {})),
                           capture_output=True, text=True, timeout=900)
     assert out.exists(), proc.stderr[-4000:]
     got = json.loads(out.read_text())

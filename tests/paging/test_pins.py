@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from vllm_slora.testing.runner import EAGER_ENV
+
 @pytest.mark.slow
 def test_pin_lora_keeps_the_adapter_resident_in_an_engine(tmp_path, tiny_model):
     from vllm_slora.testing.adapters import make_peft_adapter
@@ -24,7 +26,7 @@ def test_pin_lora_keeps_the_adapter_resident_in_an_engine(tmp_path, tiny_model):
     out = tmp_path / "out.json"
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("pin_job.py")),
                            str(tmp_path / "spec.json"), str(out)],
-                          env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"),
+                          env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **EAGER_ENV),
                           capture_output=True, text=True, timeout=600)
     assert out.exists(), proc.stderr[-4000:]
     got = json.loads(out.read_text())

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from vllm_slora.testing.runner import EAGER_ENV
+
 pytestmark = pytest.mark.slow
 
 JOB = Path(__file__).with_name("two_engines_job.py")
@@ -30,7 +32,7 @@ def test_two_engines_in_one_process_keep_their_own_layers(tmp_path, tiny_model, 
     spec.write_text(json.dumps({"model_a": str(tiny_model), "model_b": str(model_b), "max_tokens": 8,
                                 "requests_a": requests_a, "requests_b": requests_b}))
     out = tmp_path / "out.json"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **EAGER_ENV)
     proc = subprocess.run([sys.executable, str(JOB), str(spec), str(out)], env=env,
                           capture_output=True, text=True, timeout=900)
     assert out.exists(), proc.stderr[-4000:]

@@ -40,7 +40,7 @@ def main(spec_path: str, out_path: str) -> None:
                 for o in outs]
 
     kw = dict(skip_tokenizer_init=True, enable_lora=True, max_loras=1, max_lora_rank=16, seed=0,
-              gpu_memory_utilization=0.3, max_cpu_loras=8)
+              gpu_memory_utilization=0.3, max_cpu_loras=8, enforce_eager=True)
     a = LLM(model=spec["model_a"], **kw)
     first = run(a, spec["requests_a"])
     b = LLM(model=spec["model_b"], **kw)

@@ -21,6 +21,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 PLUGIN_MODES = ("none", "off", "on")
+# For engines that run eager (enforce_eager): vLLM 0.26 still compiles its
+# CPU sampler (``compiled_random_sample``) with torch.compile as the engine
+# warms up, 16 of an engine's 51 s to start on a 2-core machine; an eager
+# engine has nothing else for TorchDynamo to do.
+EAGER_ENV = {"TORCHDYNAMO_DISABLE": "1"}
+# The engine core in the run's own process: two Python start-ups and an
+# engine shut-down fewer, ~20 s a run on the CPU machine. For runs that
+# check outputs; the tests of processes and plugin loading keep vLLM's.
+IN_PROCESS_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 # vLLM's own general plugins: "none" keeps them and drops only ours.
 STOCK_PLUGINS = "lora_filesystem_resolver,lora_hf_hub_resolver"
 
@@ -57,6 +66,8 @@ def run_workload(workload: Workload, timeout: float = 900) -> dict:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if workload.plugin == "none":
         env["VLLM_PLUGINS"] = STOCK_PLUGINS
+    if workload.llm_kwargs.get("enforce_eager"):
+        env.update(EAGER_ENV)
     env.update(workload.env)
     with tempfile.TemporaryDirectory() as tmp:
         spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
@@ -125,6 +136,7 @@ def _child(spec_path: str, out_path: str) -> None:
         "output_tokens": sum(len(o["token_ids"]) for o in outputs),
         "stats": stats,
         "cudagraph_mode": str(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode),
+        "quantization": llm.llm_engine.vllm_config.model_config.quantization,
     }))
 
 
