@@ -38,7 +38,7 @@ set -u
 source .gpu/activate.sh
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 O=/tmp/o; mkdir -p $O/results && nvidia-smi -L > $O/gpus.txt
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8 VLLM_SLORA_INSTAFAIL=1  # tracebacks as they happen (tests/conftest.py)
 # The op inside vLLM's graphs (the plugin's default) unless the caller says otherwise.
 export VLLM_SLORA_CUDAGRAPH=${VLLM_SLORA_CUDAGRAPH:-captured}
 SECONDS=0

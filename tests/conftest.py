@@ -33,3 +33,14 @@ def adapter_factory(tmp_path_factory, tiny_model):
         return cache[key]
 
     return make
+
+
+def pytest_runtest_logreport(report):
+    """With VLLM_SLORA_INSTAFAIL=1 (the GPU script), a failure's traceback is
+    written as it happens: a device call cut by its time limit never reaches
+    pytest's summary, and would return only an 'F'."""
+    if report.failed and os.environ.get("VLLM_SLORA_INSTAFAIL") == "1":
+        import sys
+
+        sys.stdout.write(f"\nFAILED {report.nodeid} ({report.when})\n{report.longreprtext[-8000:]}\n")
+        sys.stdout.flush()
