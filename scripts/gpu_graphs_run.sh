@@ -37,7 +37,10 @@
 set -u
 source .gpu/activate.sh
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
-O=/tmp/o; mkdir -p $O/results && nvidia-smi -L > $O/gpus.txt
+# A machine may keep an earlier session's /tmp: clear what this script
+# archives, or old results and logs come back as this call's.
+O=/tmp/o; rm -rf $O /tmp/slora-bench/runs /tmp/slora-steps
+mkdir -p $O/results && nvidia-smi -L > $O/gpus.txt
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8 VLLM_SLORA_INSTAFAIL=1  # tracebacks as they happen (tests/conftest.py)
 # The op inside vLLM's graphs (the plugin's default) unless the caller says otherwise.
 export VLLM_SLORA_CUDAGRAPH=${VLLM_SLORA_CUDAGRAPH:-captured}
