@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from vllm_slora.testing.runner import EAGER_ENV  # the engines below run eager
+
 ROOT = Path(__file__).resolve().parents[2]
 
 GENERATE = """
@@ -23,7 +25,8 @@ from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
 model, adapter = sys.argv[1], sys.argv[2]
-llm = LLM(model=model, skip_tokenizer_init=True, enable_lora=True, max_lora_rank=16, seed=0, dtype="float32")
+llm = LLM(model=model, skip_tokenizer_init=True, enable_lora=True, max_lora_rank=16, seed=0, dtype="float32",
+          enforce_eager=True)
 prompts = [TokensPrompt(prompt_token_ids=[3 + (5 * i + j) % 200 for j in range(9 + 4 * i)]) for i in range(3)]
 lora = LoRARequest("a", 1, adapter)
 # Adapter requests only: stock's CPU ops give requests without one the last slot's adapter.
@@ -35,7 +38,7 @@ print("TOKENS " + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
 
 def run(cmd, cwd, env=None, timeout=600):
     proc = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})})
+                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **EAGER_ENV, **(env or {})})
     return proc, proc.stdout + proc.stderr
 
 
