@@ -37,7 +37,8 @@ from pathlib import Path
 
 from vllm_slora.memory.layout import (ADAPTER_FILE, CONFIG_FILE, KINDS, PACKED, AdapterMeta,
                                       PageGeometry, adapter_kinds, file_version, lora_scale,
-                                      lora_targets, module_widths, slice_rows, split_key)
+                                      lora_shape, lora_targets, module_widths, slice_rows,
+                                      split_key)
 
 
 class AdapterError(ValueError):
@@ -182,8 +183,7 @@ def _check_headers(path: str, name: str | None, version: tuple, model: tuple,
         if layer >= num_layers:
             fail(f"has '{key}' for layer {layer}, the base model has {num_layers} layers; "
                  f"was it trained for another base model?")
-        k = widths[rows[0][0]][0]
-        want = (rank, k) if ab == "A" else (sum(n for _, n in rows), rank)
+        want = lora_shape(module, ab, rank, widths)
         if shape != want:
             fail(f"has '{key}' of shape {shape}, the base model needs {want} at rank {rank}; "
                  f"was it trained for another base model?")

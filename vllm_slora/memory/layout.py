@@ -228,6 +228,13 @@ def slice_rows(module: str, widths) -> list[tuple[str, int]]:
     return [(k, widths[k][1]) for k in PACKED.get(module, (module,))]
 
 
+def lora_shape(module: str, ab: str, rank: int, widths) -> tuple[int, int]:
+    """Shape of ``module``'s LoRA A (``[r, K]``) or B (``[N, r]``; a fused
+    module's N is its slices' in turn) at ``rank``; ``widths`` as for ``slice_rows``."""
+    rows = slice_rows(module, widths)
+    return (rank, widths[rows[0][0]][0]) if ab == "A" else (sum(n for _, n in rows), rank)
+
+
 def file_version(path: str) -> tuple:
     """(size, mtime_ns, inode) of an adapter folder's two files, None for a
     missing one: a folder rewritten or replaced in place gets a new version."""
@@ -318,7 +325,7 @@ def pack_adapter(meta: AdapterMeta, geo: PageGeometry, tensors: dict,
             raise ValueError(f"adapter '{meta.path}': '{key}' is for layer {layer}, "
                              f"the model has {geo.num_layers}")
         rows = slice_rows(module, widths)
-        want = (r, widths[rows[0][0]][0]) if ab == "A" else (sum(n for _, n in rows), r)
+        want = lora_shape(module, ab, r, widths)
         if tuple(t.shape) != want:
             raise ValueError(f"adapter '{meta.path}': '{key}' has shape {tuple(t.shape)}, "
                              f"the model needs {want}; was it trained for another model?")

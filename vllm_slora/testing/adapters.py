@@ -26,6 +26,11 @@ def module_shapes(config: dict) -> dict[str, tuple[int, int]]:
             "qkv_proj": (h, q + 2 * kv), "gate_up_proj": (h, 2 * inter)}
 
 
+def module_path(module: str) -> str:
+    """'q_proj' -> 'self_attn.q_proj', 'down_proj' -> 'mlp.down_proj' (under a layer)."""
+    return f"{'self_attn' if module in ATTN + ('qkv_proj',) else 'mlp'}.{module}"
+
+
 def adapter_tensors(config: dict, rank: int, target_modules, seed: int, dtype):
     import torch
 
@@ -35,8 +40,7 @@ def adapter_tensors(config: dict, rank: int, target_modules, seed: int, dtype):
     for i in range(config["num_hidden_layers"]):
         for m in target_modules:
             k, n = shapes[m]
-            part = "self_attn" if m in ATTN + ("qkv_proj",) else "mlp"
-            prefix = f"base_model.model.model.layers.{i}.{part}.{m}"
+            prefix = f"base_model.model.model.layers.{i}.{module_path(m)}"
             # B is not zero (unlike a fresh PEFT init) so that every adapter
             # changes the outputs and a mix-up between adapters shows.
             tensors[prefix + ".lora_A.weight"] = (torch.randn(rank, k, generator=g) / k**0.5).to(dtype)

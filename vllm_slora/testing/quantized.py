@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vllm_slora.testing.adapters import ALL_SEVEN, module_path, module_shapes
 from vllm_slora.testing.models import llama_config
 
 # Llama 3 8B's layer shapes and vocabulary (its 32 layers by default).
@@ -29,8 +30,6 @@ LLAMA_3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=3
 AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
               "version": "gemm"}
 QUANTIZATIONS = ("fp8", "awq")
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def make_quantized_llama(path: str | Path, quantization: str, *, layers: int | None = None,
@@ -51,7 +50,7 @@ def make_quantized_llama(path: str | Path, quantization: str, *, layers: int | N
     torch_dtype = getattr(torch, dtype)
     g = torch.Generator(device=device).manual_seed(seed)
     h, vocab = shape["hidden_size"], shape["vocab_size"]
-    widths = _linear_shapes(config)
+    widths = module_shapes(config)
 
     def randn(*size, scale=1.0):
         return (torch.randn(*size, generator=g, device=device) * scale).to(torch_dtype).cpu()
@@ -63,27 +62,18 @@ def make_quantized_llama(path: str | Path, quantization: str, *, layers: int | N
         p = f"model.layers.{i}."
         weights[p + "input_layernorm.weight"] = torch.ones(h, dtype=torch_dtype)
         weights[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch_dtype)
-        for name in LINEARS:
-            k, n = widths[name]
+        for module in ALL_SEVEN:
+            k, n = widths[module]
+            name = p + module_path(module)
             if quantization == "fp8":
-                weights[p + name + ".weight"] = randn(n, k, scale=k**-0.5)
+                weights[name + ".weight"] = randn(n, k, scale=k**-0.5)
             else:
-                weights |= {p + name + "." + t: v for t, v in _awq_linear(k, n, g, device).items()}
+                weights |= {name + "." + t: v for t, v in _awq_linear(k, n, g, device).items()}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
-
-
-def _linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each linear layer of a Llama layer."""
-    h, inter = config["hidden_size"], config["intermediate_size"]
-    q = config["num_attention_heads"] * config["head_dim"]
-    kv = config["num_key_value_heads"] * config["head_dim"]
-    return {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
-            "self_attn.o_proj": (q, h), "mlp.gate_proj": (h, inter), "mlp.up_proj": (h, inter),
-            "mlp.down_proj": (inter, h)}
 
 
 def _awq_linear(k: int, n: int, g, device) -> dict:
