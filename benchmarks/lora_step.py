@@ -15,7 +15,7 @@ the engine calls every LoRA'd module of every layer), one
 graph, L2 evicted before each call, as the base model's GEMMs evict it
 between two LoRA calls; the eviction alone subtracted). A step is 32 layers
 of the four modules. Variants set the grouped kernels' knobs
-(``kernels/grouped.py``); every variant's output is checked against the
+(``kernels/knobs.py``); every variant's output is checked against the
 PyTorch reference first.
 """
 
@@ -63,7 +63,7 @@ def setup(batch: int, n: int, slots: int, d: int, widths: dict, device: str, dty
     import torch
 
     from vllm_slora.kernels import batch_meta
-    from vllm_slora.kernels.synthetic import make_paged_adapters
+    from vllm_slora.testing.synthetic import make_paged_adapters
 
     token_lora = torch.cat([torch.arange(batch, dtype=torch.int32) % n,
                             torch.zeros(prefill, dtype=torch.int32)]).to(device)
@@ -112,13 +112,14 @@ def check(module, token_lora, meta, max_rank: int) -> float:
     return err
 
 
-def apply_variant(knobs: dict) -> dict:
-    from vllm_slora.kernels import grouped
+def apply_variant(values: dict) -> dict:
+    """Set knobs (``vllm_slora/kernels/knobs.py``); returns their old values.
+    Plans are cached per knob values, so nothing else needs clearing."""
+    from vllm_slora.kernels import knobs
 
-    old = {k: getattr(grouped, k) for k in knobs}
-    for k, v in knobs.items():
-        setattr(grouped, k, v)
-    grouped._plan.cache_clear()
+    old = {k: getattr(knobs, k) for k in values}
+    for k, v in values.items():
+        setattr(knobs, k, v)
     return old
 
 
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
 
     import vllm_slora.kernels as kernels
 
-    kernels._FORCED = "triton"
+    kernels.BACKEND_OVERRIDE = "triton"
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     if args.dry_run:
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
                 row = {"batch": batch, "adapters": n, "prefill": prefill, "variant": name,
                        "max_rel_err": max(errs.values())}
                 if device == "cuda":
-                    from benchmarks.kernels import graph_us
+                    from benchmarks.kernels.timing import graph_us
 
                     per = {m: graph_us(lambda mod=mod: call(mod, token_lora, meta, max_rank),
                                        lambda: flush_buf.zero_())

@@ -52,9 +52,9 @@ TARGET = "vllm.v1.core.sched.scheduler"
 # Prefetch: adapters of the next LOAD_AHEAD waiting requests are paged in
 # early while KEEP_FREE of the blocks stay free; those of the next
 # HINT_AHEAD are read into the workers' host cache in the background.
-# 12 ahead (4 before 2026-12-02): at 2,000 adapters a step that finishes
-# several requests admits several new adapters at once, and with 4 paged in
-# early the engine's thread waited for uploads (9% of its time, H200).
+# 12 ahead: at 2,000 adapters a step that finishes several requests admits
+# several new adapters at once, and with 4 paged in early the engine's
+# thread waited for uploads (9% of its time, H200).
 LOAD_AHEAD, HINT_AHEAD, KEEP_FREE = 12, 32, 0.25
 SCAN_LIMIT = 256  # waiting requests looked at per step
 

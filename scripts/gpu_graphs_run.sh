@@ -20,6 +20,11 @@
 #             of a decode step under knob variants; LSTEP_S limits), e.g. "--variants all"
 #   DIAG=...  variants of scripts/gpu_parity_diag.py (DIAG_S limits), e.g.
 #             "graphs,graphs-nopdl,eager"
+#   KBENCH=.. arguments for `python -m benchmarks.kernels` (e.g. "--quick"), run
+#             on an older tree (.ab/old.tar, from `git archive`; carry ".ab")
+#             and on this one, alternating (old, new, old, new; KBENCH_S limits
+#             each run): the kernel benchmark before and after a change, in
+#             one call. Runs after KTESTS; failed kernel tests skip it
 #   SMOKE=1   scripts/gpu_smoke.py first (tiny model, graphs on: the plugin's
 #             outputs against stock's, asserted; SMOKE_S limits)
 #   ALOAD=... arguments for `python -m benchmarks.adapter_load` (host-cache
@@ -61,7 +66,21 @@ if [ -n "${KTESTS:-}" ]; then
   echo "kernel tests rc=$rc ${SECONDS}s" | tee -a $O/steps.txt
   tail -3 $O/pytest-ktests.txt
   # Failed kernels make every timing after them meaningless: skip those stages.
-  if [ $rc != 0 ]; then LSTEP= BENCH= STEPS=; echo "timings skipped" | tee -a $O/steps.txt; fi
+  if [ $rc != 0 ]; then LSTEP= BENCH= STEPS= KBENCH=; echo "timings skipped" | tee -a $O/steps.txt; fi
+fi
+if [ -n "${KBENCH:-}" ]; then
+  rm -rf /tmp/ab-old && mkdir -p /tmp/ab-old && tar xf .ab/old.tar -C /tmp/ab-old
+  for round in 1 2; do
+    for side in old new; do
+      dir=$PWD; [ $side = old ] && dir=/tmp/ab-old
+      # -m from the tree's folder: its vllm_slora and benchmarks come first on sys.path.
+      (cd "$dir" && python3 -c "import vllm_slora.kernels as k; print('kernels from', k.__file__)" \
+        && timeout "$(cap ${KBENCH_S:-150})" python3 -m benchmarks.kernels $KBENCH --no-variants \
+             --out $O/results/kernels-$side-$round.json) > $O/kbench-$side-$round.txt 2>&1
+      echo "kernel bench $side $round rc=$? ${SECONDS}s" | tee -a $O/steps.txt
+      grep -m1 "kernels from" $O/kbench-$side-$round.txt
+    done
+  done
 fi
 if [ "${SMOKE:-0}" = 1 ]; then
   timeout "$(cap ${SMOKE_S:-150})" python3 scripts/gpu_smoke.py --out $O/smoke > $O/smoke.txt 2>&1

@@ -38,7 +38,7 @@ from pathlib import Path
 from vllm_slora.memory.layout import (ADAPTER_FILE, CONFIG_FILE, KINDS, PACKED, AdapterMeta,
                                       PageGeometry, adapter_kinds, file_version, lora_scale,
                                       lora_shape, lora_targets, module_widths, slice_rows,
-                                      split_key)
+                                      split_key, tensor_shapes)
 
 
 class AdapterError(ValueError):
@@ -157,12 +157,9 @@ def _check_headers(path: str, name: str | None, version: tuple, model: tuple,
         hint = (f" (found {', '.join(other)}: convert it to safetensors)" if other
                 else "; save the adapter with PEFT's save_pretrained")
         fail(f"has no {ADAPTER_FILE}{hint}", not_found=True)
-    from safetensors import safe_open
-
     modules = set()
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        shapes = tensor_shapes(weights)
     except Exception as e:  # safetensors raises its own error types
         fail(f"has a corrupt {ADAPTER_FILE} ({type(e).__name__}: {e}); re-save or "
              f"re-download the adapter")
@@ -194,7 +191,7 @@ def _check_headers(path: str, name: str | None, version: tuple, model: tuple,
         kinds = adapter_kinds(modules)
     except ValueError as e:
         fail(str(e))
-    return AdapterInfo(rank, tuple(k for k in KINDS if k in kinds), None, lora_scale(cfg, rank))
+    return AdapterInfo(rank, kinds, None, lora_scale(cfg, rank))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -49,11 +49,9 @@ class SLoraConfig:
     separate_fraction: float = 0.25
     # "captured": the paged LoRA op inside vLLM's CUDA graphs (full and
     # piecewise); "between-pieces": run between piecewise graphs, full graphs
-    # off (VLLM_SLORA_CUDAGRAPH), kept for comparison. "captured" passed
-    # the GPU parity workload on 2026-12-02 (89/96 identical to the plugin
-    # eager, no clear difference, PDL on and off) once the expand waited
-    # for the shrink before its rank loop (grouped.py);
-    # benchmarks/results/graphs-parity-diag-h200.json.
+    # off (VLLM_SLORA_CUDAGRAPH), kept for comparison. "captured" passes the
+    # GPU parity workload (tests/gpu/test_graphs_parity.py;
+    # benchmarks/results/graphs-parity-diag-h200.json).
     cudagraph: str = "captured"
     # Adapters pinned by users (``pin_lora``) may hold at most this share of
     # the KV blocks (VLLM_SLORA_PIN_FRACTION), so that pins cannot starve

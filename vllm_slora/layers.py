@@ -19,7 +19,7 @@ buffers of the pager (``memory/step.py``), so CUDA graphs capture it: in
 full graphs (uniform decode) and in piecewise ones (mixed batches) alike.
 
 Tensor parallelism (S-LoRA's partition; the math and its communication are
-in ``vllm_slora/tp.py``): on a column-parallel layer the shrink gives this
+in ``vllm_slora/testing/tp_reference.py``): on a column-parallel layer the shrink gives this
 rank's strided part of v, one all-gather of v makes it whole and the expand
 writes this rank's output columns. On a row-parallel layer the wrapper runs
 the base layer's matmul without its all-reduce, the shrink of this rank's
@@ -39,7 +39,7 @@ import weakref
 import torch
 from torch import nn
 
-from vllm_slora.kernels import (batch_meta, grouped, paged_lora, paged_lora_expand,
+from vllm_slora.kernels import (batch_meta, grouped, knobs, paged_lora, paged_lora_expand,
                                 paged_lora_shrink)
 from vllm_slora.kernels.replay import Recorder
 from vllm_slora.memory.layout import COLUMN_PARALLEL, GROUPS
@@ -151,7 +151,7 @@ class PagedLoRALinear(nn.Module):
             # One recording per group, the last size's: eager steps rarely
             # repeat a size, and each recording keeps its workspaces (a
             # cache by size grew to an out-of-memory at 2,000 adapters).
-            key = (t, grouped.knob_state())
+            key = (t, knobs.snapshot())
             last = replays.get(self.group)
             if last is not None and last[0] == key and last[1].matches(x=x2, pool=pool, y=y2):
                 last[1](x=x2, pool=pool, y=y2)

@@ -1,7 +1,7 @@
 """Kernel tests run Triton under its interpreter when there is no GPU.
 
 TRITON_INTERPRET must be set before ``triton.jit`` decorates our kernels,
-i.e. before ``vllm_slora.kernels.mbgmv`` / ``grouped`` are first imported.
+i.e. before ``vllm_slora.kernels.pages`` (every Triton kernel) is first imported.
 """
 
 import os

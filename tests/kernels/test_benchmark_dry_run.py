@@ -39,7 +39,7 @@ def test_block_page_layout_is_the_engines():
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from benchmarks.kernels import BLOCK_ROWS, page_tables
+    from benchmarks.kernels.cases import BLOCK_ROWS, page_tables
 
     k, ns, d, ranks = 4096, [4096, 1024], 256, [8, 64, 1, 16]
     tables, num_rows = page_tables(torch, k, ns, ranks, d, "blocks", seed=0)

@@ -11,7 +11,7 @@ every step's output must equal the PyTorch reference of that step.
 On CPU the same sequence runs eagerly under the Triton interpreter (small
 shapes): the harness and the buffers' reuse are checked there; the graph
 itself, and the programmatic dependent launch between the shrink and the
-expand (on by default on Hopper, ``grouped.PDL``), only on a GPU.
+expand (on by default on Hopper, ``knobs.PDL``), only on a GPU.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import vllm_slora.kernels as kernels
-from vllm_slora.kernels import grouped, reference
-from vllm_slora.kernels.synthetic import make_paged_adapters
+from vllm_slora.kernels import grouped, knobs, reference
+from vllm_slora.testing.synthetic import make_paged_adapters
 from vllm_slora.memory.layout import GROUPS
 from vllm_slora.memory.step import StepBuffers, StepLimits
 
@@ -112,7 +112,7 @@ def run_sequence(k, ns, d, dtype, t, steps, device, graph: bool, seed=0):
 @pytest.mark.parametrize("t", [6, 40], ids=lambda t: f"t{t}")
 def test_steps_through_static_buffers(monkeypatch, t):
     # Per-token tiles (t <= 32) and per-adapter groups (t > 32), eagerly.
-    monkeypatch.setattr(kernels, "_FORCED", "triton")
+    monkeypatch.setattr(kernels, "BACKEND_OVERRIDE", "triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     err = run_sequence(64, [64, 32, 32], 32, dtype, t, steps=3, device=device, graph=False)
@@ -128,8 +128,8 @@ LLAMA_MODULES = {"qkv-7b": (4096, [4096, 4096, 4096]), "down-7b": (11008, [4096]
 @pytest.mark.parametrize("shape", LLAMA_MODULES.values(), ids=LLAMA_MODULES.keys())
 @pytest.mark.parametrize("t", [8, 64, 256], ids=lambda t: f"t{t}")
 def test_gpu_graph_replays_new_steps(monkeypatch, pdl, shape, t):
-    monkeypatch.setattr(kernels, "_FORCED", "triton")
-    monkeypatch.setattr(grouped, "PDL", pdl)
+    monkeypatch.setattr(kernels, "BACKEND_OVERRIDE", "triton")
+    monkeypatch.setattr(knobs, "PDL", pdl)
     k, ns = shape
     err = run_sequence(k, ns, 256, torch.float16, t, steps=24, device="cuda", graph=True)
     assert err <= TOL[torch.float16]
@@ -146,7 +146,7 @@ def test_recorded_launches_replay_another_layer(monkeypatch, shape, t):
     the ordinary path)."""
     from vllm_slora.kernels.replay import Recorder
 
-    monkeypatch.setattr(kernels, "_FORCED", "triton")
+    monkeypatch.setattr(kernels, "BACKEND_OVERRIDE", "triton")
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
     k, ns = shape if cuda else (64, [64, 32, 32][:len(shape[1])])

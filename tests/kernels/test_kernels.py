@@ -3,7 +3,7 @@
 On CPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py) on small
 shapes. The interpreter (Triton 3.6) loads, stores and converts bf16 fine but
 its ``tl.dot`` returns garbage for bf16 inputs (numpy has no bf16), so the
-grouped kernels do their dots in fp32 there (``grouped._mma``), which also
+grouped kernels do their dots in fp32 there (``kernels/tiles.py: mma``), which also
 keeps bf16 covered on CPU. With a GPU, the ``gpu`` group repeats the checks at
 Llama-2-7B widths.
 
@@ -21,8 +21,10 @@ import pytest
 import torch
 
 import vllm_slora.kernels as kernels
-from vllm_slora.kernels import grouped, mbgmv, reference
-from vllm_slora.kernels.synthetic import make_paged_adapters, make_segments
+from vllm_slora.kernels import grouping, knobs, reference
+from vllm_slora.kernels.plan import plan, shape_of
+from vllm_slora.testing import mbgmv
+from vllm_slora.testing.synthetic import make_paged_adapters, make_segments
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 MIXED = [1, 8, 16, 32, 64, 128]
@@ -39,20 +41,20 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.fixture
 def triton_backend(monkeypatch):
-    monkeypatch.setattr(kernels, "_FORCED", "triton")
+    monkeypatch.setattr(kernels, "BACKEND_OVERRIDE", "triton")
 
 
 @pytest.fixture
 def by_adapter(monkeypatch):
     """Group even small batches per adapter (group_by_adapter launch)."""
-    monkeypatch.setattr(grouped, "PER_TOKEN_MAX_T", 0)
+    monkeypatch.setattr(knobs, "PER_TOKEN_MAX_T", 0)
 
 
 @pytest.fixture
 def force_split(monkeypatch):
     """Split K as much as the shapes allow (split-K partials everywhere)."""
-    monkeypatch.setattr(grouped, "PROGRAMS_PER_SM", 10**6)
-    monkeypatch.setattr(grouped, "BIG_TILE_PROGRAMS_PER_SM", 10**6)
+    monkeypatch.setattr(knobs, "PROGRAMS_PER_SM", 10**6)
+    monkeypatch.setattr(knobs, "BIG_TILE_PROGRAMS_PER_SM", 10**6)
 
 
 def check(ranks, k, ns, d, dtype, token_lora, segments=None, device=DEVICE, seed=0,
@@ -159,10 +161,10 @@ def test_split_k(triton_backend, force_split, monkeypatch, mode):
     # K = 5 pages: two uneven page-aligned splits; partials summed both by
     # the reduce launch and (paged_lora) by the expand, or forced to reduce.
     if mode == "by-adapter":
-        monkeypatch.setattr(grouped, "PER_TOKEN_MAX_T", 0)
+        monkeypatch.setattr(knobs, "PER_TOKEN_MAX_T", 0)
     if mode == "segments":
         token_lora, segments = make_segments([9, 20, 3], [1, -1, 3])
-        monkeypatch.setattr(grouped, "FUSED_PARTIALS_BYTES", 0)
+        monkeypatch.setattr(knobs, "FUSED_PARTIALS_BYTES", 0)
     else:
         token_lora, segments = decode_batch(len(SMALL), 10, 5), None
     check(SMALL, 160, [64, 32], 32, torch.float16, token_lora, segments)
@@ -177,20 +179,20 @@ def test_split_k(triton_backend, force_split, monkeypatch, mode):
 def test_expand_several_column_blocks(triton_backend, monkeypatch, mode, ns, dtype):
     # Every expand program streams EXPAND_MAX_NBP column blocks: slices of 1, 2
     # and 3 pages (a group past a slice's last page is masked), v loaded once.
-    monkeypatch.setattr(grouped, "EXPAND_PROGRAMS_PER_SM", 0)
-    monkeypatch.setattr(grouped, "EXPAND_MAX_NBP", 4)
+    monkeypatch.setattr(knobs, "EXPAND_PROGRAMS_PER_SM", 0)
+    monkeypatch.setattr(knobs, "EXPAND_MAX_NBP", 4)
     if mode == "by-adapter":
-        monkeypatch.setattr(grouped, "PER_TOKEN_MAX_T", 0)
+        monkeypatch.setattr(knobs, "PER_TOKEN_MAX_T", 0)
     ranks = [8, 16, 1, 0] if dtype == torch.float32 else SMALL
     segments = None
     if mode == "segments":
         token_lora, segments = make_segments([5, 20, 1, 17], [0, 2, -1, 1])
     else:
         token_lora = decode_batch(len(ranks), 14, 9)
-    groups = grouped.make_groups(token_lora, len(ranks), segments, None, build_meta=False)
-    pl = grouped.plan(groups, token_lora.shape[0], 64, max(ns), len(ns), max(ranks), 32,
-                      torch.device(DEVICE), dtype)  # fmt: skip
-    assert pl.nbp == 4, pl
+    groups = grouping.make_groups(token_lora, len(ranks), segments, None, build_meta=False)
+    pl = plan(shape_of(groups, token_lora.shape[0], 64, max(ns), len(ns), max(ranks), 32,
+                       torch.device(DEVICE), dtype))
+    assert pl.expand_blocks_per_program == 4, pl
     check(ranks, 64, ns, 32, dtype, token_lora, segments)
 
 
@@ -198,9 +200,9 @@ def test_expand_several_column_blocks(triton_backend, monkeypatch, mode, ns, dty
 @pytest.mark.parametrize("mode", ["per-token", "by-adapter"])
 def test_small_tile_shrink_shapes(triton_backend, monkeypatch, tile, mode):
     # The tuning knob's other small-tile shrink steps (BR rank-vectors x BK).
-    monkeypatch.setattr(grouped, "SMALL_TILE_SHRINK", tile)
+    monkeypatch.setattr(knobs, "SMALL_TILE_SHRINK", tile)
     if mode == "by-adapter":
-        monkeypatch.setattr(grouped, "PER_TOKEN_MAX_T", 0)
+        monkeypatch.setattr(knobs, "PER_TOKEN_MAX_T", 0)
     ranks = MIXED + [8, 16]
     check(ranks, 64, [64, 32, 32], 32, torch.float16, decode_batch(len(ranks), 20, 11))
 
@@ -223,7 +225,7 @@ def test_group_by_adapter(triton_backend, on, monkeypatch):
         high = 1 if t == 300 else num_loras
         token_lora = torch.randint(-1, high, (t,), generator=gen, dtype=torch.int32)
         meta = kernels.group_by_adapter(token_lora.to(DEVICE), num_loras).cpu()
-        assert meta.numel() == grouped.meta_size(t, num_loras)
+        assert meta.numel() == grouping.meta_size(t, num_loras)
         bounds, idx = meta[: num_loras + 1], meta[num_loras + 1 : num_loras + 1 + t]
         counts = torch.bincount(token_lora[token_lora >= 0].long(), minlength=num_loras)
         assert bounds[0] == 0 and torch.equal(bounds[1:] - bounds[:-1], counts.int())
@@ -231,18 +233,18 @@ def test_group_by_adapter(triton_backend, on, monkeypatch):
             got = idx[bounds[lora] : bounds[lora + 1]].sort().values
             assert torch.equal(got, (token_lora == lora).nonzero().squeeze(1).int())
         # The groups to scan and the tiles of 16, 32, 64 tokens (the kernels' work).
-        info = grouped.meta_info(meta, t, num_loras)
+        info = grouping.meta_info(meta, t, num_loras)
         assert info[0] == int(token_lora.max()) + 1
-        for i, bm in enumerate(grouped.TILE_BMS):
+        for i, bm in enumerate(grouping.TILE_BMS):
             assert info[1 + i] == int(((counts + bm - 1) // bm).sum()), (t, bm)
         # The tile list: each adapter's positions in order, cut every BM.
-        bm = grouped.adapter_tile_bm(t, num_loras)
+        bm = grouping.adapter_tile_bm(t, num_loras)
         want = [(lora, lo, min(lo + bm, int(bounds[lora + 1])))
                 for lora in range(num_loras)
                 for lo in range(int(bounds[lora]), int(bounds[lora + 1]), bm)]
         got = info[4:4 + 3 * len(want)].view(-1, 3).tolist()
         assert [tuple(e) for e in got] == want, (t, bm)
-        assert len(want) <= grouped.max_tiles(t, num_loras, bm)
+        assert len(want) <= grouping.max_tiles(t, num_loras, bm)
 
 
 def test_meta_buffer_for_the_most_tokens_holds_every_batch():
@@ -253,11 +255,11 @@ def test_meta_buffer_for_the_most_tokens_holds_every_batch():
     from vllm_slora.memory.step import StepBuffers, StepLimits
 
     for slots in (1, 8, 256):
-        sizes = [grouped.meta_size(t, slots) for t in range(0, 64 * slots + 2)]
+        sizes = [grouping.meta_size(t, slots) for t in range(0, 64 * slots + 2)]
         assert all(a <= b for a, b in zip(sizes, sizes[1:])), slots
     step = StepBuffers(StepLimits(max_tokens=24 * 8, max_loras=8, max_rank=16), torch.device("cpu"))
     for t in range(1, 24 * 8 + 1):
-        assert step.meta_for(t).numel() == grouped.meta_size(t, 8)
+        assert step.meta_for(t).numel() == grouping.meta_size(t, 8)
 
 
 @pytest.mark.parametrize("resident", [1, 64])
@@ -266,7 +268,7 @@ def test_few_adapters_in_many_slots(triton_backend, by_adapter, monkeypatch, res
     # in slots 3, 17 and 60 (their tile count comes from the grouping), on a
     # persistent grid of 8 programs (each loops over many work items) or of
     # one program per item.
-    monkeypatch.setattr(grouped, "RESIDENT_PROGRAMS_PER_SM", resident)
+    monkeypatch.setattr(knobs, "RESIDENT_PROGRAMS_PER_SM", resident)
     ranks = [MIXED[i % len(MIXED)] or 8 for i in range(64)]
     gen = torch.Generator().manual_seed(5)
     token_lora = torch.tensor([3, 17, 60, -1], dtype=torch.int32)[torch.randint(0, 4, (45,), generator=gen)]
@@ -281,7 +283,7 @@ def test_many_adapters(triton_backend):
 
 def test_many_segments_one_token_each(triton_backend, monkeypatch):
     # Decode-like segments (length 1); more segments than one tile-map step.
-    monkeypatch.setattr(grouped, "NGB", 16)
+    monkeypatch.setattr(knobs, "SCAN_GROUPS", 16)
     seg_lora = [i % 5 - 1 for i in range(20)]
     token_lora, segments = make_segments([1] * 20, seg_lora)
     check([1, 8, 16, 32], 64, [64], 32, torch.float16, token_lora, segments)
@@ -290,7 +292,7 @@ def test_many_segments_one_token_each(triton_backend, monkeypatch):
 @pytest.mark.parametrize("mode", ["per-token", "by-adapter", "segments"])
 def test_no_lora_tokens_at_all(triton_backend, monkeypatch, mode):
     if mode == "by-adapter":
-        monkeypatch.setattr(grouped, "PER_TOKEN_MAX_T", 0)
+        monkeypatch.setattr(knobs, "PER_TOKEN_MAX_T", 0)
     token_lora, segments = make_segments([9, 4], [-1, -1])
     check([8, 16], 64, [64], 32, torch.float16, token_lora, segments if mode == "segments" else None)
 
@@ -328,7 +330,7 @@ def test_expand_into_column_slice(triton_backend, monkeypatch, mode):
     """Row-parallel TP: the expand adds into this rank's columns of the full-width
     partial sum, a strided view; the columns around it stay bit-unchanged."""
     if mode == "by-adapter":
-        monkeypatch.setattr(grouped, "PER_TOKEN_MAX_T", 0)
+        monkeypatch.setattr(knobs, "PER_TOKEN_MAX_T", 0)
     ranks, n, d, world, p = [8, 3, 16, 1], 64, 16, 3, 1
     ad = make_paged_adapters(ranks, 32, [n], d, torch.float16, device=DEVICE, seed=4)
     token_lora, segments = make_segments([3, 1, 2, 1, 3], [0, -1, 2, 1, 3], device=DEVICE)
@@ -368,7 +370,7 @@ def test_ops_are_registered_custom_ops():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_paged_lora_without_dispatch_is_the_same_op(monkeypatch, backend):
     # dispatch=False (the LoRA layers' path) runs the op's implementation directly.
-    monkeypatch.setattr(kernels, "_FORCED", backend)
+    monkeypatch.setattr(kernels, "BACKEND_OVERRIDE", backend)
     ad, token_lora, x, y0 = _small_problem()
     args = (ad.pool, ad.a_rows, ad.b_rows, ad.lora_start, ad.lora_rank, ad.lora_scale, token_lora)
     got, want = y0.clone(), y0.clone()

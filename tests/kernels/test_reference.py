@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vllm_slora.kernels import bmm, gather_adapter, reference
-from vllm_slora.kernels.synthetic import dense_lora, make_paged_adapters
+from vllm_slora.testing.synthetic import dense_lora, make_paged_adapters
 
 # Relative-norm error bounds: fp32 is exact up to summation order; fp16/bf16
 # add one rounding of y (the reference and the dense formula both round once).

@@ -53,7 +53,7 @@ def plan(pager, *events):
 
 
 def test_block_chunks_of_two_layouts():
-    from vllm_slora.memory.pager import block_chunks
+    from vllm_slora.memory.kv_pools import block_chunks
 
     kv = torch.zeros(NUM_BLOCKS, 2, BLOCK, 64)  # one dense range per block
     assert block_chunks(kv, NUM_BLOCKS) == ((0,), 8192, 8192)
@@ -281,7 +281,7 @@ def test_paged_layer_equals_dense_lora(tiny_model, adapters, group, kinds, width
                      Load(2, adapters[1], list(range(5, 13)))))
     pager.apply(plan(pager, Evict(1), Load(3, adapters[3], [4, 2, 1] + list(range(13, 28)))))
     ids = np.array([0, 2, 2, 3, 0, 3, 2, 2, 2], dtype=np.int64)
-    pager.set_batch(ids, ignore=set())
+    pager.set_batch(ids, dummy_ids=set())
     widths = module_widths(tiny_config(tiny_model))
     out_width = sum(widths[k][1] for k in kinds)
     base = torch.nn.Linear(width, out_width, bias=False)
@@ -390,7 +390,7 @@ def test_one_plan_of_many_events_equals_dense_lora(tiny_model, adapters):
     assert pager.counters["loads"] == 6 and pager.counters["evictions"] == 3
 
     ids = np.array([3, 4, 0, 5, 5, 3, 4], dtype=np.int64)
-    pager.set_batch(ids, ignore=set())
+    pager.set_batch(ids, dummy_ids=set())
     widths = module_widths(tiny_config(tiny_model))
     kinds = ("q_proj", "k_proj", "v_proj")
     base = torch.nn.Linear(128, sum(widths[k][1] for k in kinds), bias=False)

@@ -62,7 +62,7 @@ def test_steps_through_the_same_buffers_equal_fresh_tensors(tiny_model, adapters
              np.array([3, 2, 1, 0, 0, 2, 3, 3, 1, 2, 2], dtype=np.int64)]
     torch.manual_seed(0)
     for ids in steps:
-        pager.set_batch(ids, ignore=set())
+        pager.set_batch(ids, dummy_ids=set())
         x = torch.randn(len(ids), width)
         with torch.no_grad():
             got = layer(x) - base(x)
@@ -79,8 +79,8 @@ def test_padded_tokens_get_no_lora(tiny_model, adapters):  # noqa: F811
     load_three(pager, adapters)
     base = torch.nn.Linear(128, 256, bias=False)
     layer = PagedLoRALinear(base, "model.layers.1.x.qkv_proj", "qkv_proj", pager)
-    pager.set_batch(np.array([2, 2, 3, 1, 1, 1, 3, 2, 3, 3], dtype=np.int64), ignore=set())
-    pager.set_batch(np.array([2, 3, 1], dtype=np.int64), ignore=set())  # a shorter step after
+    pager.set_batch(np.array([2, 2, 3, 1, 1, 1, 3, 2, 3, 3], dtype=np.int64), dummy_ids=set())
+    pager.set_batch(np.array([2, 3, 1], dtype=np.int64), dummy_ids=set())  # a shorter step after
     x = torch.randn(8, 128)  # the runner padded 3 tokens to 8
     with torch.no_grad():
         got = layer(x)
@@ -91,11 +91,11 @@ def test_padded_tokens_get_no_lora(tiny_model, adapters):  # noqa: F811
 def test_dummy_ids_make_a_lora_step_with_no_lora_tokens(tiny_model, adapters):  # noqa: F811
     pager = make_pager(tiny_model, cpu_attn_kv(2))
     load_three(pager, adapters)
-    pager.set_batch(np.array([7, 7, 8], dtype=np.int64), ignore={7, 8})
+    pager.set_batch(np.array([7, 7, 8], dtype=np.int64), dummy_ids={7, 8})
     assert pager.batch is not None and pager.batch.lora_ids == []
     assert set(pager.batch.max_rank.values()) == {pager.step.limits.max_rank}
     assert (pager.step.token_lora == -1).all()
-    pager.set_batch(np.array([0, 0], dtype=np.int64), ignore={7})
+    pager.set_batch(np.array([0, 0], dtype=np.int64), dummy_ids={7})
     assert pager.batch is None
 
 
@@ -113,17 +113,24 @@ class Recorder:
         return launch
 
 
+def record_launches(monkeypatch, log: list) -> None:
+    """The grouped kernels' launches logged instead of run."""
+    from vllm_slora.kernels import expand, shrink
+
+    for module, name in ((shrink, "_shrink_kernel"), (expand, "_expand_kernel"),
+                         (shrink, "_reduce_kernel")):
+        monkeypatch.setattr(module, name, Recorder(log, name))
+
+
 @pytest.mark.parametrize("t", [8, 40])
 def test_launches_depend_on_the_token_count_only(tiny_model, adapters, monkeypatch, t):  # noqa: F811
     import vllm_slora.kernels as kernels
-    from vllm_slora.kernels import grouped
     from vllm_slora.layers import PagedLoRALinear, register_op
 
     register_op()
-    monkeypatch.setattr(kernels, "_FORCED", "triton")
+    monkeypatch.setattr(kernels, "BACKEND_OVERRIDE", "triton")
     log = []
-    for name in ("_shrink_kernel", "_expand_kernel", "_reduce_kernel"):
-        monkeypatch.setattr(grouped, name, Recorder(log, name))
+    record_launches(monkeypatch, log)
     pager = make_pager(tiny_model, cpu_attn_kv(2))
     load_three(pager, adapters)
     layers = [PagedLoRALinear(torch.nn.Linear(128, 256, bias=False), "model.layers.0.a.qkv_proj",
@@ -135,7 +142,7 @@ def test_launches_depend_on_the_token_count_only(tiny_model, adapters, monkeypat
     records = []
     for choices in ([2], [1, 3], [1, 2, 3]):  # ranks 8 / 4+8 / 4+8+16: other R and L
         ids = rng.choice(choices, size=t - 3)  # the runner pads t - 3 tokens to t
-        pager.set_batch(ids.astype(np.int64), ignore=set())
+        pager.set_batch(ids.astype(np.int64), dummy_ids=set())
         log.clear()
         x = torch.randn(t, 128)
         with torch.no_grad():
@@ -148,15 +155,15 @@ def test_start_up_sizes_cover_every_variant_of_larger_steps(monkeypatch):
     """Running the representative sizes launches every kernel variant (the
     compile-time constants) that any step size of the range launches."""
     import vllm_slora.kernels as kernels
-    from vllm_slora.kernels import grouped, variants
+    from vllm_slora.kernels import plan as kernel_plan
+    from vllm_slora.kernels import variants
     from vllm_slora.memory.step import StepLimits
 
-    monkeypatch.setattr(kernels, "_FORCED", "triton")
-    monkeypatch.setattr(grouped, "_num_sms", lambda index: 132)  # an H100/H200's plans
-    grouped._plan.cache_clear()
+    monkeypatch.setattr(kernels, "BACKEND_OVERRIDE", "triton")
+    monkeypatch.setattr(kernel_plan, "num_sms", lambda index: 132)  # an H100/H200's plans
+    kernel_plan._plan.cache_clear()
     log = []
-    for name in ("_shrink_kernel", "_expand_kernel", "_reduce_kernel"):
-        monkeypatch.setattr(grouped, name, Recorder(log, name))
+    record_launches(monkeypatch, log)
     limits = StepLimits(max_tokens=2048, max_loras=64, max_rank=64)
     d, k, widths = 64, 512, [1408, 1408]  # a gate_up-like module
     pool = torch.zeros(4096, d)
@@ -180,4 +187,4 @@ def test_start_up_sizes_cover_every_variant_of_larger_steps(monkeypatch):
     rng = np.random.default_rng(1)
     for t in sorted(set(rng.integers(1, limits.max_tokens + 1, 60).tolist()) | {33, 2048}):
         assert constants(t) <= covered, t
-    grouped._plan.cache_clear()
+    kernel_plan._plan.cache_clear()

@@ -1,4 +1,4 @@
-"""S-LoRA's tensor-parallel partition (vllm_slora/tp.py) on 2 CPU processes
+"""S-LoRA's tensor-parallel partition (vllm_slora/testing/tp_reference.py) on 2 CPU processes
 (gloo) equals the unsharded computation, for mixed ranks (odd ones too)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vllm_slora import tp
+from vllm_slora.testing import tp_reference as tp
 
 RANKS = [1, 3, 8, 16, 5]
 K, N, D, T = 64, 96, 16, 24

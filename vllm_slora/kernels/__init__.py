@@ -28,7 +28,6 @@ MBGMM
     are grouped per token (small decode batches), per segment (prefill) or
     per adapter (larger decode batches, grouped on device), and every tile
     of up to BM tokens of a group reads its adapter's pages once.
-    ``mbgmv.py`` keeps the first, one-program-per-token MBGMV as a baseline.
 
 Per batch: ``token_lora`` int32 [T] (adapter of each token, -1 = none),
 ``lora_start`` int32 [L], ``lora_rank`` int32 [L], ``lora_scale`` fp32 [L]
@@ -54,9 +53,16 @@ not divide by 512, so D <= 256 for Llama). A rank-r adapter takes r * (K + N)
 Backends
 --------
 The ops run Triton kernels on CUDA tensors and the PyTorch reference
-(``reference.py``, the spec) otherwise. ``VLLM_SLORA_KERNELS`` = ``triton``,
-``torch`` or ``bmm`` (padded gather + torch.bmm, the S-LoRA ablation baseline;
-``bmm.py``) forces one; it is read once, at import. All equal the reference.
+(``reference.py``, the spec) otherwise. The plugin's ``kernels`` setting
+(``VLLM_SLORA_KERNELS``) = ``triton``, ``torch`` or ``bmm`` (padded gather +
+torch.bmm, the S-LoRA ablation baseline; ``bmm.py``) forces one. All equal
+the reference.
+
+Files: ``grouped.py`` (the op on Triton) over ``grouping.py`` (tokens by
+adapter), ``plan.py`` (tile sizes, split-K), ``shrink.py``, ``expand.py``,
+``tiles.py`` (a work item's tile), ``pages.py`` (reading pages) and
+``knobs.py`` (tuning); ``replay.py`` (eager launches replayed),
+``variants.py`` (the kernel variants compiled at start-up).
 
 The three public ops are registered torch custom ops (``vllm_slora::
 paged_lora_shrink``, ``paged_lora_expand``, ``paged_lora``, with fake
@@ -70,15 +76,15 @@ Metadata, CUDA graphs: no op reads a tensor on the host when ``max_rank`` is
 given; grids depend on shapes only. ``group_by_adapter(token_lora, L)``
 builds the per-adapter token lists (one launch); pass its result as
 ``meta`` to reuse it across layers (otherwise the ops build it per call
-when a batch has more than ``grouped.PER_TOKEN_MAX_T`` tokens and no
+when a batch has more than ``knobs.PER_TOKEN_MAX_T`` tokens and no
 segments).
 """
 
-import os
 from collections.abc import Sequence
 
 import torch
 
+from vllm_slora.config import slora_config
 from vllm_slora.kernels import bmm, reference
 from vllm_slora.kernels.reference import gather_adapter
 
@@ -93,19 +99,18 @@ __all__ = [
 ]
 
 BACKENDS = ("triton", "torch", "bmm")
-_FORCED = os.environ.get("VLLM_SLORA_KERNELS", "").strip().lower() or None
-if _FORCED == "auto":  # vllm_slora.config's default: pick by device
-    _FORCED = None
-if _FORCED is not None and _FORCED not in BACKENDS:
-    raise ValueError(f"VLLM_SLORA_KERNELS={_FORCED!r}; expected one of {BACKENDS}")
+# Tests and benchmarks force a backend here; otherwise the plugin's setting
+# (``SLoraConfig.kernels``: "auto" picks by device).
+BACKEND_OVERRIDE: str | None = None
 
 Tables = torch.Tensor | Sequence[torch.Tensor]
 Segments = tuple[torch.Tensor, torch.Tensor] | None
 
 
 def _backend(x: torch.Tensor) -> str:
-    if _FORCED is not None:
-        return _FORCED
+    chosen = BACKEND_OVERRIDE or slora_config().kernels
+    if chosen != "auto":
+        return chosen
     return "triton" if x.is_cuda else "torch"
 
 
@@ -133,11 +138,11 @@ def _shrink_impl(x, pool, a_rows, lora_start, lora_rank, token_lora, out,
     fused = out.dim() == 3
     backend = _backend(x)
     if backend == "triton":
-        from vllm_slora.kernels import grouped
+        from vllm_slora.kernels.shrink import shrink
 
         out3 = out if fused else out.unsqueeze(0)
         segments = _segments(seg_start, seg_lora)
-        grouped.shrink(x, pool, a_rows, lora_start, lora_rank, token_lora, out3, segments, meta)
+        shrink(x, pool, a_rows, lora_start, lora_rank, token_lora, out3, segments, meta)
     else:
         impl = reference if backend == "torch" else bmm
         rows = a_rows if fused else a_rows[0]
@@ -149,11 +154,11 @@ def _expand_impl(v, pool, b_rows, lora_start, lora_rank, lora_scale, token_lora,
     fused = v.dim() == 3
     backend = _backend(y)
     if backend == "triton":
-        from vllm_slora.kernels import grouped
+        from vllm_slora.kernels.expand import expand
 
         v3 = v if fused else v.unsqueeze(0)
         segments = _segments(seg_start, seg_lora)
-        grouped.expand(
+        expand(
             v3, pool, b_rows, lora_start, lora_rank, lora_scale, token_lora, y, segments, meta
         )
     else:
@@ -227,14 +232,14 @@ _register()
 
 def group_by_adapter(token_lora: torch.Tensor, num_loras: int,
                      out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """Per-adapter token lists for a batch, on device (see ``grouped.group_by_adapter``).
+    """Per-adapter token lists for a batch, on device (``grouping.group_by_adapter``).
 
     Pass the result as ``meta`` to the ops of every layer of the batch;
-    ``out``: a static buffer of ``grouped.meta_size(T, num_loras)`` to fill.
+    ``out``: a static buffer of ``grouping.meta_size(T, num_loras)`` to fill.
     """
-    from vllm_slora.kernels import grouped
+    from vllm_slora.kernels import grouping
 
-    return grouped.group_by_adapter(token_lora, num_loras, out)
+    return grouping.group_by_adapter(token_lora, num_loras, out)
 
 
 def batch_meta(token_lora: torch.Tensor, num_loras: int, segments: Segments = None,
@@ -242,16 +247,16 @@ def batch_meta(token_lora: torch.Tensor, num_loras: int, segments: Segments = No
     """``group_by_adapter`` of a batch if the ops will use it, else None.
 
     They use it only with the Triton backend, without segments, above
-    ``grouped.PER_TOKEN_MAX_T`` tokens (smaller batches: one tile per token).
+    ``knobs.PER_TOKEN_MAX_T`` tokens (smaller batches: one tile per token).
     The decision depends on shapes and the backend only (CUDA-graph safe).
     """
     if _backend(token_lora) != "triton" or segments is not None:
         return None
-    from vllm_slora.kernels import grouped
+    from vllm_slora.kernels import grouping, knobs
 
-    if token_lora.shape[0] <= grouped.PER_TOKEN_MAX_T:
+    if token_lora.shape[0] <= knobs.PER_TOKEN_MAX_T:
         return None
-    return grouped.group_by_adapter(token_lora, num_loras, out)
+    return grouping.group_by_adapter(token_lora, num_loras, out)
 
 
 def paged_lora_shrink(

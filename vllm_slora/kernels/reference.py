@@ -3,8 +3,8 @@
 Vocabulary and layout: see ``vllm_slora/kernels/__init__.py``.
 
 Every op here computes in fp32 and rounds once when it writes ``y``; the
-Triton kernels (``mbgmv.py``, ``mbgmm.py``) are tested against these
-functions. Work is vectorised per adapter (one ``index_select`` gathers an
+Triton kernels (``grouped.py``, the baseline ``testing/mbgmv.py``) are
+tested against these functions. Work is vectorised per adapter (one ``index_select`` gathers an
 adapter's A or B from its scattered pages, one matmul serves all its tokens),
 so the Python loop runs over the distinct adapters of a call, never over
 tokens. Finding those adapters reads ``token_lora`` on the host, which is

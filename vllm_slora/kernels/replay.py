@@ -6,8 +6,8 @@ checks, then two or three Triton launches, each through
 ``JITFunction.run`` (binding ~40 arguments, computing the specialization
 key, looking the kernel up). On the H200 machine that is ~130 us of the
 engine's thread per layer call, ~9 ms per eager step of a 7B model
-(``benchmarks/stacks.py`` on the headline workload, 2026-12-02), and the
-engine's thread, not the GPU, sets the pace of those steps.
+(``benchmarks/stacks.py`` on the headline workload), and the engine's
+thread, not the GPU, sets the pace of those steps.
 
 Every LoRA layer of one step launches the same kernels with the same grid
 and the same arguments except three tensors: the layer's input ``x``, its
@@ -16,9 +16,9 @@ grouping are shared by all layers). ``Recorder`` runs a call's launches
 once through Triton, keeping each compiled kernel, grid and bound argument
 list; ``Replay.__call__`` launches them again with the layer's tensors
 swapped in, straight through the compiled kernel's launcher (no binding,
-no key). On the headline workload at 5 adapters the plugin's steady step
-was 38.9 ms before (base 31.4 in that call) and 33.5 ms after (base 30.1
-in that call): stop 26 in ``benchmarks/results/e2e-h200-2026-12-02.md``.
+no key). On the headline workload at 5 adapters this cut the plugin's
+steady eager step from 38.9 to 33.5 ms (base: 31.4 and 30.1 ms in the two
+calls; ``benchmarks/results/e2e-h200-2026-12-02.md``).
 A replay is valid only where Triton would pick the same compiled kernel:
 same dtypes, strides and 16-byte alignment of the swapped tensors
 (``Replay.matches``), same shapes of everything else (the caller's key).
@@ -124,3 +124,12 @@ class Recorder:
 
     def result(self) -> Replay | None:
         return self.replay if self.ok and self.replay.launches else None
+
+
+def launch(fn, grid: tuple, args: tuple, kwargs: dict, record: Recorder | None = None) -> None:
+    """``fn[grid](*args, **kwargs)``, or through ``record``, which also keeps
+    the launch for replays."""
+    if record is None:
+        fn[grid](*args, **kwargs)
+    else:
+        record.launch(fn, grid, args, kwargs)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 
 from vllm_slora.kernels import _backend
-from vllm_slora.kernels import grouped
+from vllm_slora.kernels.grouped import fuse_partials
+from vllm_slora.kernels.grouping import ADAPTERS, make_groups, meta_chunk
+from vllm_slora.kernels.plan import plan, shape_of
 
 
 def compiled_backend(x: torch.Tensor) -> bool:
@@ -30,12 +32,11 @@ def representative_sizes(lo: int, limits, k: int, n_max: int, s: int, d: int,
     r_max, num_loras = limits.max_rank, limits.max_loras
     token_lora = torch.empty(limits.max_tokens, dtype=torch.int32)  # shapes only
     for t in range(max(lo, 1), limits.max_tokens + 1):
-        groups = grouped.make_groups(token_lora[:t], num_loras, None, None, build_meta=False)
-        pl = grouped.plan(groups, t, k, n_max, s, r_max, d, device, dtype)
-        fused = grouped.fuse_partials(groups, pl, r_max)
-        chunk = grouped.meta_chunk(t) if groups.mode == grouped.ADAPTERS else 0
-        key = (groups.mode, pl.bm, pl.br_s, pl.bk, pl.npg, pl.warps_s, pl.stages_s, pl.bn,
-               pl.br_e, pl.warps_e, pl.stages_e, pl.nbp, pl.split > 1, pl.split if fused else 1,
+        groups = make_groups(token_lora[:t], num_loras, None, None, build_meta=False)
+        pl = plan(shape_of(groups, t, k, n_max, s, r_max, d, device, dtype))
+        fused = fuse_partials(groups, pl, r_max)
+        chunk = meta_chunk(t) if groups.mode == ADAPTERS else 0
+        key = (groups.mode, *pl.constants(), pl.split > 1, pl.split if fused else 1,
                chunk, t <= chunk)
         seen.setdefault(key, t)
     return sorted(seen.values())

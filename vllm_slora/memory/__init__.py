@@ -2,18 +2,29 @@
 
 Design: docs/unified-paging.md. Vocabulary: ``layout.py``.
 
+Both sides:
+
 - ``layout.py``: page geometry (D, pages per block, pages per adapter), PEFT
   metadata and packing.
-- ``pool.py``: scheduler side, which adapters hold which blocks (refcounts,
-  LRU of cached adapters, eviction, prefetch, counters).
+- ``plan.py``: the per-step scheduler -> worker message (``PagingPlan``).
+
+Scheduler side (engine core):
+
+- ``adapter_pool.py``: which adapters hold which KV blocks (refcounts, LRU of
+  cached adapters, eviction, prefetch, pins, counters).
 - ``manager.py``: ``PagedKVCacheManager``, vLLM's KV-cache manager with
   adapter admission and eviction before "no room".
-- ``plan.py``: the per-step scheduler -> worker message.
-- ``read_ahead.py``: adapter files read ahead into the OS page cache.
-- ``uploads.py``: adapter files to their pool rows, packed on the device,
-  on a thread of its own.
-- ``pager.py``: worker side, pools as views of the KV buffers, uploads, batch
-  metadata. ``vectors.py``: the vector tables.
-- ``worker_manager.py``: the model runner's LoRA manager in S-LoRA mode.
+
+Worker side:
+
+- ``worker_manager.py``: the model runner's LoRA manager in S-LoRA mode
+  (wraps the projections, feeds the pager each step).
+- ``pager.py``: applies plans, keeps the resident adapters, writes each
+  step's batch metadata (``step.py``: static buffers, CUDA-graph safe).
+- ``kv_pools.py``: the KV buffers viewed as pools of pages; a block's rows.
+- ``vectors.py``: the vector tables (fixed capacity, compaction).
+- ``uploads.py``: adapter files to their pool rows, packed on the device, on
+  threads of their own; ``read_ahead.py``: files read ahead into the OS page
+  cache.
 - ``stats.py``: the counters of a running ``vllm.LLM``.
 """

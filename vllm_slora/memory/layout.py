@@ -29,7 +29,7 @@ Vocabulary (used everywhere in ``vllm_slora.memory``):
 - **packed adapter**: per layer, the ``[rows, D]`` block of pages an adapter
   fills, in the order given by ``AdapterMeta.offsets``; the pager copies it
   into the pool rows of the adapter's blocks with one indexed copy per layer.
-- **tensor parallelism** (S-LoRA's partition, ``vllm_slora/tp.py``): with
+- **tensor parallelism** (S-LoRA's partition, ``vllm_slora/testing/tp_reference.py``): with
   ``--tensor-parallel-size P`` every worker's KV blocks hold 1/P of the KV
   heads, and its pages hold its shard of each adapter. Column-parallel kinds
   (q, k, v, gate, up): the A-vectors ``j % P == p`` (full width K; rank p has
@@ -203,10 +203,13 @@ def split_key(key: str) -> tuple[int, str, str] | None:
     return (int(m.group(1)), m.group(2), m.group(3)) if m else None
 
 
-def adapter_kinds(modules) -> set[str]:
+def adapter_kinds(modules) -> tuple[str, ...]:
     """The module kinds of an adapter's ``modules`` (kinds and fused names),
-    with fused groups completed; ``ValueError`` for a group named both fused
-    and by its slices (which A would the slices take?)."""
+    with fused groups completed, in ``KINDS`` order; ``ValueError`` for a
+    group named both fused and by its slices (which A would the slices take?).
+    A fused vLLM layer (qkv_proj, gate_up_proj) runs one kernel call for all
+    its slices, which share the adapter's rank: an adapter on q and v also
+    gets (zero) k pages."""
     kinds = set()
     for module in modules:
         kinds |= set(PACKED.get(module, (module,)))
@@ -218,7 +221,15 @@ def adapter_kinds(modules) -> set[str]:
                              f"one of the two")
         if kinds & set(group):
             kinds |= set(group)
-    return kinds
+    return tuple(k for k in KINDS if k in kinds)
+
+
+def tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a safetensors file, from its header only."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
 def slice_rows(module: str, widths) -> list[tuple[str, int]]:
@@ -257,8 +268,9 @@ def read_adapter_meta(path: str) -> AdapterMeta:
 
 @functools.lru_cache(maxsize=65536)
 def _read_adapter_meta(path: str, version: tuple) -> AdapterMeta:
-    from safetensors import safe_open
-
+    # Reads what packing needs, with the checks packing relies on; the front
+    # end's full validation, with a message per fault, is
+    # ``vllm_slora.adapters.check_adapter``.
     folder = Path(path)
     cfg_file, weights = folder / CONFIG_FILE, folder / ADAPTER_FILE
     if not cfg_file.exists() or not weights.exists():
@@ -269,30 +281,24 @@ def _read_adapter_meta(path: str, version: tuple) -> AdapterMeta:
         raise ValueError(f"adapter '{path}' has rank_pattern/alpha_pattern; paged LoRA needs "
                          f"one rank per adapter: re-save it without per-module ranks")
     modules, rank = set(), None
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():
-            parts = split_key(key)
-            if parts is None or (parts[1] not in KINDS and parts[1] not in PACKED):
-                raise ValueError(f"adapter '{path}' has weight '{key}'; paged LoRA supports "
-                                 f"only LoRA A/B of {', '.join(KINDS + tuple(PACKED))}")
-            shape = f.get_slice(key).get_shape()
-            r = shape[0] if parts[2] == "A" else shape[1]
-            if rank is not None and r != rank:
-                raise ValueError(f"adapter '{path}': '{key}' has rank {r}, others {rank}; "
-                                 f"paged LoRA needs one rank per adapter")
-            rank = r
-            modules.add(parts[1])
+    for key, shape in tensor_shapes(weights).items():
+        parts = split_key(key)
+        if parts is None or (parts[1] not in KINDS and parts[1] not in PACKED):
+            raise ValueError(f"adapter '{path}' has weight '{key}'; paged LoRA supports "
+                             f"only LoRA A/B of {', '.join(KINDS + tuple(PACKED))}")
+        r = shape[0] if parts[2] == "A" else shape[1]
+        if rank is not None and r != rank:
+            raise ValueError(f"adapter '{path}': '{key}' has rank {r}, others {rank}; "
+                             f"paged LoRA needs one rank per adapter")
+        rank = r
+        modules.add(parts[1])
     if rank is None:
         raise ValueError(f"adapter '{path}' has no LoRA weights")
-    # A fused vLLM layer (qkv_proj, gate_up_proj) runs one kernel call for all
-    # its slices, which share the adapter's rank: an adapter on q and v also
-    # gets (zero) k pages.
     try:
         kinds = adapter_kinds(modules)
     except ValueError as e:
         raise ValueError(f"adapter '{path}' {e}") from None
-    return AdapterMeta(path=str(path), rank=rank,
-                       kinds=tuple(k for k in KINDS if k in kinds), scale=lora_scale(cfg, rank),
+    return AdapterMeta(path=str(path), rank=rank, kinds=kinds, scale=lora_scale(cfg, rank),
                        version=version)
 
 

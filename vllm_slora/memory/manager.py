@@ -34,7 +34,7 @@ from vllm.v1.request import RequestStatus
 
 from vllm_slora.config import slora_config
 from vllm_slora.memory.layout import PageGeometry
-from vllm_slora.memory.pool import AdapterFault, AdapterPool, SeparateRegion
+from vllm_slora.memory.adapter_pool import AdapterFault, AdapterPool, SeparateRegion
 
 logger = init_logger("vllm.plugins.vllm_slora")
 _ALLOCATE = inspect.signature(KVCacheManager.allocate_slots)

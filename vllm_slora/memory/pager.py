@@ -1,18 +1,16 @@
-"""Worker side of unified paging: adapter pages in the KV buffers.
+"""Worker side of unified paging: which adapters fill which pages, per step.
 
-The ``Pager`` views each layer's KV buffer as a pool ``[num_rows, D]`` (same
-storage, no copy), applies the scheduler's plan (uploads an adapter into the
-pool rows of the blocks the scheduler chose, ``uploads.py``; drops evicted
-ones), keeps
-the vector tables, and writes each step's batch metadata into the static
-buffers the layers read (``step.py``).
+The ``Pager`` binds to the KV buffers viewed as pools (``kv_pools.py``),
+applies the scheduler's plan (an adapter is uploaded into the pool rows of
+the blocks the scheduler chose, ``uploads.py``; evicted ones are dropped),
+keeps the vector tables (``vectors.py``), and writes each step's batch
+metadata into the static buffers the layers read (``step.py``).
 Vocabulary: ``vllm_slora/memory/layout.py``.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import time
 from dataclasses import dataclass
 
@@ -23,22 +21,21 @@ from vllm.logger import init_logger
 
 from vllm_slora import metrics
 from vllm_slora.kernels import replay
+from vllm_slora.memory.kv_pools import KVPools, block_chunks
 from vllm_slora.memory.layout import GROUPS, AdapterMeta, PageGeometry
 from vllm_slora.memory.plan import Evict, Load, PagingPlan
 from vllm_slora.memory.read_ahead import ReadAhead
 from vllm_slora.memory.step import StepBuffers, StepLimits
-from vllm_slora.memory.uploads import Upload, Uploader
+from vllm_slora.memory.uploads import RING_ELEMENTS, PinnedRing, Upload, Uploader
 from vllm_slora.memory.vectors import VectorSpace, vector_capacity
 
 logger = init_logger("vllm.plugins.vllm_slora")
 
-# Elements of each pinned staging buffer of a plan's rows and table entries
-# (8 of 512 KB): a plan of up to ~40 adapters of rank 64 on q,k,v,o of 7B.
-RING_ELEMENTS = 1 << 16
-
 
 @dataclass
-class Resident:
+class PagedAdapter:
+    """An adapter in a worker's pages: its pool rows and vector range."""
+
     meta: AdapterMeta  # path, rank, kinds, scale
     start: int  # first vector
     rows: np.ndarray  # int64, the pool rows it fills (same in every layer)
@@ -67,63 +64,6 @@ class Batch:
     max_rank: dict[str, int]
 
 
-def block_chunks(kv: torch.Tensor, num_blocks: int) -> tuple[tuple[int, ...], int, int]:
-    """Where a KV block lives in ``kv``'s storage, in bytes.
-
-    Returns (offset of each chunk of block 0, block stride, chunk size). CPU_ATTN
-    and FlashAttention keep a block in one chunk; a ``(2, num_blocks, ...)``
-    layout gives two (K and V). A backend that splits the scheduler's block
-    into k kernel blocks has a dimension of ``k * num_blocks``; block b is then
-    kernel blocks ``b*k .. b*k+k-1``, adjacent in that dimension.
-    """
-    dims = [d for d in range(kv.dim()) if kv.shape[d] % num_blocks == 0]
-    if not dims:
-        raise ValueError(f"KV cache of shape {tuple(kv.shape)} has no dimension of "
-                         f"{num_blocks} blocks; vllm_slora cannot page adapters into it")
-    bd = max(dims, key=lambda d: kv.stride(d))
-    per_block = kv.shape[bd] // num_blocks
-    es = kv.element_size()
-    outer = [d for d in range(kv.dim()) if d != bd and kv.stride(d) > kv.stride(bd)]
-    inner = [d for d in range(kv.dim()) if d != bd and d not in outer]
-    if int(np.prod([kv.shape[d] for d in inner])) != kv.stride(bd):
-        raise ValueError(f"KV cache of shape {tuple(kv.shape)}, strides {kv.stride()} does not "
-                         f"keep a block's bytes dense; vllm_slora cannot page adapters into it")
-    offsets = tuple(
-        (kv.storage_offset() + sum(i * kv.stride(d) for i, d in zip(idx, outer))) * es
-        for idx in itertools.product(*[range(kv.shape[d]) for d in outer]))
-    size = kv.stride(bd) * per_block * es
-    return offsets, size, size
-
-
-class PinnedRing:
-    """Host-to-device copies of small int64 arrays through pinned buffers
-    made once: ``SLOTS`` buffers of ``capacity`` elements used in turn, each
-    reused after its previous copy finished (an event; long ago, normally:
-    one copy per paging plan). Larger arrays are pinned for their copy."""
-
-    SLOTS = 8
-
-    def __init__(self, capacity: int, device: torch.device):
-        self.device = device
-        self.host = [torch.empty(capacity, dtype=torch.int64).pin_memory()
-                     for _ in range(self.SLOTS)]
-        self.sent: list[torch.cuda.Event | None] = [None] * self.SLOTS
-        self.next = 0
-
-    def send(self, values: np.ndarray) -> torch.Tensor:
-        n = values.size
-        if n > self.host[0].numel():
-            return torch.from_numpy(values).pin_memory().to(self.device, non_blocking=True)
-        i, self.next = self.next, (self.next + 1) % self.SLOTS
-        if self.sent[i] is not None:
-            self.sent[i].synchronize()
-        self.host[i][:n].numpy()[:] = values
-        out = self.host[i][:n].to(self.device, non_blocking=True)
-        self.sent[i] = torch.cuda.Event()
-        self.sent[i].record()
-        return out
-
-
 class Pager:
     """Created with the model; ``bind`` (first plan, KV cache allocated) makes it usable."""
 
@@ -139,7 +79,7 @@ class Pager:
         self.vectors: VectorSpace | None = None
         self.pools: list[torch.Tensor] = []
         self.kv_tensors: list[torch.Tensor] = []
-        self.resident: dict[int, Resident] = {}
+        self.resident: dict[int, PagedAdapter] = {}
         self.batch: Batch | None = None
         self.step: StepBuffers | None = None
         # This forward's kernels.group_by_adapter view of step.meta (or None),
@@ -162,8 +102,7 @@ class Pager:
         # group -> ((tokens, knobs), Replay) (kernels/replay.py); None where
         # the kernels are not Triton's.
         self.replays: dict | None = None
-        self._chunk_rows: np.ndarray | None = None  # int64 [rows_per_block], block 0
-        self._block_stride_rows = 0
+        self.kv: KVPools | None = None
         self.uploader: Uploader | None = None
 
     # -- binding to the KV buffers ------------------------------------------
@@ -182,25 +121,14 @@ class Pager:
         layouts = {block_chunks(kv, num_blocks) for kv in kv_by_layer.values()}
         if len(layouts) != 1:
             raise ValueError("vllm_slora needs the same KV block layout in every layer")
-        offsets, stride, chunk = layouts.pop()
+        layout = layouts.pop()
+        offsets, _, chunk = layout
         self.geo = PageGeometry.create(self.hf_config, self.dtype, chunk * len(offsets),
                                        tp_size=self.tp_size, tp_rank=self.tp_rank)
-        d = self.geo.page_width
-        row_bytes = d * torch.empty((), dtype=self.dtype).element_size()
-        if chunk % row_bytes or stride % row_bytes or any(o % row_bytes for o in offsets):
-            raise ValueError(f"KV block chunks of {chunk} bytes do not split into pages "
-                             f"of {row_bytes} bytes (D={d})")
-        for i in range(num_layers):
-            kv = kv_by_layer[i]
-            storage = kv.untyped_storage()
-            pool = torch.empty(0, dtype=self.dtype, device=kv.device)
-            pool.set_(storage, 0, (storage.nbytes() // row_bytes, d))
-            self.pools.append(pool)
-            self.kv_tensors.append(kv)
-        rows = [o // row_bytes + j for o in offsets for j in range(chunk // row_bytes)]
-        assert len(rows) == self.geo.rows_per_block
-        self._chunk_rows = np.asarray(rows, dtype=np.int64)
-        self._block_stride_rows = stride // row_bytes
+        self.kv = KVPools([kv_by_layer[i] for i in range(num_layers)], layout, self.dtype,
+                          self.geo.page_width)
+        assert self.kv.rows_per_block == self.geo.rows_per_block
+        self.pools, self.kv_tensors = self.kv.pools, self.kv.kv_tensors
         self.vectors = VectorSpace(self.geo, self.device, vector_capacity(self.geo, num_blocks))
         self.step = StepBuffers(limits, self.device)
         self.uploader = Uploader(self.geo, self.pools)
@@ -214,11 +142,6 @@ class Pager:
         if mine != theirs:
             raise RuntimeError(f"page geometry differs: worker (D, pages per block) = {mine}, "
                                f"scheduler = {theirs}; this KV cache layout is not supported")
-
-    def block_rows(self, block_ids: list[int]) -> np.ndarray:
-        """Pool rows (int64, host) of ``block_ids``, in block order."""
-        ids = np.asarray(block_ids, dtype=np.int64)
-        return (ids[:, None] * self._block_stride_rows + self._chunk_rows[None, :]).reshape(-1)
 
     def _send(self, values: np.ndarray) -> torch.Tensor:
         """int64 host values on the device, without waiting for queued steps:
@@ -244,7 +167,7 @@ class Pager:
         the device and one table write per plan, not per adapter."""
         self.check_scheduler_geometry(plan.stats)
         self.scheduler_stats = plan.stats
-        pending: list[tuple[int, Resident, float]] = []  # lora id, reserved, seconds
+        pending: list[tuple[int, PagedAdapter, float]] = []  # lora id, reserved, seconds
         for event in plan.events:
             if isinstance(event, Evict):
                 if any(event.lora_id == lid for lid, *_ in pending):
@@ -260,7 +183,7 @@ class Pager:
         if plan.events:
             metrics.record("worker", self.read_ahead.counters)
 
-    def _reserve(self, event: Load, pending: list[tuple[int, Resident, float]]) -> Resident:
+    def _reserve(self, event: Load, pending: list[tuple[int, PagedAdapter, float]]) -> PagedAdapter:
         """A load's host side: metadata, pool rows, its vector range (the
         table entries queued); resident from now on, its upload not yet asked for."""
         if event.lora_id in self.resident:
@@ -270,7 +193,7 @@ class Pager:
             self.read_ahead.count(event.path)
         else:
             meta = self.read_ahead.meta(event.path)
-        rows = self.block_rows(event.block_ids)
+        rows = self.kv.block_rows(event.block_ids)
         n = meta.rows(self.geo)
         if n > rows.size:
             raise RuntimeError(f"adapter '{event.path}' needs {n} pages, the scheduler gave "
@@ -282,11 +205,11 @@ class Pager:
             for res in self.resident.values():
                 res.start = moves[res.start]
         start = self.vectors.add(meta, rows)
-        res = Resident(meta, start, rows, list(event.block_ids))
+        res = PagedAdapter(meta, start, rows, list(event.block_ids))
         self.resident[event.lora_id] = res
         return res
 
-    def _page_in(self, pending: list[tuple[int, Resident, float]]) -> None:
+    def _page_in(self, pending: list[tuple[int, PagedAdapter, float]]) -> None:
         """The device side of the reserved loads in ``pending`` (emptied):
         their rows and table entries in one copy, the entries in place, the
         uploads queued (``uploads.py``: the upload overlaps this step's
@@ -314,7 +237,7 @@ class Pager:
             metrics.observe_load(reserve_s + share)
         pending.clear()
 
-    def _wait_copied(self, res: Resident, lora_id: int) -> None:
+    def _wait_copied(self, res: PagedAdapter, lora_id: int) -> None:
         if res.copied is None:
             return
         started = time.perf_counter()
@@ -342,28 +265,28 @@ class Pager:
         self.counters["evictions"] += 1
 
     # -- per step -----------------------------------------------------------
-    def set_batch(self, token_ids: np.ndarray, ignore: set[int]) -> None:
+    def set_batch(self, token_ids: np.ndarray, dummy_ids: set[int]) -> None:
         """Batch metadata from the per-token LoRA ids the runner gives (0 = none).
 
-        Ids in ``ignore`` are the runner's dummy adapters (warm-up, CUDA-graph
+        ``dummy_ids`` are the runner's dummy adapters (warm-up, CUDA-graph
         capture): their tokens get no LoRA, but the step still counts as a
         LoRA step, so that a capture records every layer's kernels.
         """
         started = time.perf_counter()
         try:
-            self._set_batch(token_ids, ignore)
+            self._set_batch(token_ids, dummy_ids)
         finally:
             self._spent("set_batch_s", started)
 
-    def _set_batch(self, token_ids: np.ndarray, ignore: set[int]) -> None:
+    def _set_batch(self, token_ids: np.ndarray, dummy_ids: set[int]) -> None:
         # The body of set_batch. Per adapter only dict lookups: a step of
         # 256 requests may hold 256 adapters.
         self.meta = None
         uniq, inverse = np.unique(token_ids, return_inverse=True)
         used = uniq > 0
         dummy = False
-        if ignore:
-            dummies = used & np.isin(uniq, list(ignore))
+        if dummy_ids:
+            dummies = used & np.isin(uniq, list(dummy_ids))
             dummy, used = bool(dummies.any()), used & ~dummies
         lora_ids = uniq[used].tolist()
         if not lora_ids and not dummy:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_slora.kernels.grouped import meta_size
+from vllm_slora.kernels.grouping import meta_size
 from vllm_slora.memory.layout import GROUPS
 
 

@@ -48,6 +48,7 @@ import time
 import weakref
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vllm_slora import metrics
@@ -235,3 +236,37 @@ class Uploader:
             event = torch.cuda.Event()
             event.record(lane.stream)
             lane.freed[i] = event
+
+
+# Elements of each pinned staging buffer of a plan's rows and table entries
+# (8 of 512 KB): a plan of up to ~40 adapters of rank 64 on q,k,v,o of 7B.
+RING_ELEMENTS = 1 << 16
+
+
+class PinnedRing:
+    """Host-to-device copies of small int64 arrays through pinned buffers
+    made once: ``SLOTS`` buffers of ``capacity`` elements used in turn, each
+    reused after its previous copy finished (an event; long ago, normally:
+    one copy per paging plan). Larger arrays are pinned for their copy."""
+
+    SLOTS = 8
+
+    def __init__(self, capacity: int, device: torch.device):
+        self.device = device
+        self.host = [torch.empty(capacity, dtype=torch.int64).pin_memory()
+                     for _ in range(self.SLOTS)]
+        self.sent: list[torch.cuda.Event | None] = [None] * self.SLOTS
+        self.next = 0
+
+    def send(self, values: np.ndarray) -> torch.Tensor:
+        n = values.size
+        if n > self.host[0].numel():
+            return torch.from_numpy(values).pin_memory().to(self.device, non_blocking=True)
+        i, self.next = self.next, (self.next + 1) % self.SLOTS
+        if self.sent[i] is not None:
+            self.sent[i].synchronize()
+        self.host[i][:n].numpy()[:] = values
+        out = self.host[i][:n].to(self.device, non_blocking=True)
+        self.sent[i] = torch.cuda.Event()
+        self.sent[i].record()
+        return out

@@ -1,29 +1,12 @@
-"""First MBGMV: one program per token (decode), reading scattered pages.
+"""The first MBGMV: one program per token (decode), reading scattered pages.
 
-Vocabulary and layout: see ``vllm_slora/kernels/__init__.py``.
-
-Superseded by the grouped kernels (``grouped.py``), which the public ops use;
-kept as the baseline of ``benchmarks/kernels.py`` ("v1 us") and for the
-helpers both share (``pick``, ``check_pool``, ``slice_tables``). Its K loop
-runs serially per program (a page lookup feeding each load), so it is
-latency-bound for small batches, and each token re-reads its adapter's pages.
-
-One program serves one token, so each token does exactly its own adapter's
-rank of work: loops over rank run to ``lora_rank[l]`` in blocks of BLOCK_R
-with masking, never to the batch's maximum rank. The grid depends only on
-tensor shapes (T, R_MAX, widths), never on their contents, so a launch needs
-no host sync and can be captured in a CUDA graph; programs with nothing to do
-(token without LoRA, rank block past the rank, ...) return at once.
-
-Fused slices (q,k,v or gate,up) run in one launch: the slice is a grid axis
-and each program picks its slice's vector table from up to MAX_SLICES
-pointer arguments.
-
-A tile along K (shrink) or N (expand) never crosses a page, because the tile
-width divides the page width D; so each tile needs one table lookup per
-rank-vector and reads D-aligned, contiguous elements.
-
-Tested against ``reference.py`` in ``tests/kernels/test_kernels.py``.
+A baseline, not used by the engine: ``benchmarks/kernels`` times it ("v1
+us") beside the grouped kernels, and ``tests/kernels`` checks it against the
+reference. One program serves one token, so each token does exactly its own
+adapter's rank of work; its K loop runs serially per program (a page lookup
+feeding each load), so it is latency-bound for small batches, and each
+token re-reads its adapter's pages (the grouped kernels read them once per
+tile). Vocabulary and layout: ``vllm_slora/kernels/__init__.py``.
 """
 
 from collections.abc import Sequence
@@ -32,23 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_slora.kernels import _interp
-
-_interp.patch()
-
-MAX_SLICES = 3
-
-
-@triton.jit
-def pick(s, p0, p1, p2):
-    """Slice s's value among three pointer arguments (runtime select)."""
-    if s == 0:
-        p = p0
-    elif s == 1:
-        p = p1
-    else:
-        p = p2
-    return p
+from vllm_slora.kernels.pages import MAX_SLICES, check_pool, load_b_tile, pick, slice_tables
 
 
 @triton.jit
@@ -106,23 +73,6 @@ def _mbgmv_shrink_kernel(
     out = out_ptr + s * out_stride_s + tok.to(tl.int64) * out_stride_t
     tl.store(out + offs_r, v, mask=mask_r)
 
-
-@triton.jit
-def load_b_tile(pool_ptr, rows_ptr, start, offs_r, mask_r, rows_stride, col, in_page, pool_stride,
-                D: tl.constexpr):
-    """B tile [rank-vectors offs_r, columns col + in_page - col % D]: each
-    rank-vector's page of column block col, looked up in its vector table
-    (rows past the rank masked to zero)."""
-    page = tl.load(
-        rows_ptr + (start + offs_r).to(tl.int64) * rows_stride + col // D,
-        mask=mask_r,
-        other=0,
-    ).to(tl.int64)
-    return tl.load(
-        pool_ptr + page[:, None] * pool_stride + in_page[None, :],
-        mask=mask_r[:, None],
-        other=0.0,
-    )
 
 
 @triton.jit
@@ -182,30 +132,6 @@ def _mbgmv_expand_kernel(
     y = y_ptr + tok.to(tl.int64) * y_stride + y_col + col + offs_n
     tl.store(y, (tl.load(y).to(tl.float32) + delta).to(y_ptr.dtype.element_ty))
 
-
-def slice_tables(tables: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Check 1..MAX_SLICES contiguous int32 tables; pad the list to MAX_SLICES."""
-    if not 1 <= len(tables) <= MAX_SLICES:
-        raise ValueError(
-            f"{len(tables)} fused slices; the Triton kernels take 1..{MAX_SLICES}"
-            " (raise MAX_SLICES in vllm_slora/kernels/mbgmv.py)"
-        )
-    for t in tables:
-        if t.dtype != torch.int32 or not t.is_contiguous():
-            raise ValueError("vector tables must be contiguous int32 tensors")
-    return list(tables) + [tables[0]] * (MAX_SLICES - len(tables))
-
-
-def check_pool(x: torch.Tensor, pool: torch.Tensor) -> int:
-    """Return the page width D after checking pool against the activations."""
-    if pool.dtype != x.dtype:
-        raise ValueError(f"pool dtype {pool.dtype} != activation dtype {x.dtype}")
-    if pool.stride(1) != 1:
-        raise ValueError("pool rows (pages) must be contiguous")
-    d = pool.shape[1]
-    if d & (d - 1):
-        raise ValueError(f"page width D={d} must be a power of two")
-    return d
 
 
 def mbgmv_shrink(

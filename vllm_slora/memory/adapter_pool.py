@@ -40,7 +40,10 @@ def adapter_meta(path: str, check=None) -> AdapterMeta:
 
 
 @dataclass
-class Resident:
+class AdapterBlocks:
+    """An adapter resident in the scheduler's pool: its KV blocks and the
+    running requests that reference it."""
+
     path: str
     blocks: list  # KVCacheBlock
     rank: int  # rank-vectors it takes in the workers' vector tables
@@ -101,7 +104,7 @@ class AdapterPool:
         self.geo = geometry
         # The workers' vector tables hold this many resident rank-vectors.
         self.vector_capacity = vector_capacity(geometry, block_pool.num_gpu_blocks)
-        self.resident: dict[int, Resident] = {}
+        self.resident: dict[int, AdapterBlocks] = {}
         self.unreferenced: OrderedDict[int, None] = OrderedDict()  # LRU, oldest first
         self.request_lora: dict[str, int] = {}
         # Pin counts: an adapter pinned by two callers stays pinned until both unpin.
@@ -224,7 +227,7 @@ class AdapterPool:
         self.unreferenced[lora_id] = None
         return True
 
-    def _page_in(self, lora_id: int, path: str) -> Resident:
+    def _page_in(self, lora_id: int, path: str) -> AdapterBlocks:
         meta = self.meta(path)
         rank = meta.rank
         while self.resident_vectors + rank > self.vector_capacity:
@@ -233,7 +236,7 @@ class AdapterPool:
                                    f"tables: {self.resident_vectors} of {self.vector_capacity} "
                                    f"rank-vectors are held by running requests")
         blocks = self.block_pool.get_new_blocks(self.blocks_for(path, meta))
-        res = self.resident[lora_id] = Resident(path, blocks, rank)
+        res = self.resident[lora_id] = AdapterBlocks(path, blocks, rank)
         self._blocks += len(blocks)
         self._vectors += rank
         self.events.append(Load(lora_id, path, [b.block_id for b in blocks], meta))
@@ -301,7 +304,7 @@ class AdapterPool:
         self.counters["evictions"] += 1
         return True
 
-    def _drop(self, lora_id: int) -> Resident:
+    def _drop(self, lora_id: int) -> AdapterBlocks:
         """Take ``lora_id`` out of the pool: its blocks back, an ``Evict`` for the workers."""
         res = self.resident.pop(lora_id)
         self._blocks -= len(res.blocks)
