@@ -12,62 +12,30 @@ tensor argument, the layer's one-element ``lora_key`` buffer (looked up by
 its address), never through a constant: a per-layer constant such as the
 layer's name makes every piece of vLLM's piecewise graph different, so
 inductor compiled all 33 pieces of a 7B model instead of one (60 s of
-start-up against 7 s for the base model, H200, 2026-12-02), while buffers
-are graph inputs and leave the pieces identical. Two engines in one process
-have their own buffers, hence their own layers. Its per-step metadata are static
+start-up against 7 s for the base model, H200), while buffers are graph
+inputs and leave the pieces identical. Two engines in one process have their
+own buffers, hence their own layers. Its per-step metadata are static
 buffers of the pager (``memory/step.py``), so CUDA graphs capture it: in
 full graphs (uniform decode) and in piecewise ones (mixed batches) alike.
-
-Tensor parallelism (S-LoRA's partition; the math and its communication are
-in ``vllm_slora/testing/tp_reference.py``): on a column-parallel layer the shrink gives this
-rank's strided part of v, one all-gather of v makes it whole and the expand
-writes this rank's output columns. On a row-parallel layer the wrapper runs
-the base layer's matmul without its all-reduce, the shrink of this rank's
-input columns gives a partial v, one all-reduce of v completes it, the
-expand adds this rank's LoRA columns into the partial sum, and the base
-layer's all-reduce then carries base and LoRA outputs together.
+Under tensor parallelism the layer runs S-LoRA's partition
+(``tensor_parallel.py``).
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import inspect
 import re
 import weakref
 
 import torch
 from torch import nn
 
-from vllm_slora.kernels import (batch_meta, grouped, knobs, paged_lora, paged_lora_expand,
-                                paged_lora_shrink)
+from vllm_slora import tensor_parallel
+from vllm_slora.kernels import batch_meta, grouped, knobs, paged_lora
 from vllm_slora.kernels.replay import Recorder
 from vllm_slora.memory.layout import COLUMN_PARALLEL, GROUPS
 
 # Layers by the address of their ``lora_key`` buffer (the op's handle on its layer).
 _BY_KEY: "weakref.WeakValueDictionary[int, PagedLoRALinear]" = weakref.WeakValueDictionary()
-# sha256 (first 16 hex digits) of vLLM 0.26.0's ``RowParallelLinear.forward``
-# source, which ``_row_parallel_forward`` copies with the LoRA output added
-# before the all-reduce (patches/README.md lists this touch point).
-ROW_PARALLEL_FORWARD_SHA = "d90bdc0c707aa085"
-
-
-@functools.cache
-def check_row_parallel_copy(forward=None) -> None:
-    """Refuse to run the copy of ``RowParallelLinear.forward`` (tensor
-    parallelism) against a vLLM whose original differs from the one copied."""
-    from vllm_slora.patches import PatchTargetChanged
-
-    if forward is None:
-        from vllm.model_executor.layers.linear import RowParallelLinear
-
-        forward = RowParallelLinear.forward
-    found = hashlib.sha256(inspect.getsource(forward).encode()).hexdigest()[:16]
-    if found != ROW_PARALLEL_FORWARD_SHA:
-        raise PatchTargetChanged(
-            f"vllm_slora's tensor-parallel LoRA copies vLLM 0.26.0's RowParallelLinear.forward "
-            f"(vllm_slora/layers.py); this vLLM's differs (source sha256 {found}, copied "
-            f"{ROW_PARALLEL_FORWARD_SHA}): run with tensor_parallel_size 1 or a vLLM 0.26.0")
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -86,7 +54,7 @@ class PagedLoRALinear(nn.Module):
         # Set by the worker manager on the first LoRA layer of the forward.
         self.builds_meta = False
         if self.tp_size > 1 and self.row_parallel:
-            check_row_parallel_copy()
+            tensor_parallel.check_row_parallel_copy()
         if self.tp_size > 1 and self.row_parallel and not base_layer.reduce_results:
             raise ValueError(f"vllm_slora: '{name}' does not all-reduce its output; "
                              f"the LoRA output has nowhere to join it")
@@ -97,29 +65,11 @@ class PagedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor):
         if self.tp_size > 1 and self.row_parallel:
-            return self._row_parallel_forward(x)
+            return tensor_parallel.row_parallel_forward(self, x)
         out = self.base_layer(x)
         y = out[0] if isinstance(out, tuple) else out
         torch.ops.vllm.slora_paged_lora(x, y, self.lora_key)
         return out
-
-    def _row_parallel_forward(self, x: torch.Tensor):
-        """vLLM's ``RowParallelLinear.forward`` with the LoRA output added to
-        the partial sum before its all-reduce."""
-        from vllm.distributed import (split_tensor_along_last_dim,
-                                      tensor_model_parallel_all_reduce)
-
-        base = self.base_layer
-        if not base.input_is_parallel:
-            x = split_tensor_along_last_dim(x, num_partitions=self.tp_size)[self.tp_rank]
-            x = x.contiguous()
-        bias = None if (self.tp_rank > 0 or base.skip_bias_add) else base.bias
-        partial = base.quant_method.apply(base, x, bias)
-        torch.ops.vllm.slora_paged_lora(x, partial, self.lora_key)
-        out = tensor_model_parallel_all_reduce(partial)
-        if not base.return_bias:
-            return out
-        return out, (base.bias if base.skip_bias_add else None)
 
     def apply_lora(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += adapters(x), in place; x [T, K], y [T, N] (or with a leading batch dim).
@@ -141,7 +91,7 @@ class PagedLoRALinear(nn.Module):
         if batch.max_rank[self.group] == 0:  # eager steps only: captures use R_MAX
             return
         if self.tp_size > 1:
-            self._apply_sharded(x2, y2, token_lora, step)
+            tensor_parallel.apply_sharded(self, x2, y2, token_lora, step)
             return
         pool = self.pager.pools[self.layer_idx]
         replays = self.pager.replays
@@ -175,34 +125,6 @@ class PagedLoRALinear(nn.Module):
         paged_lora(x2, y2, pool, a_rows, b_rows,
                    step.lora_start, step.rank[self.group], step.lora_scale, token_lora,
                    max_rank=limits.max_rank, meta=self.pager.meta, dispatch=False)
-
-    def _apply_sharded(self, x, y, token_lora, step) -> None:
-        """This rank's part of the LoRA output, with one collective on v."""
-        from vllm.distributed import get_tp_group
-
-        g, p, world = self.group, self.tp_rank, self.tp_size
-        a_rows, b_rows = self.pager.vectors.group_tables[g]
-        pool, meta = self.pager.pools[self.layer_idx], self.pager.meta
-        t, r_max = x.shape[0], step.limits.max_rank
-        if self.row_parallel:
-            # x: this rank's input columns; y: the full-width partial sum.
-            v = torch.zeros(1, t, r_max, dtype=torch.float32, device=x.device)
-            paged_lora_shrink(x, pool, a_rows, step.lora_start, step.rank_a[g], token_lora, v,
-                              None, meta)
-            v = get_tp_group().all_reduce(v)
-            n_p = y.shape[1] // world
-            y = y[:, p * n_p:(p + 1) * n_p]
-        else:
-            # A-vector j sits on rank j % P at local index j // P.
-            local = -(-r_max // world)
-            v_p = torch.zeros(len(a_rows), t, local, dtype=torch.float32, device=x.device)
-            paged_lora_shrink(x, pool, a_rows, step.lora_start, step.rank_a[g], token_lora,
-                              v_p, None, meta)
-            parts = get_tp_group().all_gather(v_p, dim=0)  # [P * S, T, local]
-            v = (parts.view(world, *v_p.shape).permute(1, 2, 3, 0)
-                 .reshape(v_p.shape[0], t, local * world).contiguous())
-        paged_lora_expand(v, pool, b_rows, step.lora_start, step.rank[g], step.lora_scale,
-                          token_lora, y, None, meta)
 
     def extra_repr(self) -> str:
         return f"group={self.group}, layer={self.layer_idx}"

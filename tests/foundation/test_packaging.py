@@ -52,7 +52,7 @@ def test_guard_refuses_a_changed_target():
 
 
 def test_the_copied_row_parallel_forward_is_guarded():
-    from vllm_slora.layers import check_row_parallel_copy
+    from vllm_slora.tensor_parallel import check_row_parallel_copy
     from vllm_slora.patches import PatchTargetChanged
 
     check_row_parallel_copy()  # this vLLM's original is the one copied

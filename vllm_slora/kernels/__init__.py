@@ -39,16 +39,7 @@ share lora_start/lora_rank (vector v means the same (adapter, rank index) in
 every slice's table), use ``v`` [S, T, R_MAX] and write slice s of ``y``
 [T, sum N_s] at column N_0 + .. + N_{s-1}.
 
-Geometry, worked example
-------------------------
-Llama-2-7B in fp16, block_size 16, 32 KV heads x head_dim 128: one KV block
-of one layer holds 2 * 16 * 32 * 128 = 131072 elements = 512 pages of D=256
-(1024 of D=128). Widths 4096 (7B hidden), 11008 = 43 * 256 (7B MLP), 1024
-(70B GQA k/v), 5120 and 13824 = 54 * 256 (13B) all divide by 256 (11008 does
-not divide by 512, so D <= 256 for Llama). A rank-r adapter takes r * (K + N)
-/ D pages per module; on q, k, v, o of 7B that is r * (4 * 4096 + 4 * 4096) /
-256 = 128 r pages per layer: rank 8 -> 1024 pages (2 KV blocks), rank 16 ->
-2048 pages (4 KV blocks), rank 64 -> 8192 pages (16 KV blocks).
+Worked example of the geometry (Llama-2-7B): docs/unified-paging.md.
 
 Backends
 --------
