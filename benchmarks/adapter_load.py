@@ -43,7 +43,8 @@ def host_packed(meta, geo, pin: bool):
     """The earlier path: safetensors' own copy, packed on the host, then pinned."""
     from safetensors.torch import load_file
 
-    from vllm_slora.memory.layout import ADAPTER_FILE, pack_adapter
+    from vllm_slora.memory.adapter_files import ADAPTER_FILE
+    from vllm_slora.memory.packing import pack_adapter
 
     packed = pack_adapter(meta, geo, load_file(str(Path(meta.path) / ADAPTER_FILE)))
     return packed.pin_memory() if pin else packed
@@ -126,7 +127,8 @@ def main(argv=None) -> int:
     from transformers import LlamaConfig
 
     from benchmarks.adapter_pool import make_folders
-    from vllm_slora.memory.layout import PageGeometry, read_adapter_meta
+    from vllm_slora.memory.adapter_files import read_adapter_meta
+    from vllm_slora.memory.layout import PageGeometry
     from vllm_slora.testing.models import make_llama_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -5,7 +5,7 @@ adapter's *name* only (``_gen_lora_extra_hash_keys``). An adapter unloaded
 and loaded again under the same name with other weights (or whose folder
 is rewritten in place) then reuses KV computed with the old weights: stale
 prefix hits, wrong outputs. S-LoRA mode reads adapter files per file version
-everywhere else (``vllm_slora.memory.layout.file_version``), so its cache
+everywhere else (``vllm_slora.memory.adapter_files.file_version``), so its cache
 keys must too.
 
 What: ``_gen_lora_extra_hash_keys`` returns the adapter's name, its LoRA id
@@ -55,7 +55,7 @@ def lora_extra_hash_keys(request) -> list[str]:
         return []
     keys = getattr(request, "_slora_lora_keys", None)
     if keys is None:
-        from vllm_slora.memory.layout import file_version
+        from vllm_slora.memory.adapter_files import file_version
 
         path = lora.lora_path or ""
         keys = [lora.lora_name, str(lora.lora_int_id), f"{path}@{file_version(path) if path else ''}"]

@@ -35,10 +35,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_slora.memory.layout import (ADAPTER_FILE, CONFIG_FILE, KINDS, PACKED, AdapterMeta,
-                                      PageGeometry, adapter_kinds, file_version, lora_scale,
+from vllm_slora.memory.adapter_files import (ADAPTER_FILE, CONFIG_FILE, file_version, lora_scale,
+                                             tensor_shapes)
+from vllm_slora.memory.layout import (KINDS, PACKED, AdapterMeta, PageGeometry, adapter_kinds,
                                       lora_shape, lora_targets, module_widths, slice_rows,
-                                      split_key, tensor_shapes)
+                                      split_key)
 
 
 class AdapterError(ValueError):

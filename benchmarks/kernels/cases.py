@@ -59,7 +59,7 @@ def page_tables(torch, k, ns, ranks, d, layout, seed):
     layout "blocks" places pages as the engine does: each adapter gets whole
     KV blocks of BLOCK_ROWS pages at random places in the pool and packs its
     vectors into them in order (per slice: A-vectors, then B-vectors; a
-    vector's pages are consecutive rows), as ``layout.pack_adapter`` and the
+    vector's pages are consecutive rows), as ``packing.pack_adapter`` and the
     pager do. "random" scatters every page to a random row (the worst case
     for DRAM locality; what the parity tests use).
     """

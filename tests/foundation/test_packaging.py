@@ -62,3 +62,30 @@ def test_the_copied_row_parallel_forward_is_guarded():
 
     with pytest.raises(PatchTargetChanged, match="copies vLLM 0.26.0's RowParallelLinear.forward"):
         check_row_parallel_copy(forward)
+
+
+def test_the_engine_never_imports_test_or_benchmark_code():
+    """Every module the engine can run, imported in a fresh process, pulls in
+    nothing of ``vllm_slora.testing`` (tiny models, baselines, references)
+    or ``benchmarks``: the runtime package holds what runs."""
+    import subprocess
+    import sys
+
+    code = """
+import importlib, pathlib, pkgutil, sys
+import vllm_slora, vllm_slora.patches
+root = pathlib.Path(vllm_slora.__file__).parent
+names = [".".join(("vllm_slora",) + p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+         for p in root.rglob("*.py") if p.relative_to(root).parts[0] not in ("testing", "demo.py")]
+names += ["vllm_slora.patches." + m.name for m in pkgutil.iter_modules(vllm_slora.patches.__path__)]
+for name in names:
+    importlib.import_module(name)
+leaked = sorted(m for m in sys.modules if m.startswith(("vllm_slora.testing", "benchmarks")))
+print(len(names), leaked)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd="/", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    count, leaked = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert int(count) > 40, out.stdout  # the walk found the package's modules
+    assert leaked == "[]", f"the engine's modules import {leaked}"

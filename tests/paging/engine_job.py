@@ -51,7 +51,8 @@ def worker_report(worker) -> dict:
     # the adapter's weights read from its PEFT folder.
     from safetensors.torch import load_file
 
-    from vllm_slora.memory.layout import ADAPTER_FILE, pack_adapter, read_adapter_meta
+    from vllm_slora.memory.adapter_files import ADAPTER_FILE, read_adapter_meta
+    from vllm_slora.memory.packing import pack_adapter
 
     geo, checked, mismatched = pager.geo, 0, []
     for lora_id, res in list(pager.resident.items())[:8]:

@@ -47,8 +47,9 @@ def test_fused_adapter_packs_as_its_slices(tiny_model, tmp_path, targets):
     from safetensors.torch import load_file, save_file
 
     from vllm_slora.adapters import check_adapter
-    from vllm_slora.memory.layout import (ADAPTER_FILE, CONFIG_FILE, PageGeometry, pack_adapter,
-                                          pack_file_bytes, read_adapter_meta, read_header)
+    from vllm_slora.memory.adapter_files import ADAPTER_FILE, CONFIG_FILE, read_adapter_meta
+    from vllm_slora.memory.layout import PageGeometry
+    from vllm_slora.memory.packing import pack_adapter, pack_file_bytes, read_header
     from vllm_slora.testing.adapters import make_peft_adapter
 
     cfg = tiny_config(tiny_model)
@@ -81,7 +82,7 @@ def test_fused_adapter_shapes_and_mixed_names_are_refused(tiny_model, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from vllm_slora.adapters import AdapterError, check_adapter
-    from vllm_slora.memory.layout import ADAPTER_FILE, read_adapter_meta
+    from vllm_slora.memory.adapter_files import ADAPTER_FILE, read_adapter_meta
     from vllm_slora.testing.adapters import make_peft_adapter
 
     cfg = tiny_config(tiny_model)

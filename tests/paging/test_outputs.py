@@ -114,7 +114,7 @@ def test_really_in_the_pool(slora):
 
 
 def test_blocks_with_and_without_adapters(slora, stock, base, mixed_adapters):
-    from vllm_slora.memory.layout import read_adapter_meta
+    from vllm_slora.memory.adapter_files import read_adapter_meta
 
     # Nothing reserved up front: as many KV blocks as stock without LoRA.
     assert slora["kv_blocks"] == base["kv_blocks"] == stock["kv_blocks"]

@@ -66,7 +66,8 @@ def test_block_chunks_of_two_layouts():
 def test_pools_are_views_and_loads_land_in_the_blocks(tiny_model, adapters):
     from safetensors.torch import load_file
 
-    from vllm_slora.memory.layout import pack_adapter, read_adapter_meta
+    from vllm_slora.memory.adapter_files import read_adapter_meta
+    from vllm_slora.memory.packing import pack_adapter
     from vllm_slora.memory.plan import Evict, Load
 
     kv = cpu_attn_kv(2)
@@ -104,7 +105,8 @@ def test_upload_puts_every_vector_in_its_pages(tiny_model, tmp_path, monkeypatch
     pages land in the given rows of that layer's pool, nowhere else."""
     from safetensors.torch import load_file
 
-    from vllm_slora.memory.layout import PageGeometry, read_adapter_meta
+    from vllm_slora.memory.adapter_files import read_adapter_meta
+    from vllm_slora.memory.layout import PageGeometry
     from vllm_slora.memory.uploads import Uploader
     from vllm_slora.testing.adapters import make_peft_adapter
 
@@ -164,7 +166,8 @@ def test_uploads_at_once_land_as_one_at_a_time(tiny_model, tmp_path, device):
     """Four adapters queued together on three lanes (threads, rings, copy
     streams), waited for in reverse order, fill their rows as a one-lane
     uploader does, and nothing else."""
-    from vllm_slora.memory.layout import PageGeometry, read_adapter_meta
+    from vllm_slora.memory.adapter_files import read_adapter_meta
+    from vllm_slora.memory.layout import PageGeometry
     from vllm_slora.memory.uploads import Uploader
     from vllm_slora.testing.adapters import make_peft_adapter
 
@@ -200,8 +203,9 @@ def test_pack_by_kind_equals_pack_by_tensor(tiny_model, tmp_path, monkeypatch, d
     a file with a kind in two dtypes takes pack_adapter's own path."""
     from safetensors.torch import load_file, save_file
 
-    from vllm_slora.memory.layout import (ADAPTER_FILE, PageGeometry, pack_adapter,
-                                          pack_file_bytes, read_adapter_meta, read_header)
+    from vllm_slora.memory.adapter_files import ADAPTER_FILE, read_adapter_meta
+    from vllm_slora.memory.layout import PageGeometry
+    from vllm_slora.memory.packing import pack_adapter, pack_file_bytes, read_header
     from vllm_slora.testing.adapters import make_peft_adapter
 
     cfg = tiny_config(tiny_model)
@@ -271,7 +275,8 @@ def dense_lora(x, path, layer, kinds, scale, widths):
 ])
 def test_paged_layer_equals_dense_lora(tiny_model, adapters, group, kinds, width):
     from vllm_slora.layers import PagedLoRALinear, register_op
-    from vllm_slora.memory.layout import module_widths, read_adapter_meta
+    from vllm_slora.memory.adapter_files import read_adapter_meta
+    from vllm_slora.memory.layout import module_widths
     from vllm_slora.memory.plan import Evict, Load
 
     register_op()
@@ -302,7 +307,8 @@ def test_adapter_replaced_in_place_is_paged_in_as_it_is_now(tiny_model, tmp_path
     """A folder rewritten with another rank between two page-ins: the
     metadata (what the scheduler budgets) and the upload (what lands in the
     pages) both follow the files on disk, never the first read."""
-    from vllm_slora.memory.layout import pack_adapter, read_adapter_meta
+    from vllm_slora.memory.adapter_files import read_adapter_meta
+    from vllm_slora.memory.packing import pack_adapter
     from vllm_slora.memory.plan import Evict, Load
     from vllm_slora.testing.adapters import make_peft_adapter
     from safetensors.torch import load_file
@@ -359,7 +365,8 @@ def test_one_plan_of_many_events_equals_dense_lora(tiny_model, adapters):
     compacted between two of its loads: every adapter left resident must
     still compute the dense LoRA formula, from its own pages."""
     from vllm_slora.layers import PagedLoRALinear, register_op
-    from vllm_slora.memory.layout import module_widths, read_adapter_meta
+    from vllm_slora.memory.adapter_files import read_adapter_meta
+    from vllm_slora.memory.layout import module_widths
     from vllm_slora.memory.pager import Pager
     from vllm_slora.memory.plan import Evict, Load
     from vllm_slora.memory.step import StepLimits
@@ -433,7 +440,7 @@ def test_failed_upload_gives_its_tokens_no_lora_and_is_reported_once(tiny_model,
     cause is reported once for the scheduler, and the other adapter is served."""
     import shutil
 
-    from vllm_slora.memory.layout import read_adapter_meta
+    from vllm_slora.memory.adapter_files import read_adapter_meta
     from vllm_slora.memory.plan import Evict, Load
 
     broken = tmp_path / "broken"

@@ -395,7 +395,7 @@ def test_loads_carry_what_the_worker_would_read(tmp_path, tiny_model, variant):
     worker then reads no file): it must equal what the worker would read,
     field for field (rank, the kinds of fused groups completed, the scale
     with alpha and rslora, the file version)."""
-    from vllm_slora.memory.layout import read_adapter_meta
+    from vllm_slora.memory.adapter_files import read_adapter_meta
     from vllm_slora.testing.adapters import make_peft_adapter
 
     kwargs = {"q-v": dict(target_modules=("q_proj", "v_proj")), "alpha": dict(alpha=16),

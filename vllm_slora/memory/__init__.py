@@ -4,8 +4,9 @@ Design: docs/unified-paging.md. Vocabulary: ``layout.py``.
 
 Both sides:
 
-- ``layout.py``: page geometry (D, pages per block, pages per adapter), PEFT
-  metadata and packing.
+- ``layout.py``: page geometry (D, pages per block, pages per adapter) and
+  the vocabulary; ``adapter_files.py``: an adapter folder's metadata from its
+  headers; ``packing.py``: an adapter's pages, packed per layer.
 - ``plan.py``: the per-step scheduler -> worker message (``PagingPlan``).
 
 Scheduler side (engine core):

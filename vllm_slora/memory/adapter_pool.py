@@ -14,7 +14,8 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from vllm_slora import metrics
-from vllm_slora.memory.layout import AdapterMeta, PageGeometry, read_adapter_meta
+from vllm_slora.memory.adapter_files import read_adapter_meta
+from vllm_slora.memory.layout import AdapterMeta, PageGeometry
 from vllm_slora.memory.plan import Evict, Load, PagingPlan
 from vllm_slora.memory.vectors import vector_capacity
 

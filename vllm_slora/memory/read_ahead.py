@@ -22,7 +22,8 @@ import weakref
 from collections import OrderedDict
 from pathlib import Path
 
-from vllm_slora.memory.layout import ADAPTER_FILE, AdapterMeta, read_adapter_meta
+from vllm_slora.memory.adapter_files import ADAPTER_FILE, read_adapter_meta
+from vllm_slora.memory.layout import AdapterMeta
 
 # Paths remembered as read ahead (the oldest are forgotten first).
 REMEMBERED = 1 << 16

@@ -52,8 +52,9 @@ import numpy as np
 import torch
 
 from vllm_slora import metrics
-from vllm_slora.memory.layout import (ADAPTER_FILE, AdapterMeta, PageGeometry, pack_file_bytes,
-                                      read_header)
+from vllm_slora.memory.adapter_files import ADAPTER_FILE
+from vllm_slora.memory.layout import AdapterMeta, PageGeometry
+from vllm_slora.memory.packing import pack_file_bytes, read_header
 
 # Staging slots in a lane's ring: enough to overlap reading one with sending others.
 SLOTS = 4

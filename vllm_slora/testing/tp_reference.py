@@ -1,7 +1,7 @@
 """S-LoRA's tensor-parallel scheme for paged LoRA: the sharded math.
 
 The engine runs it under ``--tensor-parallel-size P``: each rank's pages hold
-its shard (``vllm_slora/memory/layout.py``: ``shard_widths``, ``pack_adapter``)
+its shard (``memory/layout.py``: ``shard_widths``; ``memory/packing.py``)
 and ``PagedLoRALinear`` (``vllm_slora/layers.py``) does the collectives below
 with vLLM's TP group. This module is the same partition in plain
 torch.distributed, tested against the unsharded math (``tests/tp/``);
