@@ -37,7 +37,7 @@ from benchmarks.systems import PLUGIN_VARS, configs, engine_kwargs
 from benchmarks.workload import TARGETS
 
 PROMPT_TOKENS = 16
-# Kernels counted as LoRA work: the plugin's (grouped.py, mbgmv.py) and
+# Kernels counted as LoRA work: the plugin's (kernels/shrink.py, expand.py, grouping.py) and
 # stock vLLM's punica Triton ops (vllm/lora/ops/triton_ops).
 LORA_KERNELS = ("_shrink_kernel", "_expand_kernel", "_reduce_kernel", "_group_by_adapter_kernel",
                 "lora", "mbgmv", "sgmv", "bgmv")
