@@ -23,8 +23,10 @@
 #   KBENCH=.. arguments for `python -m benchmarks.kernels` (e.g. "--quick"), run
 #             on an older tree (.ab/old.tar, from `git archive`; carry ".ab")
 #             and on this one, alternating (old, new, old, new; KBENCH_S limits
-#             each run): the kernel benchmark before and after a change, in
-#             one call. Runs after KTESTS; failed kernel tests skip it
+#             each run, default 220 s: a tree's first run also compiles its
+#             kernels, about 60 s more): the kernel benchmark before and
+#             after a change, in one call. Runs after KTESTS; failed kernel
+#             tests skip it
 #   SMOKE=1   scripts/gpu_smoke.py first (tiny model, graphs on: the plugin's
 #             outputs against stock's, asserted; SMOKE_S limits)
 #   ALOAD=... arguments for `python -m benchmarks.adapter_load` (host-cache
@@ -75,7 +77,7 @@ if [ -n "${KBENCH:-}" ]; then
       dir=$PWD; [ $side = old ] && dir=/tmp/ab-old
       # -m from the tree's folder: its vllm_slora and benchmarks come first on sys.path.
       (cd "$dir" && python3 -c "import vllm_slora.kernels as k; print('kernels from', k.__file__)" \
-        && timeout "$(cap ${KBENCH_S:-150})" python3 -m benchmarks.kernels $KBENCH --no-variants \
+        && timeout "$(cap ${KBENCH_S:-220})" python3 -m benchmarks.kernels $KBENCH --no-variants \
              --out $O/results/kernels-$side-$round.json) > $O/kbench-$side-$round.txt 2>&1
       echo "kernel bench $side $round rc=$? ${SECONDS}s" | tee -a $O/steps.txt
       grep -m1 "kernels from" $O/kbench-$side-$round.txt

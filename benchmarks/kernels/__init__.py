@@ -28,5 +28,6 @@ times knob variants of the grouped kernels on a few cases.
 Files: ``cases`` (sweeps, adapters, batches), ``stock`` (stock vLLM's ops),
 ``timing`` (CUDA-graph timing), ``plan`` (our kernels' plan and per-launch
 breakdown), ``variants`` (knob search), ``report`` (tables, summary, plot,
-JSON), ``__main__`` (the sweep, the profile mode, the CLI).
+JSON), ``__main__`` (the sweep, the profile mode, the CLI), ``compare`` (two
+trees' runs side by side: a change's before and after).
 """
