@@ -39,10 +39,15 @@ TIE = {"fp8": 0.2, "awq": 0.05}  # nats
 IDENTICAL = {"fp8": 0.5, "awq": 0.75}
 
 
+def margin(divergence: dict) -> float:
+    """The larger margin (nats) by which either run preferred its token
+    where the two first diverged."""
+    return max(divergence["a_margin"], divergence["b_margin"])
+
+
 def worst_margin(cmp: dict) -> float:
-    """The largest margin (nats) by which either run preferred its token
-    where the two first diverged (0 when none diverged)."""
-    return max([max(d["a_margin"], d["b_margin"]) for d in cmp["divergences"]] + [0.0])
+    """The largest ``margin`` of a comparison (0 when nothing diverged)."""
+    return max([margin(d) for d in cmp["divergences"]] + [0.0])
 
 
 # Room over the control's worst margin. Stock's own margin at one position
@@ -59,7 +64,7 @@ def within_control(got: dict, control: dict) -> bool:
     control's worst margin (with ``CONTROL_ROOM``), and at most 4 identical
     outputs fewer than the control has."""
     width = max(TIE["fp8"], CONTROL_ROOM * worst_margin(control))
-    clear = sum(max(d["a_margin"], d["b_margin"]) > width for d in got["divergences"])
+    clear = sum(margin(d) > width for d in got["divergences"])
     return clear == 0 and got["identical"] >= control["identical"] - 4
 
 

@@ -77,8 +77,6 @@ class Pager:
         self.geo: PageGeometry | None = None
         self.read_ahead = ReadAhead()
         self.vectors: VectorSpace | None = None
-        self.pools: list[torch.Tensor] = []
-        self.kv_tensors: list[torch.Tensor] = []
         self.resident: dict[int, PagedAdapter] = {}
         self.batch: Batch | None = None
         self.step: StepBuffers | None = None
@@ -108,7 +106,16 @@ class Pager:
     # -- binding to the KV buffers ------------------------------------------
     @property
     def bound(self) -> bool:
-        return bool(self.pools)
+        return self.kv is not None
+
+    @property
+    def pools(self) -> list[torch.Tensor]:
+        """Each layer's KV buffer viewed as a pool of pages (none before ``bind``)."""
+        return self.kv.pools if self.kv is not None else []
+
+    @property
+    def kv_tensors(self) -> list[torch.Tensor]:
+        return self.kv.kv_tensors if self.kv is not None else []
 
     def bind(self, kv_by_layer: dict[int, torch.Tensor], num_blocks: int,
              limits: StepLimits) -> None:
@@ -128,7 +135,6 @@ class Pager:
         self.kv = KVPools([kv_by_layer[i] for i in range(num_layers)], layout, self.dtype,
                           self.geo.page_width)
         assert self.kv.rows_per_block == self.geo.rows_per_block
-        self.pools, self.kv_tensors = self.kv.pools, self.kv.kv_tensors
         self.vectors = VectorSpace(self.geo, self.device, vector_capacity(self.geo, num_blocks))
         self.step = StepBuffers(limits, self.device)
         self.uploader = Uploader(self.geo, self.pools)
