@@ -101,10 +101,10 @@ def apply() -> None:
             f"vllm_slora cannot patch KVCacheManager.allocate_slots: parameters {params} "
             f"lack 'request'/'reserved_blocks'; this patch targets vLLM 0.26.0")
 
-    from vllm_slora.memory.manager import PagedKVCacheManager
     from vllm.v1.engine import FinishReason
 
-    from vllm_slora.memory.plan import ATTR, FAULTS_ATTR
+    from vllm_slora.memory.manager import PagedKVCacheManager
+    from vllm_slora.memory.messages import ATTR, FAULTS_ATTR
 
     sched.KVCacheManager = PagedKVCacheManager
     Scheduler = sched.Scheduler

@@ -41,7 +41,7 @@ def apply() -> None:
     if hasattr(ModelRunnerOutput, "__slots__"):
         raise PatchTargetChanged("vllm_slora attaches .slora_faults to ModelRunnerOutput, "
                                  "which has __slots__ in this vLLM")
-    from vllm_slora.memory.plan import ATTR, FAULTS_ATTR
+    from vllm_slora.memory.messages import ATTR, FAULTS_ATTR
 
     Worker = gpu_worker.Worker
     stock_execute, stock_sample = Worker.execute_model, Worker.sample_tokens

@@ -27,6 +27,14 @@
 #             kernels, about 60 s more): the kernel benchmark before and
 #             after a change, in one call. Runs after KTESTS; failed kernel
 #             tests skip it
+#   EAB=...   arguments for `python -m benchmarks.run` (preset included, e.g.
+#             "--preset headline --systems slora --n 2000 --window-s 15 ..."),
+#             run end to end on the older tree (.ab/old.tar: `git archive -o
+#             .ab/old.tar REV ':!benchmarks/results'`, the whole project, since
+#             the engines import the installed plugin: it is installed in turn)
+#             and on this one, alternating old, new (EAB_ROUNDS rounds, default
+#             1; EAB_S limits each run, default 240 s); results eab-old-<i> and
+#             eab-new-<i>. After KBENCH; failed kernel tests skip it
 #   SMOKE=1   scripts/gpu_smoke.py first (tiny model, graphs on: the plugin's
 #             outputs against stock's, asserted; SMOKE_S limits)
 #   ALOAD=... arguments for `python -m benchmarks.adapter_load` (host-cache
@@ -68,7 +76,7 @@ if [ -n "${KTESTS:-}" ]; then
   echo "kernel tests rc=$rc ${SECONDS}s" | tee -a $O/steps.txt
   tail -3 $O/pytest-ktests.txt
   # Failed kernels make every timing after them meaningless: skip those stages.
-  if [ $rc != 0 ]; then LSTEP= BENCH= STEPS= KBENCH=; echo "timings skipped" | tee -a $O/steps.txt; fi
+  if [ $rc != 0 ]; then LSTEP= BENCH= STEPS= KBENCH= EAB=; echo "timings skipped" | tee -a $O/steps.txt; fi
 fi
 if [ -n "${KBENCH:-}" ]; then
   rm -rf /tmp/ab-old && mkdir -p /tmp/ab-old && tar xf .ab/old.tar -C /tmp/ab-old
@@ -83,6 +91,24 @@ if [ -n "${KBENCH:-}" ]; then
       grep -m1 "kernels from" $O/kbench-$side-$round.txt
     done
   done
+fi
+if [ -n "${EAB:-}" ]; then
+  rm -rf /tmp/eab-old && mkdir -p /tmp/eab-old && tar xf .ab/old.tar -C /tmp/eab-old
+  new=$PWD
+  for round in $(seq 1 "${EAB_ROUNDS:-1}"); do
+    for side in old new; do
+      dir=$new; [ $side = old ] && dir=/tmp/eab-old
+      # The engines import the installed vllm_slora (benchmarks/run.py), so each side installs its own.
+      (cd "$dir" && python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2 \
+        && python3 -I -c "import vllm_slora; print('plugin from', vllm_slora.__file__)" \
+        && timeout "$(cap ${EAB_S:-240})" python3 -m benchmarks.run --results-dir $O/results \
+             $EAB --name eab-$side-$round) > $O/eab-$side-$round.txt 2>&1
+      echo "e2e before/after $side $round rc=$? ${SECONDS}s" | tee -a $O/steps.txt
+      grep -m1 "plugin from" $O/eab-$side-$round.txt
+      grep -E "^\| n=" $O/eab-$side-$round.txt | head -8
+    done
+  done
+  (cd "$new" && python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2)
 fi
 if [ "${SMOKE:-0}" = 1 ]; then
   timeout "$(cap ${SMOKE_S:-150})" python3 scripts/gpu_smoke.py --out $O/smoke > $O/smoke.txt 2>&1

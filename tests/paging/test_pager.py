@@ -46,7 +46,7 @@ def make_pager(tiny_model, kv, max_tokens=64, max_loras=8, max_rank=32):
 
 
 def plan(pager, *events):
-    from vllm_slora.memory.plan import PagingPlan
+    from vllm_slora.memory.messages import PagingPlan
 
     stats = {"page_width": pager.geo.page_width, "rows_per_block": pager.geo.rows_per_block}
     return PagingPlan(events=list(events), stats=stats)
@@ -67,8 +67,8 @@ def test_pools_are_views_and_loads_land_in_the_blocks(tiny_model, adapters):
     from safetensors.torch import load_file
 
     from vllm_slora.memory.adapter_files import read_adapter_meta
+    from vllm_slora.memory.messages import Evict, Load
     from vllm_slora.memory.packing import pack_adapter
-    from vllm_slora.memory.plan import Evict, Load
 
     kv = cpu_attn_kv(2)
     pager = make_pager(tiny_model, kv)
@@ -134,7 +134,6 @@ def test_upload_puts_every_vector_in_its_pages(tiny_model, tmp_path, monkeypatch
             uploader = Uploader(geo, pools, slots=2, slot_bytes=4096)
             uploader.submit(meta, rows.to(device)).wait(torch.device(device))
         assert uploader.counters["upload_chunks"] > 2  # the ring wrapped
-        want, row = [], 0
         for layer in range(cfg.num_hidden_layers):
             parts = []
             for kind in meta.kinds:
@@ -277,7 +276,7 @@ def test_paged_layer_equals_dense_lora(tiny_model, adapters, group, kinds, width
     from vllm_slora.layers import PagedLoRALinear, register_op
     from vllm_slora.memory.adapter_files import read_adapter_meta
     from vllm_slora.memory.layout import module_widths
-    from vllm_slora.memory.plan import Evict, Load
+    from vllm_slora.memory.messages import Evict, Load
 
     register_op()
     pager = make_pager(tiny_model, cpu_attn_kv(2))
@@ -307,11 +306,12 @@ def test_adapter_replaced_in_place_is_paged_in_as_it_is_now(tiny_model, tmp_path
     """A folder rewritten with another rank between two page-ins: the
     metadata (what the scheduler budgets) and the upload (what lands in the
     pages) both follow the files on disk, never the first read."""
-    from vllm_slora.memory.adapter_files import read_adapter_meta
-    from vllm_slora.memory.packing import pack_adapter
-    from vllm_slora.memory.plan import Evict, Load
-    from vllm_slora.testing.adapters import make_peft_adapter
     from safetensors.torch import load_file
+
+    from vllm_slora.memory.adapter_files import read_adapter_meta
+    from vllm_slora.memory.messages import Evict, Load
+    from vllm_slora.memory.packing import pack_adapter
+    from vllm_slora.testing.adapters import make_peft_adapter
 
     path = str(make_peft_adapter(tmp_path / "a", tiny_model, 4, seed=1))
     kv = cpu_attn_kv(2)
@@ -367,8 +367,8 @@ def test_one_plan_of_many_events_equals_dense_lora(tiny_model, adapters):
     from vllm_slora.layers import PagedLoRALinear, register_op
     from vllm_slora.memory.adapter_files import read_adapter_meta
     from vllm_slora.memory.layout import module_widths
+    from vllm_slora.memory.messages import Evict, Load
     from vllm_slora.memory.pager import Pager
-    from vllm_slora.memory.plan import Evict, Load
     from vllm_slora.memory.step import StepLimits
     from vllm_slora.memory.vectors import VectorSpace
 
@@ -419,7 +419,7 @@ def test_upload_lanes_end_with_their_uploader(tiny_model, adapters):
     it asked for."""
     import gc
 
-    from vllm_slora.memory.plan import Load
+    from vllm_slora.memory.messages import Load
 
     pager = make_pager(tiny_model, cpu_attn_kv(2))
     pager.apply(plan(pager, Load(1, adapters[0], [5, 9, 2, 7])))
@@ -434,6 +434,48 @@ def test_upload_lanes_end_with_their_uploader(tiny_model, adapters):
     assert not any(t.is_alive() for t in threads)
 
 
+def test_an_uploader_let_go_still_does_the_uploads_it_queued(tiny_model, tmp_path, monkeypatch):
+    """Uploads still queued when the last other holder lets the uploader go
+    are done, not dropped (their waiters would block for ever), and then the
+    lanes end. One lane, held inside the first upload while the uploader is
+    let go, so the second is still queued: deterministic, where the pager
+    test above caught it only when its lanes were slow to start."""
+    import gc
+    import threading
+
+    from vllm_slora.memory.adapter_files import read_adapter_meta
+    from vllm_slora.memory.layout import PageGeometry
+    from vllm_slora.memory.uploads import Uploader
+    from vllm_slora.testing.adapters import make_peft_adapter
+
+    geo = PageGeometry.create(tiny_config(tiny_model), torch.float32, 2 * BLOCK * 64 * 4)
+    metas = [read_adapter_meta(str(make_peft_adapter(tmp_path / f"a{i}", tiny_model, 4, seed=i)))
+             for i in range(2)]
+    n = metas[0].rows(geo)
+    pools = [torch.zeros(2 * n, geo.page_width) for _ in range(tiny_config(tiny_model).num_hidden_layers)]
+    entered, gate, write = threading.Event(), threading.Event(), Uploader._write
+
+    def held_write(self, *args):
+        entered.set()
+        assert gate.wait(timeout=30)
+        return write(self, *args)
+
+    monkeypatch.setattr(Uploader, "_write", held_write)
+    uploader = Uploader(geo, pools, slots=2, slot_bytes=4096, lanes=1)
+    _, _, (_, threads), _ = uploader.close.peek()
+    uploads = [uploader.submit(m, torch.arange(i * n, (i + 1) * n)) for i, m in enumerate(metas)]
+    assert entered.wait(timeout=30)  # the lane is inside the first upload, the second queued
+    del uploader
+    gc.collect()
+    gate.set()
+    assert all(u._done.wait(timeout=30) for u in uploads), "a queued upload was dropped"
+    for u in uploads:
+        u.wait(torch.device("cpu"))  # done, without an error
+    assert pools[0][:n].abs().sum() > 0 and pools[0][n:].abs().sum() > 0  # both written
+    threads[0].join(timeout=10)
+    assert not threads[0].is_alive()
+
+
 def test_failed_upload_gives_its_tokens_no_lora_and_is_reported_once(tiny_model, adapters, tmp_path):
     """A file that breaks after the scheduler's check: the step that first
     uses the adapter gives its tokens no LoRA (not rows it never wrote), the
@@ -441,7 +483,7 @@ def test_failed_upload_gives_its_tokens_no_lora_and_is_reported_once(tiny_model,
     import shutil
 
     from vllm_slora.memory.adapter_files import read_adapter_meta
-    from vllm_slora.memory.plan import Evict, Load
+    from vllm_slora.memory.messages import Evict, Load
 
     broken = tmp_path / "broken"
     shutil.copytree(adapters[1], broken)

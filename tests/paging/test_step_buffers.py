@@ -20,7 +20,7 @@ from tests.paging.test_pager import adapters, cpu_attn_kv, make_pager, plan  # n
 
 
 def load_three(pager, adapters):  # noqa: F811
-    from vllm_slora.memory.plan import Load
+    from vllm_slora.memory.messages import Load
 
     pager.apply(plan(pager, Load(1, adapters[0], [1, 2, 3, 4]),
                      Load(2, adapters[1], list(range(5, 13))),

@@ -7,7 +7,8 @@ Both sides:
 - ``layout.py``: page geometry (D, pages per block, pages per adapter) and
   the vocabulary; ``adapter_files.py``: an adapter folder's metadata from its
   headers; ``packing.py``: an adapter's pages, packed per layer.
-- ``plan.py``: the per-step scheduler -> worker message (``PagingPlan``).
+- ``messages.py``: the per-step scheduler -> worker message (``PagingPlan``)
+  and the worker's answer (upload faults).
 
 Scheduler side (engine core):
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from vllm_slora import metrics
 from vllm_slora.memory.adapter_files import read_adapter_meta
 from vllm_slora.memory.layout import AdapterMeta, PageGeometry
-from vllm_slora.memory.plan import Evict, Load, PagingPlan
+from vllm_slora.memory.messages import Evict, Load, PagingPlan
 from vllm_slora.memory.vectors import vector_capacity
 
 

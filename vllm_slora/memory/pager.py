@@ -16,14 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 from vllm.logger import init_logger
 
 from vllm_slora import metrics
 from vllm_slora.kernels import replay
 from vllm_slora.memory.kv_pools import KVPools, block_chunks
 from vllm_slora.memory.layout import GROUPS, AdapterMeta, PageGeometry
-from vllm_slora.memory.plan import Evict, Load, PagingPlan
+from vllm_slora.memory.messages import Evict, Load, PagingPlan
 from vllm_slora.memory.read_ahead import ReadAhead
 from vllm_slora.memory.step import StepBuffers, StepLimits
 from vllm_slora.memory.uploads import RING_ELEMENTS, PinnedRing, Upload, Uploader

@@ -103,20 +103,24 @@ class _Lane:
         self.stream = torch.cuda.Stream(device) if cuda else None
 
 
-def _serve(uploader: weakref.ref, todo: queue.SimpleQueue, lane: _Lane) -> None:
+def _serve(todo: queue.SimpleQueue, lane: _Lane) -> None:
     """A lane's thread: uploads one at a time until told to stop (None).
     Inference mode (the pools are inference tensors), the device and the
-    lane's stream are per thread: set once."""
+    lane's stream are per thread: set once.
+
+    A queued upload holds its uploader (the item's first field), so an
+    uploader lives until every upload it queued is done; an idle lane holds
+    none (``del``), so an uploader nobody else holds is then collected and
+    its ``close`` queues the lanes' stops behind those uploads."""
     with torch.inference_mode(), contextlib.ExitStack() as scope:
         if lane.stream is not None:
             scope.enter_context(torch.cuda.device(lane.stream.device))
             scope.enter_context(torch.cuda.stream(lane.stream))
         while (item := todo.get()) is not None:
-            owner = uploader()
-            if owner is None:
-                return
-            owner._one(lane, *item)
-            del owner
+            owner, *args = item
+            del item
+            owner._one(lane, *args)
+            del owner, args
 
 
 def _stop(todo: queue.SimpleQueue, threads: list[threading.Thread]) -> None:
@@ -140,12 +144,12 @@ class Uploader:
                              upload_busy_s=0.0, uploads_done=0)
         self._lock = threading.Lock()
         self._todo: queue.SimpleQueue = queue.SimpleQueue()
-        # The lanes' threads hold the uploader weakly: once it is collected,
-        # or at exit, ``close`` stops them (no lane inside a CUDA call while
+        # The lanes' threads hold the uploader only through the uploads it
+        # queued (``_serve``): once it is collected, or at exit, ``close``
+        # stops them after those uploads (no lane inside a CUDA call while
         # the process ends).
         threads = [threading.Thread(target=_serve, name=f"slora-upload-{i}", daemon=True,
-                                    args=(weakref.ref(self), self._todo,
-                                          _Lane(self.device, slots, slot_bytes)))
+                                    args=(self._todo, _Lane(self.device, slots, slot_bytes)))
                    for i in range(lanes)]
         for thread in threads:
             thread.start()
@@ -170,7 +174,7 @@ class Uploader:
         out, now = [], time.perf_counter()
         for meta, rows in items:
             upload = Upload()
-            self._todo.put((upload, meta, rows, queued, now))
+            self._todo.put((self, upload, meta, rows, queued, now))
             out.append(upload)
         return out
 

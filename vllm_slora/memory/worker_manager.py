@@ -15,13 +15,12 @@ import time
 
 import numpy as np
 import torch
-
 from vllm.logger import init_logger
 
 from vllm_slora.layers import PagedLoRALinear, register_op
 from vllm_slora.memory.layout import GROUPS, lora_targets
+from vllm_slora.memory.messages import PagingPlan
 from vllm_slora.memory.pager import Pager
-from vllm_slora.memory.plan import PagingPlan
 from vllm_slora.memory.step import StepLimits
 
 # Under "vllm." so that vLLM's log handler prints it in every process.
