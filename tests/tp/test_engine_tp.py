@@ -42,6 +42,21 @@ def test_tp2_plugin_equals_tp2_stock(runs):
     assert c["max_logprob_diff"] < 1e-3
 
 
+@pytest.mark.parametrize("arch", ["phi3", "qwen2"])
+def test_tp2_plugin_equals_tp2_stock_on_other_architectures(tmp_path, monkeypatch, arch):
+    """TP 2 beyond Llama: Phi-3's adapters on its checkpoint-fused qkv_proj and
+    gate_up_proj (each rank packs its shard of every slice), Qwen2's q/k/v
+    biases (the LoRA output adds to the biased, sharded output). Plugin and
+    stock at TP 2: the same tokens in fp32."""
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    runs = tp_parity.run_all(tmp_path, runs=(("none", 2), ("on", 2)), arch=arch)
+    c = tp_parity.report(runs)["on-tp2 vs none-tp2"]
+    assert c["identical"] == c["requests"], c["divergences"]
+    assert c["max_logprob_diff"] < 1e-3
+    assert runs["on-tp2"]["stats"]["scheduler"]["loads"] == len(tp_parity.RANKS)
+
+
 def test_each_rank_holds_its_shard(runs):
     """Same adapters paged in on every rank; the bytes a rank wrote into its
     pages are half of TP 1's (pages may be narrower under TP: compare bytes)."""

@@ -19,7 +19,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from vllm_slora.testing.adapters import make_adapters
+from vllm_slora.testing.adapters import ALL_SEVEN, FUSED, make_adapters
 from vllm_slora.testing.compare import compare_runs
 from vllm_slora.testing.models import make_tiny_llama
 from vllm_slora.testing.runner import Workload, run_workload
@@ -29,9 +29,14 @@ RUNS = (("on", 2), ("on", 1), ("none", 2), ("none", 1))
 
 
 def workload(root: Path, plugin: str, tp: int, *, requests: int = 8, max_tokens: int = 8,
-             backend: str = "mp", eager: bool = True, dtype: str = "float32") -> Workload:
-    model = make_tiny_llama(root / f"model-{dtype}", dtype=dtype)
-    adapters = make_adapters(root / f"adapters-{dtype}", model, RANKS, seed=3)
+             backend: str = "mp", eager: bool = True, dtype: str = "float32",
+             arch: str = "llama") -> Workload:
+    """``arch``: a tiny model of ``testing.models.ARCHITECTURES``; Phi-3's
+    adapters target its checkpoint-fused modules (qkv_proj, gate_up_proj)."""
+    model = make_tiny_llama(root / f"model-{arch}-{dtype}", dtype=dtype, arch=arch)
+    targets = FUSED if arch == "phi3" else ALL_SEVEN
+    adapters = make_adapters(root / f"adapters-{arch}-{dtype}", model, RANKS, seed=3,
+                             target_modules=targets)
     reqs = [([1 + (7 * i + j) % 500 for j in range(10 + i)], str(adapters[i % len(adapters)]))
             for i in range(requests)]
     # dtype explicitly: vLLM's "auto" runs a float32 checkpoint in 16 bits.
@@ -66,6 +71,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("tp-parity.json"))
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--arch", default="llama", help="a tiny model of testing.models.ARCHITECTURES")
     p.add_argument("--graphs", action="store_true", help="piecewise CUDA graphs (default eager)")
     args = p.parse_args(argv)
 
@@ -80,7 +86,8 @@ def main(argv=None) -> None:
               flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        results = run_all(Path(tmp), dtype=args.dtype, eager=not args.graphs, done=save)
+        results = run_all(Path(tmp), dtype=args.dtype, eager=not args.graphs, arch=args.arch,
+                          done=save)
     for name, c in report(results).items():
         print(f"{name:22s} identical {c['identical']}/{c['requests']}  clear {c['clear']}  "
               f"max logprob diff on shared tokens {c['max_logprob_diff']:.2e}  "
