@@ -54,7 +54,7 @@ source .gpu/activate.sh
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 # A machine may keep an earlier session's /tmp: clear what this script
 # archives, or old results and logs come back as this call's.
-O=/tmp/o; rm -rf $O /tmp/slora-bench/runs /tmp/slora-steps
+O=/tmp/o; rm -rf $O /tmp/slora-bench/runs /tmp/slora-steps /tmp/ab-old
 mkdir -p $O/results && nvidia-smi -L > $O/gpus.txt
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8 VLLM_SLORA_INSTAFAIL=1  # tracebacks as they happen (tests/conftest.py)
 # The op inside vLLM's graphs (the plugin's default) unless the caller says otherwise.
@@ -64,6 +64,8 @@ SECONDS=0
 # device call ends at 600 s and returns nothing if cut) minus 25 s for the
 # archive, so the results of the stages that ran always come back.
 cap() { local left=$(( ${CALL_S:-560} - 25 - SECONDS )); (( left < 1 )) && left=1; echo $(( $1 < left ? $1 : left )); }
+# The older tree of the before/after stages (KBENCH, EAB), in /tmp/ab-old, once.
+old_tree() { [ -d /tmp/ab-old ] || { mkdir -p /tmp/ab-old && tar xf .ab/old.tar -C /tmp/ab-old; }; }
 if [ -n "${PYTEST:-}" ]; then
   timeout "$(cap ${PYTEST_S:-120})" python3 -m pytest -q -rs $PYTEST > $O/pytest-first.txt 2>&1
   echo "pytest first rc=$? ${SECONDS}s" | tee -a $O/steps.txt
@@ -79,7 +81,7 @@ if [ -n "${KTESTS:-}" ]; then
   if [ $rc != 0 ]; then LSTEP= BENCH= STEPS= KBENCH= EAB=; echo "timings skipped" | tee -a $O/steps.txt; fi
 fi
 if [ -n "${KBENCH:-}" ]; then
-  rm -rf /tmp/ab-old && mkdir -p /tmp/ab-old && tar xf .ab/old.tar -C /tmp/ab-old
+  old_tree
   for round in 1 2; do
     for side in old new; do
       dir=$PWD; [ $side = old ] && dir=/tmp/ab-old
@@ -93,11 +95,11 @@ if [ -n "${KBENCH:-}" ]; then
   done
 fi
 if [ -n "${EAB:-}" ]; then
-  rm -rf /tmp/eab-old && mkdir -p /tmp/eab-old && tar xf .ab/old.tar -C /tmp/eab-old
+  old_tree
   new=$PWD
   for round in $(seq 1 "${EAB_ROUNDS:-1}"); do
     for side in old new; do
-      dir=$new; [ $side = old ] && dir=/tmp/eab-old
+      dir=$new; [ $side = old ] && dir=/tmp/ab-old
       # The engines import the installed vllm_slora (benchmarks/run.py), so each side installs its own.
       (cd "$dir" && python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2 \
         && python3 -I -c "import vllm_slora; print('plugin from', vllm_slora.__file__)" \

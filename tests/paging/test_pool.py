@@ -29,11 +29,7 @@ def adapters(tmp_path_factory, tiny_model):
 
 
 def make_manager(num_blocks: int, model_dir, max_lora_rank: int | None = None):
-    from vllm.v1.kv_cache_interface import (
-        FullAttentionSpec,
-        KVCacheConfig,
-        KVCacheGroupSpec,
-    )
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 
     from vllm_slora.memory.manager import PagedKVCacheManager
 
@@ -229,12 +225,8 @@ def test_several_kv_cache_groups_are_refused_by_name(tiny_model, arch, second, w
     groups (the hybrid KV cache manager kept on by the user: S-LoRA mode turns
     it off, patches/vllm_engine_arg_utils.py) and groups of Mamba state stop
     start-up, naming the architecture and the fix."""
-    from vllm.v1.kv_cache_interface import (
-        FullAttentionSpec,
-        KVCacheGroupSpec,
-        MambaSpec,
-        SlidingWindowSpec,
-    )
+    from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheGroupSpec, MambaSpec,
+                                            SlidingWindowSpec)
 
     from vllm_slora.memory.manager import PagedKVCacheManager
 
@@ -259,9 +251,8 @@ def test_sliding_window_layers_join_the_full_attention_group():
     (patches/vllm_v1_core_kv_cache_utils.py), they make one group."""
     from vllm.v1.core import kv_cache_utils
     from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
-    from vllm_slora.patches.vllm_v1_core_kv_cache_utils import (
-        align_sliding_window_blocks,
-    )
+
+    from vllm_slora.patches.vllm_v1_core_kv_cache_utils import align_sliding_window_blocks
 
     attn = dict(num_kv_heads=2, head_size=32, dtype=torch.float32)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from vllm.logger import init_logger
 
 from vllm_slora import metrics

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import torch
+
 from vllm.logger import init_logger
 
 from vllm_slora.layers import PagedLoRALinear, register_op

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from vllm_slora.testing.adapters import ALL_SEVEN, FUSED, make_adapters
 from vllm_slora.testing.compare import compare_runs
-from vllm_slora.testing.models import make_tiny_llama
+from vllm_slora.testing.models import ARCHITECTURES, make_tiny_llama
 from vllm_slora.testing.runner import Workload, run_workload
 
 RANKS = (1, 3, 8, 16)
@@ -34,7 +34,7 @@ def workload(root: Path, plugin: str, tp: int, *, requests: int = 8, max_tokens:
     """``arch``: a tiny model of ``testing.models.ARCHITECTURES``; Phi-3's
     adapters target its checkpoint-fused modules (qkv_proj, gate_up_proj)."""
     model = make_tiny_llama(root / f"model-{arch}-{dtype}", dtype=dtype, arch=arch)
-    targets = FUSED if arch == "phi3" else ALL_SEVEN
+    targets = FUSED if ARCHITECTURES[arch].get("fused") else ALL_SEVEN
     adapters = make_adapters(root / f"adapters-{arch}-{dtype}", model, RANKS, seed=3,
                              target_modules=targets)
     reqs = [([1 + (7 * i + j) % 500 for j in range(10 + i)], str(adapters[i % len(adapters)]))
