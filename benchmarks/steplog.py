@@ -44,11 +44,13 @@ def kind(tokens: int, requests: int, decode: int, graph_max: int) -> str:
     return "decode" if decode == requests else "mixed"
 
 
-def summarize(records: list[list[float]], t0: float, t1: float, graph_max: int) -> dict | None:
-    """Steps whose period lies inside [t0, t1] (wall-clock seconds)."""
+def summarize(records: list[list[float]], t0: float, t1: float, graph_max: int,
+              only: str | None = None) -> dict | None:
+    """Steps whose period lies inside [t0, t1] (wall-clock seconds); with
+    ``only`` (one of ``KINDS``), the steps of that kind alone."""
     steps = []
     for prev, rec in zip(records, records[1:]):
-        if prev[0] >= t0 and rec[0] <= t1:
+        if prev[0] >= t0 and rec[0] <= t1 and (only is None or kind(*rec[1:4], graph_max) == only):
             steps.append((rec[0] - prev[0], *rec[1:]))
     if not steps:
         return None
@@ -108,3 +110,39 @@ HOST_HEADER = ("| point | host ms/step | of it CPU | schedule | execute_model | 
 
 HEADER = ("| point | steps | tokens/step | ms/step | host ms/step (share) | decode steps | "
           "mixed steps (piecewise) | larger than any graph |\n|---|---|---|---|---|---|---|---|")
+
+
+def point_windows(events_path: str | Path) -> dict[str, tuple[float, float]]:
+    """Each point's [begin, end] (wall-clock seconds) from a run's events log."""
+    out, begin = {}, None
+    for e in read(events_path):
+        if e["ev"] == "point_begin":
+            begin = e["t"]
+        elif e["ev"] == "point" and begin is not None:
+            out[e["label"]] = (begin, e["t"])
+    return out
+
+
+def main(argv=None) -> None:
+    """Where one point's steps spent the engine thread's time, per kind of step."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("steps", help="<run>/logs/<system>.steps.jsonl")
+    p.add_argument("--events", help="its events log (default: beside it, .events.jsonl)")
+    p.add_argument("--point", required=True, help="the point's label, e.g. n=2000")
+    p.add_argument("--skip-s", type=float, default=3.0, help="seconds after the point's start left out")
+    p.add_argument("--graph-max", type=int, default=256, help="largest CUDA-graph batch")
+    args = p.parse_args(argv)
+    events = args.events or args.steps.removesuffix(".steps.jsonl") + ".events.jsonl"
+    t0, t1 = point_windows(events)[args.point]
+    records = read(args.steps)
+    print(HOST_HEADER.replace("| point |", "| steps |", 1))
+    for k in (*KINDS, None):
+        row = host_line(k or "all", summarize(records, t0 + args.skip_s, t1, args.graph_max, only=k))
+        if row:
+            print(row)
+
+
+if __name__ == "__main__":
+    main()

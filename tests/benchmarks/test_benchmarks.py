@@ -191,7 +191,7 @@ def test_steady_state_window_ends_with_the_queue():
     assert steady_state([(0, 8, 9, 0), (1, 8, 9, 4)])["steady_tok_per_s"] is None  # never full
 
 
-def test_step_log_splits_steps_by_how_vllm_runs_them(tmp_path):
+def test_step_log_splits_steps_by_how_vllm_runs_them(tmp_path, capsys):
     from types import SimpleNamespace
 
     from benchmarks import steplog
@@ -248,6 +248,20 @@ def test_step_log_splits_steps_by_how_vllm_runs_them(tmp_path):
     assert got["plugin"] == {"apply_ms": pytest.approx(0.5), "uploads_done": 1.5}
     assert steplog.host_line("x", got) == (
         "| x | 4.8 | 2.4 | 0.5 | 4.2 | 0.0 | 0.0 | apply_ms 0.5, uploads_done 1.5 |")
+    # One kind of step alone: the two decode steps (host 3 and 2 ms, periods 20 ms each).
+    decode = steplog.summarize(full, 10.0, 10.1, graph_max=256, only="decode")
+    assert decode["steps"] == 2 and decode["host_ms"] == pytest.approx(2.5)
+    assert decode["period_ms"] == pytest.approx(20.0) and set(decode["kinds"]) == {"decode"}
+    assert steplog.summarize(full, 10.0, 10.1, graph_max=256, only="large")["calls_ms"]["schedule"] == 2.0
+    # The command line: a point's window from its events log, a row per kind and one for all.
+    steps, events = tmp_path / "x.steps.jsonl", tmp_path / "x.events.jsonl"
+    steps.write_text("".join(json.dumps(r) + "\n" for r in full))
+    events.write_text(json.dumps({"ev": "point_begin", "t": 9.0, "label": "n=5"}) + "\n"
+                      + json.dumps({"ev": "point", "t": 10.1, "label": "n=5"}) + "\n")
+    steplog.main([str(steps), "--point", "n=5", "--skip-s", "1"])
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [r.split(" | ")[0] for r in rows] == ["| decode", "| mixed", "| large", "| all"]
+    assert rows[-1] == steplog.host_line("all", got)
 
 
 def test_stack_samples_add_up_per_function_and_leaf(tmp_path):
