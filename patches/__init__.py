@@ -1,10 +1,11 @@
 """Every change vllm_slora makes to vLLM internals, one module per patched
 vLLM module (installed as ``vllm_slora.patches``; README.md here lists them).
 
-Each patch module has a docstring (why, what, the vLLM version it targets,
-when it can go away), ``TARGET`` (the vLLM module it patches) and
-``apply()``, which calls ``guard`` before touching anything so that another
-vLLM version fails loudly instead of being patched blindly.
+Each patch module has a docstring (why, what, the vLLM versions it targets,
+when it can go away), ``TARGET`` (the vLLM module it patches), ``TOUCHES``
+(every vLLM attribute it relies on) and ``apply()``, which calls
+``guard_touches`` before touching anything so that another vLLM version
+fails loudly instead of being patched blindly.
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from vllm_slora.activation import VllmVersionError, check_vllm_version
+from vllm_slora.versions import VllmVersionError, in_span
+from vllm_slora.versions import check as check_vllm_version
+
+# Every supported release (vllm_slora.versions): a patch that holds on all.
+SUPPORTED = "0.26-0.34"
 
 # Applied in every process, mode on or off: they only add the --plugin flag,
 # the checks that go with it and the plugin's variables to vLLM's known ones,
@@ -33,30 +38,64 @@ MODE_PATCHES: list[str] = [
     "vllm_v1_engine_core:apply_pins",
     "vllm_entrypoints_serve_instrumentator_metrics",
     "vllm_config_compilation",
+    "vllm_model_executor_layers_fused_moe_config",
 ]
 
+# Patches only some releases need (vLLM took the rest upstream), with the
+# span they are applied in; every other patch applies on every SUPPORTED one.
+NEEDED_IN = {
+    # unify_hybrid_kv_cache_specs aligns sliding-window block sizes itself since 0.27
+    "vllm_v1_core_kv_cache_utils:apply_sliding_window_blocks": "0.26",
+    # since 0.33 the scheduler hands vLLM a RequestError with the cause,
+    # which the front end raises itself (vllm_v1_core_sched_scheduler._fail)
+    "vllm_v1_engine_output_processor": "0.26-0.32",
+    "vllm_entrypoints_generate_base_serving": "0.26-0.32",
+}
+
 _applied: set[str] = set()
+
+
+def needed(name: str, version: str | None = None) -> bool:
+    """Whether the patch ``name`` applies to the installed vLLM (or ``version``)."""
+    return in_span(NEEDED_IN.get(name, SUPPORTED), version)
 
 
 class PatchTargetChanged(RuntimeError):
     pass
 
 
-def guard(module: ModuleType, *attrs: str) -> None:
-    """Fail loudly unless vLLM is 0.26.x and ``module`` has every dotted attr."""
+def guard(module: ModuleType, *attrs: str, versions: str = SUPPORTED) -> None:
+    """Fail loudly unless the installed vLLM lies in ``versions`` (a span of
+    ``vllm_slora.versions.in_span``: the releases this patch was written
+    and tested against) and ``module`` has every dotted attr."""
     try:
-        check_vllm_version()
+        version = check_vllm_version()
     except VllmVersionError as e:
         raise PatchTargetChanged(f"refusing to patch {module.__name__}: {e}") from e
+    if not in_span(versions, version):
+        raise PatchTargetChanged(
+            f"vllm_slora cannot patch {module.__name__} of vLLM {version}: this patch "
+            f"targets vLLM {versions}")
     for dotted in attrs:
         obj = module
         for part in dotted.split("."):
             if not hasattr(obj, part):
                 raise PatchTargetChanged(
-                    f"vllm_slora cannot patch {module.__name__}: '{dotted}' is missing; "
-                    f"this patch targets vLLM 0.26.0"
-                )
+                    f"vllm_slora cannot patch {module.__name__} of vLLM {version}: "
+                    f"'{dotted}' is missing")
             obj = getattr(obj, part)
+
+
+def guard_touches(touches: dict[str, tuple[str, ...]], versions: str = SUPPORTED) -> None:
+    """``guard`` every vLLM module of a patch's ``TOUCHES`` table (module ->
+    attributes, each ``Class.name`` or ``name``, optionally ``@span``: checked
+    only where the installed vLLM lies in that span). The same tables are the
+    drift check's list of touch points (``python -m vllm_slora.compat``)."""
+    for module, attrs in touches.items():
+        split = [attr.partition("@") for attr in attrs]
+        wanted = [name for name, _, span in split if in_span(span or "0.26-")]
+        if wanted or not attrs:
+            guard(importlib.import_module(module), *wanted, versions=versions)
 
 
 def _apply(names: list[str]) -> None:
@@ -64,7 +103,7 @@ def _apply(names: list[str]) -> None:
     for a part of a module's patch applied on its own (in S-LoRA mode only,
     say, where the rest applies in every process)."""
     for name in names:
-        if name in _applied:
+        if name in _applied or not needed(name):
             continue
         module, _, function = name.partition(":")
         getattr(importlib.import_module(f"{__name__}.{module}"), function or "apply")()

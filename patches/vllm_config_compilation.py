@@ -29,9 +29,11 @@ from __future__ import annotations
 import functools
 import logging
 
-from vllm_slora.patches import guard
+from vllm_slora.patches import guard_touches
 
 TARGET = "vllm.config.compilation"
+TOUCHES = {TARGET: ("CompilationConfig.set_splitting_ops_for_v1", "CompilationMode.VLLM_COMPILE",
+                    "CUDAGraphMode.PIECEWISE")}
 PAGED_LORA_OP = "vllm::slora_paged_lora"
 logger = logging.getLogger("vllm_slora")
 
@@ -59,8 +61,7 @@ def apply() -> None:
     if slora_config().cudagraph != "between-pieces":
         return
 
-    guard(compilation, "CompilationConfig.set_splitting_ops_for_v1",
-          "CompilationMode.VLLM_COMPILE", "CUDAGraphMode.PIECEWISE")
+    guard_touches(TOUCHES)
     CompilationConfig = compilation.CompilationConfig
     stock = CompilationConfig.set_splitting_ops_for_v1
 

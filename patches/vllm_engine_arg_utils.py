@@ -1,6 +1,6 @@
-"""Patch of ``vllm.engine.arg_utils`` (vLLM 0.26.0): the ``--plugin`` switch.
+"""Patch of ``vllm.engine.arg_utils`` (vLLM 0.26-0.34): the ``--plugin`` switch.
 
-Why: vLLM 0.26 has no per-run switch for a general plugin; an installed
+Why: vLLM has no per-run switch for a general plugin; an installed
 plugin is loaded in every process. S-LoRA mode must be opt-in per run, so
 ``vllm serve MODEL --enable-lora --plugin vllm_slora`` switches it on and a
 plain ``vllm serve`` stays stock.
@@ -25,9 +25,15 @@ What:
   In S-LoRA mode it also turns vLLM's hybrid KV cache manager off unless the
   user chose (``keep_one_kv_cache_group``): adapters are paged in one
   KV-cache group, and a model that mixes sliding-window and full-attention
-  layers (Gemma 2) gets one group only without it.
+  layers (Gemma 2) gets one group only without it. Since 0.34, where vLLM
+  makes the CUDA KV cache extensible by default (sized after warm-up and
+  CUDA-graph capture, and released while the engine sleeps), S-LoRA mode
+  turns that off unless the user chose (``keep_kv_cache_fixed``): adapter
+  pages are bound once, at the KV cache's final size, and must stay where
+  they are while resident. An explicit ``--enable-extensible-kv-cache`` is
+  refused with the reason.
 
-Guard: ``guard`` checks vLLM 0.26.x and the attributes used. Goes away if
+Guard: ``guard`` checks vLLM 0.26-0.34 and the attributes used. Goes away if
 vLLM gains a per-run plugin switch (and, for the hybrid manager, when paged
 LoRA can use the pages of several KV-cache groups).
 """
@@ -39,9 +45,12 @@ import functools
 import logging
 
 from vllm_slora.config import SETTINGS, SETTINGS_KEY, apply_settings
-from vllm_slora.patches import guard
+from vllm_slora.patches import guard_touches
 
 TARGET = "vllm.engine.arg_utils"
+TOUCHES = {TARGET: ("EngineArgs.add_cli_args", "EngineArgs.create_engine_config",
+                    "EngineArgs.disable_hybrid_kv_cache_manager",
+                    "EngineArgs.enable_extensible_kv_cache@0.34-")}
 KNOWN_PLUGINS = ("vllm_slora",)
 # Under vLLM's logger, so that the line reaches vLLM's log at INFO.
 logger = logging.getLogger("vllm.plugins.vllm_slora")
@@ -112,11 +121,29 @@ def keep_one_kv_cache_group(engine_args, vllm_config) -> None:
                 "ones (Gemma 2) keep their full KV, more KV memory than stock")
 
 
+def keep_kv_cache_fixed(engine_args) -> None:
+    """In S-LoRA mode, vLLM 0.34's extensible KV cache off (the field does not
+    exist before 0.34): the pager views the KV buffers it binds to as pages
+    for as long as the engine runs."""
+    from vllm_slora.activation import is_enabled
+
+    if not is_enabled() or not hasattr(engine_args, "enable_extensible_kv_cache"):
+        return
+    if engine_args.enable_extensible_kv_cache:
+        raise ValueError(
+            "vllm_slora: S-LoRA mode keeps adapter pages in the KV cache, which must keep its "
+            "size and place while the engine runs; drop --enable-extensible-kv-cache "
+            "(enable_extensible_kv_cache=True for vllm.LLM), or drop --plugin vllm_slora")
+    if engine_args.enable_extensible_kv_cache is None:
+        engine_args.enable_extensible_kv_cache = False
+        logger.info("vllm_slora: extensible KV cache off (adapter pages live in the KV cache, "
+                    "which keeps its size); vLLM's default --gpu-memory-utilization is then 0.92")
+
+
 def apply() -> None:
     from vllm.engine import arg_utils
 
-    guard(arg_utils, "EngineArgs.add_cli_args", "EngineArgs.create_engine_config",
-          "EngineArgs.disable_hybrid_kv_cache_manager")
+    guard_touches(TOUCHES)
     EngineArgs = arg_utils.EngineArgs
 
     stock_add_cli_args = EngineArgs.add_cli_args
@@ -132,6 +159,7 @@ def apply() -> None:
     @functools.wraps(stock_create)
     def create_engine_config(self, *args, **kwargs):
         check_lora_enabled(self)
+        keep_kv_cache_fixed(self)
         settings = (getattr(self, "additional_config", None) or {}).get(SETTINGS_KEY)
         if settings is not None:
             apply_settings(settings)

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import functools
 
-from vllm_slora.patches import guard
+from vllm_slora.patches import guard_touches
 
 TARGET = "vllm.entrypoints.generate.base.serving"
+TOUCHES = {TARGET: ("GenerateBaseServing._raise_if_error", "GenerationError")}
 
 
 def apply() -> None:
     from vllm.entrypoints.generate.base import serving
 
-    guard(serving, "GenerateBaseServing._raise_if_error", "GenerationError")
+    guard_touches(TOUCHES)
     from vllm_slora import fault_causes
 
     stock = serving.GenerateBaseServing._raise_if_error

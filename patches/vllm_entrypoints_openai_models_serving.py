@@ -25,9 +25,10 @@ from __future__ import annotations
 import functools
 from http import HTTPStatus
 
-from vllm_slora.patches import guard
+from vllm_slora.patches import guard_touches
 
 TARGET = "vllm.entrypoints.openai.models.serving"
+TOUCHES = {TARGET: ("OpenAIServingModels.load_lora_adapter", "create_error_response")}
 
 
 def apply() -> None:
@@ -35,7 +36,7 @@ def apply() -> None:
         from vllm.entrypoints.openai.models import serving
     except ImportError:  # a CPU-only engine process without the server extras
         return
-    guard(serving, "OpenAIServingModels.load_lora_adapter", "create_error_response")
+    guard_touches(TOUCHES)
     from vllm_slora.adapters import AdapterError, check_adapter, engine_geometry
 
     Models = serving.OpenAIServingModels

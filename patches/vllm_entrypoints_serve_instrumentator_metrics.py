@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import functools
 
-from vllm_slora.patches import guard
+from vllm_slora.patches import guard_touches
 
 TARGET = "vllm.entrypoints.serve.instrumentator.metrics"
+TOUCHES = {TARGET: ("get_prometheus_registry", "attach_router")}
 
 
 def apply() -> None:
@@ -35,7 +36,7 @@ def apply() -> None:
         from vllm.entrypoints.serve.instrumentator import metrics as instrumentator
     except ImportError:  # no server extras in this process
         return
-    guard(instrumentator, "get_prometheus_registry", "attach_router")
+    guard_touches(TOUCHES)
     stock = instrumentator.get_prometheus_registry
 
     @functools.wraps(stock)

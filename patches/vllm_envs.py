@@ -1,6 +1,8 @@
 """Patch of ``vllm.envs`` (vLLM 0.26.0): the plugin's environment variables are known to vLLM.
 
-Why: ``vllm.envs.validate_environ`` (called by ``EngineArgs.create_engine_config``)
+Why: vLLM's environment check (``vllm.envs.validate_environ`` up to 0.30,
+``Platform.validate_environ`` since 0.31; called by
+``EngineArgs.create_engine_config``; both read ``envs.environment_variables``)
 warns at every start about each ``VLLM_*`` variable it does not know,
 ``Unknown vLLM environment variable detected: VLLM_SLORA``, which a user
 reads as a misconfiguration, and with ``--fail-on-environ-validation`` it
@@ -13,7 +15,8 @@ it. vLLM also hashes every known variable into its torch.compile cache key
 run get their value; the per-run paths (``PER_RUN``) report None, so that
 a fresh metrics directory does not make every start miss the compile cache.
 
-Guard: vLLM 0.26.x; ``environment_variables`` and ``validate_environ``.
+Guard: vLLM 0.26-0.34; ``environment_variables``, and the check that reads
+it (``validate_environ`` of ``vllm.envs`` before 0.31, of ``Platform`` since).
 Goes away if vLLM lets plugins declare environment variables.
 """
 
@@ -21,9 +24,11 @@ from __future__ import annotations
 
 import os
 
-from vllm_slora.patches import guard
+from vllm_slora.patches import guard_touches
 
 TARGET = "vllm.envs"
+TOUCHES = {TARGET: ("environment_variables", "validate_environ@0.26-0.30"),
+           "vllm.platforms.interface": ("Platform.validate_environ@0.31-",)}
 
 # Every environment variable the plugin reads (tests/foundation checks the
 # package for others).
@@ -49,7 +54,7 @@ PER_RUN = ("VLLM_SLORA_METRICS_DIR", "VLLM_SLORA_TRACE", "VLLM_SLORA_STEP_LOG",
 def apply() -> None:
     from vllm import envs
 
-    guard(envs, "environment_variables", "validate_environ")
+    guard_touches(TOUCHES)
     for name in VARIABLES:
         if name in PER_RUN:
             envs.environment_variables.setdefault(name, lambda: None)

@@ -46,9 +46,14 @@ import inspect
 import itertools
 import time
 
-from vllm_slora.patches import PatchTargetChanged, guard
+from vllm_slora.patches import PatchTargetChanged, guard_touches
 
 TARGET = "vllm.v1.core.sched.scheduler"
+TOUCHES = {TARGET: ("KVCacheManager", "Scheduler.__init__", "Scheduler.schedule",
+                    "Scheduler.update_from_output"),
+           "vllm.v1.core.kv_cache_manager": ("KVCacheManager.allocate_slots",),
+           "vllm.v1.engine": ("FinishReason.ERROR",),
+           "vllm.outputs": ("RequestError@0.33-",)}
 # Prefetch: adapters of the next LOAD_AHEAD waiting requests are paged in
 # early while KEEP_FREE of the blocks stay free; those of the next
 # HINT_AHEAD are read into the workers' host cache in the background.
@@ -57,13 +62,22 @@ TARGET = "vllm.v1.core.sched.scheduler"
 # thread waited for uploads (9% of its time, H200).
 LOAD_AHEAD, HINT_AHEAD, KEEP_FREE = 12, 32, 0.25
 SCAN_LIMIT = 256  # waiting requests looked at per step
+# The scheduler's queues of waiting requests, roughly in the order it admits
+# them: 0.26-0.30 ``waiting``, then ``skipped_waiting``; since 0.31 the
+# requests that hold KV blocks first (``kv_holding_waiting``; skipped ones
+# stay in their queue); 0.34 adds ``async_kv_waiting``.
+WAITING_QUEUES = ("kv_holding_waiting", "waiting", "async_kv_waiting", "skipped_waiting")
+
+
+def _waiting(scheduler):
+    return itertools.chain.from_iterable(
+        getattr(scheduler, name) for name in WAITING_QUEUES if hasattr(scheduler, name))
 
 
 def _upcoming(scheduler, pool, depth: int) -> list[tuple[int, str]]:
     """(lora id, path) of non-resident adapters of the next waiting requests."""
     out: list[tuple[int, str]] = []
-    waiting = itertools.chain(scheduler.waiting, scheduler.skipped_waiting)
-    for request in itertools.islice(waiting, SCAN_LIMIT):
+    for request in itertools.islice(_waiting(scheduler), SCAN_LIMIT):
         lora = request.lora_request
         if lora and lora.lora_int_id > 0 and lora.lora_int_id not in pool.resident:
             if (lora.lora_int_id, lora.lora_path) not in out:
@@ -89,12 +103,27 @@ def _cause(scheduler, request_id: str, why: str) -> str:
     return f"adapter '{lora.lora_name}' failed: {why}" if lora is not None else why
 
 
+def _fail(scheduler, causes: dict[str, str]) -> None:
+    """Have vLLM finish these requests (id -> why) with ``FINISHED_ERROR`` at
+    the end of the step, through the requests it fails for grammars that do
+    not compile: a set of ids up to 0.32; since 0.33 a dict of each one's
+    ``RequestError``, which the front end raises (HTTP 500 with the cause)."""
+    failed = scheduler.grammar_compile_error_reqs
+    if isinstance(failed, set):
+        failed.update(causes)
+        return
+    from vllm.outputs import RequestError
+
+    for request_id, why in causes.items():
+        failed.setdefault(request_id, RequestError(code="lora_adapter_error",
+                                                   message=_cause(scheduler, request_id, why)))
+
+
 def apply() -> None:
     from vllm.v1.core import kv_cache_manager
     from vllm.v1.core.sched import scheduler as sched
 
-    guard(sched, "KVCacheManager", "Scheduler.__init__", "Scheduler.schedule",
-          "Scheduler.update_from_output")
+    guard_touches(TOUCHES)
     params = list(inspect.signature(kv_cache_manager.KVCacheManager.allocate_slots).parameters)
     if params[:2] != ["self", "request"] or "reserved_blocks" not in params:
         raise PatchTargetChanged(
@@ -120,12 +149,15 @@ def apply() -> None:
             vllm_config.model_config.hf_text_config, self.lora_config.lora_dtype,
             tp_size=vllm_config.parallel_config.tensor_parallel_size,
             max_lora_rank=self.lora_config.max_lora_rank)
-        if not isinstance(getattr(self, "grammar_compile_error_reqs", None), set):
+        if not isinstance(getattr(self, "grammar_compile_error_reqs", None), (set, dict)):
             raise PatchTargetChanged("vllm_slora fails requests through "
-                                     "Scheduler.grammar_compile_error_reqs (vLLM 0.26.0), "
-                                     "which this vLLM lacks")
+                                     "Scheduler.grammar_compile_error_reqs (a set up to vLLM "
+                                     "0.32, a dict since 0.33), which this vLLM lacks")
         self.lora_config = copy.copy(self.lora_config)
+        # Every request the scheduler may run at once (since 0.31 that can
+        # exceed max_num_seqs: max_num_active_reqs).
         self.lora_config.max_loras = max(self.scheduler_config.max_num_seqs,
+                                         getattr(self, "max_num_active_reqs", 0),
                                          self.lora_config.max_loras)
 
     @functools.wraps(stock_schedule)
@@ -146,7 +178,7 @@ def apply() -> None:
             pool.counters["schedule_s"] += time.perf_counter() - started
             pool.counters["schedules"] += 1
             setattr(output, ATTR, pool.take_plan(hints, _distinct_adapters(self, output)))
-            self.grammar_compile_error_reqs.update(self.kv_cache_manager.faults)
+            _fail(self, self.kv_cache_manager.faults)
         return output
 
     @functools.wraps(stock_update)
@@ -154,7 +186,7 @@ def apply() -> None:
         manager = self.kv_cache_manager
         faults = getattr(model_runner_output, FAULTS_ATTR, None)
         if faults and manager.adapters is not None:
-            self.grammar_compile_error_reqs.update(manager.worker_faults(faults))
+            _fail(self, {r: manager.faults[r] for r in manager.worker_faults(faults)})
         # The causes of the requests failed for their adapter (finishing them frees them).
         causes = {r: _cause(self, r, manager.faults[r])
                   for r in self.grammar_compile_error_reqs if r in manager.faults}

@@ -53,9 +53,11 @@ import sys
 import threading
 import time
 
-from vllm_slora.patches import guard
+from vllm_slora.patches import guard_touches
 
 TARGET = "vllm.v1.engine.core"
+TOUCHES = {TARGET: ("EngineCore.step", "EngineCore.step_with_batch_queue")}
+PIN_TOUCHES = {TARGET: ("EngineCore.add_lora", "EngineCore.remove_lora", "EngineCore.pin_lora")}
 ENV = "VLLM_SLORA_STEP_LOG"
 STACKS_ENV = "VLLM_SLORA_STEP_STACKS"
 FLUSH_S = 0.5
@@ -189,7 +191,7 @@ def apply() -> None:
         return
     from vllm.v1.engine import core
 
-    guard(core, "EngineCore.step", "EngineCore.step_with_batch_queue")
+    guard_touches(TOUCHES)
     EngineCore = core.EngineCore
 
     def logged(stock):
@@ -210,7 +212,7 @@ def apply() -> None:
 def apply_pins() -> None:
     from vllm.v1.engine import core
 
-    guard(core, "EngineCore.add_lora", "EngineCore.remove_lora", "EngineCore.pin_lora")
+    guard_touches(PIN_TOUCHES)
     EngineCore = core.EngineCore
     stock_add, stock_remove, stock_pin = EngineCore.add_lora, EngineCore.remove_lora, EngineCore.pin_lora
 

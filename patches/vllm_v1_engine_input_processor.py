@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import functools
 
-from vllm_slora.patches import guard
+from vllm_slora.patches import guard_touches
 
 TARGET = "vllm.v1.engine.input_processor"
+TOUCHES = {TARGET: ("InputProcessor._validate_lora",)}
 
 
 def apply() -> None:
     from vllm.v1.engine import input_processor
 
-    guard(input_processor, "InputProcessor._validate_lora")
+    guard_touches(TOUCHES)
     from vllm_slora.adapters import check_adapter, engine_geometry
 
     InputProcessor = input_processor.InputProcessor

@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import functools
 
-from vllm_slora.patches import PatchTargetChanged, guard
+from vllm_slora.patches import PatchTargetChanged, guard_touches
 
 TARGET = "vllm.v1.engine.output_processor"
+TOUCHES = {TARGET: ("OutputProcessor.process_outputs",)}
 
 
 def apply() -> None:
     from vllm.v1.engine import EngineCoreOutput, FinishReason
     from vllm.v1.engine import output_processor
 
-    guard(output_processor, "OutputProcessor.process_outputs")
+    guard_touches(TOUCHES)
     if not {"finish_reason", "stop_reason"} <= set(EngineCoreOutput.__struct_fields__):
         raise PatchTargetChanged("vllm_slora reads EngineCoreOutput.finish_reason/stop_reason, "
                                  "which this vLLM lacks")

@@ -19,15 +19,16 @@ choose the worker LoRA manager.
 
 from __future__ import annotations
 
-from vllm_slora.patches import guard
+from vllm_slora.patches import guard_touches
 
 TARGET = "vllm.v1.worker.lora_model_runner_mixin"
+TOUCHES = {TARGET: ("LRUCacheWorkerLoRAManager", "LoRAModelRunnerMixin.load_lora_model")}
 
 
 def apply() -> None:
     from vllm.v1.worker import lora_model_runner_mixin as mixin
 
-    guard(mixin, "LRUCacheWorkerLoRAManager", "LoRAModelRunnerMixin.load_lora_model")
+    guard_touches(TOUCHES)
     from vllm_slora.memory.worker_manager import PagedLoRAWorkerManager
 
     mixin.LRUCacheWorkerLoRAManager = PagedLoRAWorkerManager

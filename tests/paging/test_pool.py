@@ -12,6 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from vllm_slora.versions import at_least
+
 BLOCK = 16  # tokens per block; fp32 block = 16 * 2 * 2 * 32 * 4 B = 8 KiB = 32 pages of D=64
 
 
@@ -248,10 +250,12 @@ def test_sliding_window_layers_join_the_full_attention_group():
     """With the hybrid KV cache manager off (S-LoRA mode), vLLM 0.26 cannot
     unify a sliding-window layer of its own block size (16 on CPU) with
     full-attention layers of 128; given the full layers' block size first
-    (patches/vllm_v1_core_kv_cache_utils.py), they make one group."""
+    (patches/vllm_v1_core_kv_cache_utils.py, registered for 0.26 only), they
+    make one group. Since 0.27 vLLM does this itself."""
     from vllm.v1.core import kv_cache_utils
     from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
+    from vllm_slora.patches import needed
     from vllm_slora.patches.vllm_v1_core_kv_cache_utils import align_sliding_window_blocks
 
     attn = dict(num_kv_heads=2, head_size=32, dtype=torch.float32)
@@ -260,10 +264,13 @@ def test_sliding_window_layers_join_the_full_attention_group():
         return {"layers.0": SlidingWindowSpec(block_size=16, sliding_window=16, **attn),
                 "layers.1": FullAttentionSpec(block_size=128, **attn)}
 
-    with pytest.raises(ValueError, match="failed to convert the KV cache specs to one unified type"):
-        kv_cache_utils.unify_hybrid_kv_cache_specs(specs())
+    patched = needed("vllm_v1_core_kv_cache_utils:apply_sliding_window_blocks")
+    assert patched == (not at_least("0.27"))
     unified = specs()
-    align_sliding_window_blocks(unified)
+    if patched:
+        with pytest.raises(ValueError, match="failed to convert the KV cache specs to one unified type"):
+            kv_cache_utils.unify_hybrid_kv_cache_specs(specs())
+        align_sliding_window_blocks(unified)
     kv_cache_utils.unify_hybrid_kv_cache_specs(unified)
     assert unified["layers.0"] == FullAttentionSpec(block_size=128, sliding_window=16, **attn)
     assert kv_cache_utils.is_kv_cache_spec_uniform(unified)

@@ -16,9 +16,13 @@ def test_prefix_cache_keys_follow_the_adapter_weights(tmp_path, tiny_model, monk
 
     from vllm_slora.testing.adapters import make_peft_adapter
 
+    from vllm_slora.versions import at_least
+
     stock = kv_cache_utils._gen_lora_extra_hash_keys
     monkeypatch.setattr(kv_cache_utils, "_gen_lora_extra_hash_keys", stock)  # restored after
-    importlib.import_module("vllm_slora.patches.vllm_v1_core_kv_cache_utils").apply()
+    patch = importlib.import_module("vllm_slora.patches.vllm_v1_core_kv_cache_utils")
+    patch.apply()
+    lora_extra_hash_keys = patch.lora_extra_hash_keys
 
     def keys(name, lora_id, path):  # a new request each time: keys are fixed at its arrival
         req = Request("r", list(range(3, 40)), SamplingParams(max_tokens=1), None,
@@ -30,11 +34,18 @@ def test_prefix_cache_keys_follow_the_adapter_weights(tmp_path, tiny_model, monk
     assert keys("x", 1, a) == first  # same adapter, same files: a hit
     assert keys("x", 2, a) != first  # unloaded and loaded again (vLLM gives a new id)
     assert keys("y", 3, make_peft_adapter(tmp_path / "b", tiny_model, 4, seed=1)) != first
+    monkeypatch.setattr(kv_cache_utils, "_gen_lora_extra_hash_keys", stock)
+    stock_first = keys("x", 1, a)
+    monkeypatch.setattr(kv_cache_utils, "_gen_lora_extra_hash_keys", lora_extra_hash_keys)
     make_peft_adapter(a, tiny_model, 8, seed=2)  # rewritten in place under the same name and id
     assert keys("x", 1, a) != first
-    # Stock vLLM keys by name alone: the stale hit this patch removes.
+    # Stock vLLM keys by name (and path since 0.31) alone: the stale hit this patch removes.
     monkeypatch.setattr(kv_cache_utils, "_gen_lora_extra_hash_keys", stock)
-    assert keys("x", 1, a) == keys("x", 2, tmp_path / "b")
+    assert keys("x", 1, a) == stock_first
+    if not at_least("0.31"):
+        assert keys("x", 1, a) == keys("x", 2, tmp_path / "b")  # even another adapter's
+    else:  # KV events publish the name, as stock's keys do
+        assert kv_cache_utils.to_event_extra_keys([first]) == [("x",)]
 
 
 def run_prefix_job(tmp_path, spec: dict) -> list[dict]:

@@ -37,6 +37,17 @@ from vllm_slora.memory.layout import PageGeometry
 from vllm_slora.memory.adapter_pool import AdapterFault, AdapterPool, SeparateRegion
 
 logger = init_logger("vllm.plugins.vllm_slora")
+# vLLM internals this module relies on (the drift check's list,
+# ``python -m vllm_slora.compat``): the manager it extends, the block count
+# it computes as stock does, and the block pool the adapter pool takes from.
+TOUCHES = {
+    "vllm.v1.core.kv_cache_manager": ("KVCacheManager.allocate_slots", "KVCacheManager.free",
+                                      "KVCacheManager.pop_blocks_for_free",
+                                      "KVCacheManager.reset_prefix_cache"),
+    "vllm.v1.core.kv_cache_coordinator": ("KVCacheCoordinator.get_num_blocks_to_allocate",),
+    "vllm.v1.core.block_pool": ("BlockPool.get_new_blocks", "BlockPool.free_blocks",
+                                "BlockPool.get_num_free_blocks"),
+}
 _ALLOCATE = inspect.signature(KVCacheManager.allocate_slots)
 if "reserved_blocks" not in _ALLOCATE.parameters:
     raise ImportError("vllm_slora needs KVCacheManager.allocate_slots(..., reserved_blocks=...) "

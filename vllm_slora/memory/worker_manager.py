@@ -26,6 +26,13 @@ from vllm_slora.memory.step import StepLimits
 
 # Under "vllm." so that vLLM's log handler prints it in every process.
 logger = init_logger("vllm.plugins.vllm_slora")
+# vLLM internals this module relies on (the drift check's list): the manager
+# it stands in for (its methods are what the runners call) and the runners'
+# LoRA entry.
+TOUCHES = {
+    "vllm.lora.worker_manager": ("LRUCacheWorkerLoRAManager",),
+    "vllm.v1.worker.lora_model_runner_mixin": ("LoRAModelRunnerMixin.load_lora_model",),
+}
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -47,6 +54,9 @@ class PagedLoRAWorkerManager:
         self.pager = Pager(vllm_config.model_config.hf_text_config, self.lora_config.lora_dtype,
                            self.device, tp_size, tp_rank)
         self.layers: list[PagedLoRALinear] = []
+        # The engine's KV cache exists (``kv_ready``): only then may the pager
+        # bind to the layers' KV tensors (earlier ones are profiling caches).
+        self._kv_ready = False
         self._dummy: set[int] = set()
         self._registered: dict[int, str] = {}
 
@@ -84,11 +94,21 @@ class PagedLoRAWorkerManager:
                 raise RuntimeError("vllm_slora got a paging plan before the KV cache exists")
             self.pager.apply(plan)
 
+    def kv_ready(self) -> None:
+        """The worker allocated the KV cache the engine serves with (the
+        worker patch calls this after ``Worker.initialize_from_config``)."""
+        self._kv_ready = True
+
     def _bind(self) -> bool:
-        """Bind the pager once the KV cache exists (before CUDA-graph capture,
-        which must record the LoRA kernels on the pager's static buffers)."""
+        """Bind the pager once the engine's KV cache exists (before CUDA-graph
+        capture, which must record the LoRA kernels on the pager's static
+        buffers). Since vLLM 0.29 the CUDA runner captures graphs on a small
+        KV cache of its own first, to measure their memory, and frees it:
+        those captures run without LoRA kernels, as 0.26's profiling runs do."""
         if self.pager.bound:
             return True
+        if not self._kv_ready:
+            return False
         num_blocks = self.vllm_config.cache_config.num_gpu_blocks
         kv = self._kv_caches()
         if not num_blocks or not kv:
