@@ -23,16 +23,16 @@ demo: setup
 # Two pytest workers (pytest-xdist): an engine test spends much of its time
 # starting Python processes, so two share 2 cores well.
 test: setup
-	$(PY) -m pytest -q -rs -n 2 tests
+	env -u VLLM_VERSION $(PY) -m pytest -q -rs -n 2 tests
 
 # For daily work: everything but the tests that start vLLM engines or need a
 # GPU (three workers, as these mostly wait on the subprocesses they start;
 # `make test` stays CI's full suite).
 test-fast: setup
-	$(PY) -m pytest -q -rs -n 3 -m "not slow and not gpu" tests
+	env -u VLLM_VERSION $(PY) -m pytest -q -rs -n 3 -m "not slow and not gpu" tests
 
 test-engines: setup
-	$(PY) -m pytest -q -rs -n 2 $(ENGINE_TESTS)
+	env -u VLLM_VERSION $(PY) -m pytest -q -rs -n 2 $(ENGINE_TESTS)
 
 test-kernels: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels

@@ -13,10 +13,11 @@ import shlex
 from dataclasses import dataclass, field
 
 from vllm_slora.testing.runner import STOCK_PLUGINS
+from vllm_slora.versions import at_least
 
 SYSTEMS = {
     "base": "no LoRA at all (enable_lora=False): the upper bound",
-    "stock": "vLLM 0.26 multi-LoRA: max_loras GPU slots padded to max_lora_rank, "
+    "stock": "vLLM's own multi-LoRA: max_loras GPU slots padded to max_lora_rank, "
              "an LRU CPU cache of max_cpu_loras adapters, punica kernels",
     "slora": "this plugin (VLLM_SLORA=1): adapters paged in the KV-cache pool, MBGMV/MBGMM kernels",
     "slora-bmm": "the plugin with a padded gather + bmm instead of MBGMV/MBGMM "
@@ -36,6 +37,8 @@ PLUGIN_VARS = ("VLLM_SLORA", "VLLM_SLORA_KERNELS", "VLLM_SLORA_UNIFY_MEM")
 # also inherit what earlier ones left unused. ``--systems`` gives its own
 # order (a call that must not lose stock names it first).
 ORDER = ("base", "slora", "stock", "slora-bmm", "slora-no-unifymem")
+# Boolean engine flags whose False ``vllm serve`` takes as ``--no-FLAG``.
+NEGATABLE = ("enable_prefix_caching", "enable_extensible_kv_cache")
 
 
 @dataclass(frozen=True)
@@ -69,10 +72,16 @@ def engine_kwargs(config: Config, *, model: str, dummy: bool, max_lora_rank: int
     Prefix caching is off everywhere: every measurement of an engine replays
     the same prompts (with other adapters), which must not hit cached blocks.
     Stats logging is on: offline first-token latencies come from its request
-    metrics (``vllm serve`` logs stats by default).
+    metrics (``vllm serve`` logs stats by default). From vLLM 0.34 on, the
+    extensible KV cache is off everywhere: S-LoRA mode turns it off (its
+    pages must keep their place), and with it vLLM sizes the KV cache from
+    another memory budget (1.0 of the GPU instead of 0.92), so every system
+    gets the KV memory the plugin gets.
     """
     kw = dict(model=model, skip_tokenizer_init=True, seed=0, max_model_len=max_model_len,
               enable_prefix_caching=False, enforce_eager=eager, disable_log_stats=False)
+    if at_least("0.34"):
+        kw["enable_extensible_kv_cache"] = False
     if dummy:
         kw["load_format"] = "dummy"
     if config.system != "base":
@@ -93,8 +102,8 @@ def serve_flags(kwargs: dict) -> list[str]:
         if value is True:
             args.append(flag)
         elif value is False:
-            if key == "enable_prefix_caching":
-                args.append("--no-enable-prefix-caching")
+            if key in NEGATABLE:
+                args.append(f"--no-{flag[2:]}")
         else:
             args += [flag, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
     return args

@@ -21,7 +21,7 @@ from benchmarks.adapter_pool import make_folders  # noqa: E402
 from benchmarks.metrics import percentile, summarize  # noqa: E402
 from benchmarks.run import error_from_log, parse  # noqa: E402
 from vllm_slora.testing.runner import EAGER_ENV, IN_PROCESS_ENV  # noqa: E402
-from vllm_slora.versions import installed as installed_vllm  # noqa: E402
+from vllm_slora.versions import at_least, installed as installed_vllm  # noqa: E402
 from benchmarks.step_time import is_lora_kernel, kernel_anatomy  # noqa: E402
 from benchmarks.systems import Config, configs, engine_kwargs, serve_flags  # noqa: E402
 from benchmarks.workload import ATTN, WorkloadSpec, generate, read_trace, write_trace  # noqa: E402
@@ -139,6 +139,9 @@ def test_configs_and_serve_flags():
     flags = serve_flags(kw)
     assert flags[0] == "/m" and "--no-enable-prefix-caching" in flags and "--enforce-eager" in flags
     assert flags[flags.index("--max-loras") + 1] == "64" and "--load-format" in flags
+    # From vLLM 0.34 every system runs without the extensible KV cache (the plugin's setting).
+    assert ("--no-enable-extensible-kv-cache" in flags) == at_least("0.34")
+    assert "--no-enable-extensible-kv-cache" in serve_flags({"model": "m", "enable_extensible_kv_cache": False})
     assert "enable_lora" not in engine_kwargs(Config("base", "base"), model="/m", dummy=False, max_lora_rank=64,
                                               max_cpu_loras=8, slora_max_loras=64, max_model_len=64,
                                               eager=True, extra={})
