@@ -42,21 +42,26 @@ rm -f "$site"/vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so "$site"/vllm/_moe_C_stabl
 find "$site" -name "*.pyi" -delete
 rm -rf "$site"/mistral_common/data "$site"/*/tests
 # 0.34's bundle must fit 64 MiB beside the tree: drop what vLLM 0.34 never
-# imports for a dense model (checked in its sources): anthropic and fastar
-# (no import at all), the structured-output backends other than the default
-# xgrammar (llguidance, outlines_core: LazyLoader, on request only), and
-# tvm_ffi (sm100 and CuTe DSL kernels only).
+# imports for a dense model (checked in its sources and by an import run of
+# the bundle under Python 3.12 and torch 2.11): anthropic and fastar (no
+# import at all), and the structured-output backends other than the
+# default xgrammar (llguidance, outlines_core: stand-ins below).
 case "$v" in
   0.26.*) ;;
-  *) rm -rf "$site"/anthropic* "$site"/fastar* "$site"/llguidance* "$site"/outlines_core* "$site"/tvm_ffi* ;;
+  *) rm -rf "$site"/anthropic* "$site"/fastar* "$site"/llguidance* "$site"/outlines_core* ;;
 esac
 for so in vllm/_C_stable_libtorch.abi3.so vllm/vllm_flash_attn/_vllm_fa3_C.abi3.so; do
   [ -f "$site/$so" ] || continue
   python3 "$root/scripts/slim_fatbin.py" "$site/$so" "$site/$so.slim" 90 && mv "$site/$so.slim" "$site/$so"
 done
-# The CUTLASS DSL (module cutlass) is not in the bundle; a stand-in lies in
-# _stubs/ for a run that needs `import cutlass` to succeed (SLORA_CUTLASS_STUB=1).
-cp -r "$root/scripts/gpu_stubs/." "$site/"
+# Stand-ins (scripts/gpu_stubs): llguidance and outlines_core, whose names
+# vLLM 0.34 evaluates in class annotations at import. Those of the CUTLASS
+# DSL and QuACK (_stubs/) stay in the tree: activate.sh puts them on the
+# path with SLORA_CUTLASS_STUB=1.
+case "$v" in
+  0.26.*) ;;
+  *) cp -r "$root/scripts/gpu_stubs/llguidance" "$root/scripts/gpu_stubs/outlines_core" "$site/" ;;
+esac
 find "$site" -name __pycache__ -prune -exec rm -rf {} +
 
 mkdir -p "$out"
@@ -71,7 +76,9 @@ fi
 export PYTHONPATH="/tmp/gpu-site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # flashinfer is not in the bundle: keep vLLM's sampler on its own kernels.
 export VLLM_USE_FLASHINFER_SAMPLER=0
-if [ "${SLORA_CUTLASS_STUB:-0}" = 1 ]; then export PYTHONPATH="/tmp/gpu-site/_stubs:$PYTHONPATH"; fi
+# Stand-ins for the CUTLASS DSL and QuACK (scripts/gpu_stubs/_stubs), which
+# vLLM 0.34's kernel warm-up imports for every model.
+if [ "${SLORA_CUTLASS_STUB:-0}" = 1 ]; then export PYTHONPATH="$_gpu_dir/../scripts/gpu_stubs/_stubs:$PYTHONPATH"; fi
 vllm() { python3 -m vllm.entrypoints.cli.main "$@"; }
 ACT
 echo "$v" > "$out/VERSION"
