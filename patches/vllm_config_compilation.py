@@ -1,4 +1,4 @@
-"""Patch of ``vllm.config.compilation`` (vLLM 0.26.0): paged LoRA between CUDA-graph pieces.
+"""Patch of ``vllm.config.compilation`` (vLLM 0.26-0.34): paged LoRA between CUDA-graph pieces.
 
 The paged LoRA layers read their per-step metadata from static buffers
 (``vllm_slora/memory/step.py``), so vLLM captures them in its own CUDA
@@ -19,7 +19,7 @@ downgrades full CUDA graphs (which would capture it) to piecewise ones. If
 the compilation splits nothing (``splitting_ops=[]``), graphs are turned
 off, with a warning.
 
-Guard: vLLM 0.26.x; ``CompilationConfig.set_splitting_ops_for_v1``,
+Guard: vLLM 0.26-0.34; ``CompilationConfig.set_splitting_ops_for_v1``,
 ``CompilationMode.VLLM_COMPILE``, ``CUDAGraphMode.PIECEWISE``. Goes away
 with the comparison setting.
 """

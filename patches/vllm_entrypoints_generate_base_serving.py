@@ -1,4 +1,4 @@
-"""Patch of ``vllm.entrypoints.generate.base.serving`` (vLLM 0.26.0): say why a request failed.
+"""Patch of ``vllm.entrypoints.generate.base.serving`` (vLLM 0.26-0.32): say why a request failed.
 
 Why: see ``vllm_v1_engine_output_processor``: a request failed for its
 adapter gets vLLM's bare 500 "Internal server error".
@@ -8,7 +8,7 @@ raises vLLM's ``GenerationError`` (HTTP 500) with the recorded cause, which
 names the adapter's folder and what went wrong ("adapter '/path' could not be
 paged in: OSError: ..."), where one was recorded; otherwise it is stock.
 
-Guard: vLLM 0.26.x; ``GenerateBaseServing._raise_if_error`` and
+Guard: vLLM 0.26-0.32 (since 0.33 the scheduler's RequestError carries the cause: not applied); ``GenerateBaseServing._raise_if_error`` and
 ``GenerationError``. Goes away with the output-processor patch.
 """
 

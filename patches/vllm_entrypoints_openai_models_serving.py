@@ -1,4 +1,4 @@
-"""Patch of ``vllm.entrypoints.openai.models.serving`` (vLLM 0.26.0): refuse bad adapters at load.
+"""Patch of ``vllm.entrypoints.openai.models.serving`` (vLLM 0.26-0.34): refuse bad adapters at load.
 
 Why: stock ``OpenAIServingModels.load_lora_adapter`` (used by
 ``/v1/load_lora_adapter`` and, at start-up, by ``--lora-modules``) asks the
@@ -16,7 +16,7 @@ is not asked. A bad ``--lora-modules`` adapter therefore stops start-up with
 that message (stock's behaviour for a failed static adapter). Good adapters
 go on to stock unchanged.
 
-Guard: vLLM 0.26.x; ``OpenAIServingModels.load_lora_adapter``. Goes away if
+Guard: vLLM 0.26-0.34; ``OpenAIServingModels.load_lora_adapter``. Goes away if
 vLLM validates adapters through the LoRA manager before loading.
 """
 

@@ -1,4 +1,4 @@
-"""Patch of ``vllm.entrypoints.serve.instrumentator.metrics`` (vLLM 0.26.0): S-LoRA metrics on /metrics.
+"""Patch of ``vllm.entrypoints.serve.instrumentator.metrics`` (vLLM 0.26-0.34): S-LoRA metrics on /metrics.
 
 Why: the paging counters live in the engine processes; ``/metrics`` is
 served by the API process from the registry that
@@ -14,7 +14,7 @@ keeps the one it inherited). The module's ``get_prometheus_registry`` name
 ``vllm_slora.metrics.SLoraCollector`` on the registry it returns, so the
 ``vllm_slora:`` metrics sit next to vLLM's in both registry modes.
 
-Guard: vLLM 0.26.x; ``get_prometheus_registry`` and ``attach_router``. Goes
+Guard: vLLM 0.26-0.34; ``get_prometheus_registry`` and ``attach_router``. Goes
 away if vLLM's stats messages gain a field for plugins.
 """
 

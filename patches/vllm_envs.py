@@ -1,4 +1,4 @@
-"""Patch of ``vllm.envs`` (vLLM 0.26.0): the plugin's environment variables are known to vLLM.
+"""Patch of ``vllm.envs`` (vLLM 0.26-0.34): the plugin's environment variables are known to vLLM.
 
 Why: vLLM's environment check (``vllm.envs.validate_environ`` up to 0.30,
 ``Platform.validate_environ`` since 0.31; called by

@@ -1,9 +1,9 @@
-"""Patch of ``vllm.v1.core.sched.scheduler`` (vLLM 0.26.0): adapters in the KV pool.
+"""Patch of ``vllm.v1.core.sched.scheduler`` (vLLM 0.26-0.34): adapters in the KV pool.
 
 Why: unified paging needs the scheduler's ``BlockPool`` to hold adapter pages
 next to KV blocks, admission to count both, cached adapters to be evicted
 before a running request is preempted, and the workers to learn which blocks
-hold which adapter. vLLM 0.26 has no hook for any of this; the scheduler code
+hold which adapter. vLLM has no hook for any of this; the scheduler code
 itself stays unchanged (design: docs/unified-paging.md).
 
 What:
@@ -11,30 +11,33 @@ What:
   ``allocate_slots`` with adapter admission and eviction, ``free`` releasing
   the request's adapter reference);
 - ``Scheduler.__init__``: attaches the ``AdapterPool`` and gives the scheduler
-  its own copy of ``lora_config`` with ``max_loras = max_num_seqs``, so the
+  its own copy of ``lora_config`` with ``max_loras`` = the most requests it
+  may run at once (``max_num_seqs``; since 0.31 ``max_num_active_reqs``), so the
   user's ``max_loras`` no longer bounds a batch (free pages do); workers keep
   the user's value, where it only sizes warm-up and CUDA-graph cases;
 - ``Scheduler.schedule``: pages in the adapters of the next waiting requests
-  early while a quarter of the blocks stays free or evictable and the step
+  (the scheduler's waiting queues, which differ between releases:
+  ``WAITING_QUEUES``) early while a quarter of the blocks stays free or evictable and the step
   did not have to evict or preempt (prefetch; the workers copy
   them during the step) and attaches this step's ``PagingPlan`` to the
   ``SchedulerOutput`` as ``.slora``; requests whose adapter could not be
   paged in (``PagedKVCacheManager.faults``: files removed or replaced after
-  registration) go into the set of requests vLLM finishes with
-  ``FINISHED_ERROR`` at the end of the step (``grammar_compile_error_reqs``,
-  which vLLM uses for grammars that fail to compile): the request ends with
-  finish reason ``error``, its blocks are freed, the engine goes on;
+  registration) go into the requests vLLM finishes with ``FINISHED_ERROR``
+  at the end of the step (``grammar_compile_error_reqs``, which vLLM uses
+  for grammars that fail to compile: a set up to 0.32; since 0.33 a dict of
+  ``RequestError``, whose message, the cause, the front end raises as HTTP
+  500): the request ends with finish reason ``error``, its blocks are
+  freed, the engine goes on;
 - ``Scheduler.update_from_output``: adapters a worker could not page in
-  (``ModelRunnerOutput.slora_faults``, see ``vllm_v1_worker_gpu_worker``) are
+  (``ModelRunnerOutput.slora_faults``, see ``vllm_v1_worker_lora_model_runner_mixin``) are
   dropped from the pool and the requests using them join the same set before
   stock ``update_from_output`` finishes it; the last output of each request
   failed for its adapter carries the cause as ``stop_reason`` (read by
-  ``LLM.generate`` callers and by the front end's error reply, see
-  ``vllm_v1_engine_output_processor``).
+  ``LLM.generate`` callers and, up to 0.32, by the front end's error reply,
+  see ``vllm_v1_engine_output_processor``).
 
-Guard: vLLM 0.26.x; ``KVCacheManager``, ``Scheduler.__init__``,
-``Scheduler.schedule``, ``Scheduler.update_from_output`` and the
-``allocate_slots`` parameters used. Goes away
+Guard: vLLM 0.26-0.34; ``TOUCHES`` and the ``allocate_slots`` parameters
+used. Goes away
 if vLLM gains a pluggable KV-cache manager and a scheduler-output extension.
 """
 
@@ -128,7 +131,7 @@ def apply() -> None:
     if params[:2] != ["self", "request"] or "reserved_blocks" not in params:
         raise PatchTargetChanged(
             f"vllm_slora cannot patch KVCacheManager.allocate_slots: parameters {params} "
-            f"lack 'request'/'reserved_blocks'; this patch targets vLLM 0.26.0")
+            f"lack 'request'/'reserved_blocks'; this patch targets vLLM 0.26-0.34")
 
     from vllm.v1.engine import FinishReason
 

@@ -1,4 +1,4 @@
-"""Patch of ``vllm.v1.engine.core`` (vLLM 0.26.0): a per-step log for the benchmarks.
+"""Patch of ``vllm.v1.engine.core`` (vLLM 0.26-0.34): a per-step log for the benchmarks.
 
 Why: an end-to-end point says how fast a system is, not where its steps'
 time goes: how many tokens each step ran, how long each took, and whether
@@ -28,7 +28,7 @@ period is the time since the previous record; a period close to its host
 seconds means the engine's thread, not the GPU, set the pace.
 ``benchmarks/steplog.py`` reads the file.
 
-Guard: vLLM 0.26.x; ``EngineCore.step`` and ``step_with_batch_queue``; a
+Guard: vLLM 0.26-0.34; ``EngineCore.step`` and ``step_with_batch_queue``; a
 scheduler or executor without the four methods wrapped fails the first step.
 Goes away if vLLM's iteration stats gain step times.
 

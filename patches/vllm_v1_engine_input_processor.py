@@ -1,12 +1,14 @@
-"""Patch of ``vllm.v1.engine.input_processor`` (vLLM 0.26.0): check a request's adapter.
+"""Patch of ``vllm.v1.engine.input_processor`` (vLLM 0.26-0.34): check a request's adapter.
 
 Why: in S-LoRA mode the scheduler reads an adapter's header when it first
 admits a request (to size its pages) and the worker reads its weights when
 paging it in; a bad adapter found there would stop the engine core and every
 request with it. ``InputProcessor._validate_lora`` runs for every request in
 the front end (the API server, or the ``vllm.LLM`` process) before the
-request reaches the engine, and a ``ValueError`` there fails that request
-only (OpenAI server: HTTP 400 with the message; ``LLM.generate``: raised).
+request reaches the engine, and an error there fails that request only:
+``AdapterError`` is a ``VLLMValidationError`` (OpenAI server: HTTP 400 with
+the message, which since 0.27 only client errors get) and a ``ValueError``
+(``LLM.generate``: raised).
 
 What: ``InputProcessor._validate_lora`` first runs stock, then
 ``vllm_slora.adapters.check_adapter`` on the request's adapter: config, rank
@@ -16,7 +18,7 @@ count, whether the adapter's pages fit the pool. NaN/inf weights are checked
 where weights are read at load time (``/v1/load_lora_adapter``, see
 ``vllm_entrypoints_openai_models_serving``), not per request.
 
-Guard: vLLM 0.26.x; ``InputProcessor._validate_lora``. Goes away if vLLM
+Guard: vLLM 0.26-0.34; ``InputProcessor._validate_lora``. Goes away if vLLM
 lets a LoRA manager validate adapters in the front end.
 """
 

@@ -1,4 +1,4 @@
-"""Patch of ``vllm.v1.engine.output_processor`` (vLLM 0.26.0): keep why a request failed.
+"""Patch of ``vllm.v1.engine.output_processor`` (vLLM 0.26-0.32): keep why a request failed.
 
 Why: a request failed for its adapter ends with ``finish_reason`` "error", and
 the scheduler patch puts the cause in the output's ``stop_reason``; vLLM's
@@ -10,7 +10,7 @@ What: ``OutputProcessor.process_outputs`` first records, for each finished
 output with ``finish_reason`` ERROR and a text ``stop_reason``, that text under
 its request id (``vllm_slora.fault_causes``), read by the serving patch.
 
-Guard: vLLM 0.26.x; ``OutputProcessor.process_outputs``, ``EngineCoreOutput``
+Guard: vLLM 0.26-0.32 (since 0.33 the scheduler's RequestError carries the cause: not applied); ``OutputProcessor.process_outputs``, ``EngineCoreOutput``
 with ``finish_reason`` and ``stop_reason``. Goes away if vLLM's error replies
 carry the engine's reason.
 """

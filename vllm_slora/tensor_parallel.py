@@ -5,8 +5,9 @@ against the unsharded math, are in ``vllm_slora/testing/tp_reference.py``.
 On a column-parallel layer the shrink gives this rank's strided part of v,
 one all-gather of v makes it whole and the expand writes this rank's output
 columns. On a row-parallel layer the wrapper runs the base layer's matmul
-without its all-reduce (``row_parallel_forward``, a copy of vLLM 0.26.0's
-``RowParallelLinear.forward``, guarded by the original's source hash), the
+without its all-reduce (``row_parallel_forward``, a copy of vLLM's
+``RowParallelLinear.forward``, the same source from 0.26 to 0.34, guarded by
+the original's source hash), the
 shrink of this rank's input columns gives a partial v, one all-reduce of v
 completes it, the expand adds this rank's LoRA columns into the partial sum,
 and the base layer's all-reduce then carries base and LoRA outputs together.
@@ -22,7 +23,7 @@ import torch
 
 from vllm_slora.kernels import paged_lora_expand, paged_lora_shrink
 
-# sha256 (first 16 hex digits) of vLLM 0.26.0's ``RowParallelLinear.forward``
+# sha256 (first 16 hex digits) of vLLM's ``RowParallelLinear.forward`` (0.26-0.34)
 # source, which ``row_parallel_forward`` copies with the LoRA output added
 # before the all-reduce (patches/README.md lists this touch point).
 ROW_PARALLEL_FORWARD_SHA = "d90bdc0c707aa085"
@@ -47,7 +48,7 @@ def check_row_parallel_copy(forward=None) -> None:
     found = hashlib.sha256(inspect.getsource(forward).encode()).hexdigest()[:16]
     if found != ROW_PARALLEL_FORWARD_SHA:
         raise PatchTargetChanged(
-            f"vllm_slora's tensor-parallel LoRA copies vLLM 0.26.0's RowParallelLinear.forward "
+            f"vllm_slora's tensor-parallel LoRA copies vLLM 0.26-0.34's RowParallelLinear.forward "
             f"(vllm_slora/tensor_parallel.py); this vLLM's differs (source sha256 {found}, copied "
             f"{ROW_PARALLEL_FORWARD_SHA}): run with tensor_parallel_size 1 or a vLLM 0.26.0")
 

@@ -61,7 +61,7 @@ def test_the_copied_row_parallel_forward_is_guarded():
     def forward(self, input_):  # another vLLM's
         return self.quant_method.apply(self, input_, None)
 
-    with pytest.raises(PatchTargetChanged, match="copies vLLM 0.26.0's RowParallelLinear.forward"):
+    with pytest.raises(PatchTargetChanged, match="copies vLLM 0.26-0.34's RowParallelLinear.forward"):
         check_row_parallel_copy(forward)
 
 
