@@ -13,11 +13,10 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from vllm_slora.versions import FROM_FIRST
+from vllm_slora.versions import SPAN as SUPPORTED
 from vllm_slora.versions import VllmVersionError, in_span
 from vllm_slora.versions import check as check_vllm_version
-
-# Every supported release (vllm_slora.versions): a patch that holds on all.
-SUPPORTED = "0.26-0.34"
 
 # Applied in every process, mode on or off: they only add the --plugin flag,
 # the checks that go with it and the plugin's variables to vLLM's known ones,
@@ -93,7 +92,7 @@ def guard_touches(touches: dict[str, tuple[str, ...]], versions: str = SUPPORTED
     drift check's list of touch points (``python -m vllm_slora.compat``)."""
     for module, attrs in touches.items():
         split = [attr.partition("@") for attr in attrs]
-        wanted = [name for name, _, span in split if in_span(span or "0.26-")]
+        wanted = [name for name, _, span in split if in_span(span or FROM_FIRST)]
         if wanted or not attrs:
             guard(importlib.import_module(module), *wanted, versions=versions)
 

@@ -35,7 +35,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_slora.versions import LAST, RANGE, in_span, parse, supported
+from vllm_slora.versions import FROM_FIRST, LAST, RANGE, in_span, parse, supported
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = Path(__file__).resolve().parent
@@ -81,7 +81,7 @@ def touch_points(root: Path = ROOT) -> list[TouchPoint]:
                 for attr in attrs:
                     attribute, _, span = attr.partition("@")
                     found.append(TouchPoint(str(path.relative_to(root)), target.id, module,
-                                            attribute, span or "0.26-"))
+                                            attribute, span or FROM_FIRST))
     return found
 
 

@@ -15,7 +15,12 @@ import functools
 import re
 
 FIRST, LAST = (0, 26), (0, 34)
-RANGE = "0.26.0 to 0.34.x"
+RANGE = f"{FIRST[0]}.{FIRST[1]}.0 to {LAST[0]}.{LAST[1]}.x"
+# The same as a span of ``in_span``: what a patch that holds on every release accepts.
+SPAN = f"{FIRST[0]}.{FIRST[1]}-{LAST[0]}.{LAST[1]}"
+# A touch point without a span of its own: the first release on, later ones
+# included (the drift check looks at releases after LAST).
+FROM_FIRST = f"{FIRST[0]}.{FIRST[1]}-"
 
 
 class VllmVersionError(RuntimeError):
