@@ -34,14 +34,21 @@ def test_gather_adapter_unpages_exactly():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("ns", [[64], [64, 32, 32]], ids=["one-slice", "qkv"])
-@pytest.mark.parametrize("impl", [reference, bmm], ids=["reference", "bmm"])
+@pytest.mark.parametrize("impl", ["reference", "bmm", "bmm-captured"])
 @pytest.mark.parametrize("chunk_bytes", [None, 4096], ids=["whole", "chunked"])
 def test_matches_dense_formula(impl, ns, dtype, chunk_bytes, monkeypatch):
+    """``bmm``: S-LoRA's padding (each adapter once, padded to the batch's
+    largest rank, its tokens to the largest group); ``bmm-captured``: its
+    form under CUDA-graph capture (each token's adapter padded to R_MAX, in
+    chunks)."""
+    if impl == "bmm-captured":
+        monkeypatch.setattr(bmm, "_capturing", lambda: True)
     if chunk_bytes is not None:
-        if impl is not bmm:
-            pytest.skip("only the bmm baseline gathers per token in chunks")
+        if impl != "bmm-captured":
+            pytest.skip("only the bmm baseline under capture gathers per token in chunks")
         # A few tokens per chunk: the chunk seams must not change the result.
         monkeypatch.setattr(bmm, "CHUNK_BYTES", chunk_bytes)
+    impl = reference if impl == "reference" else bmm
     ranks = [1, 8, 16, 32, 64, 128, 8]
     ad = make_paged_adapters(ranks, k=64, ns=ns, d=32, dtype=dtype, seed=1)
     t = 24
@@ -62,6 +69,22 @@ def test_matches_dense_formula(impl, ns, dtype, chunk_bytes, monkeypatch):
     assert rel_err(y, want) <= TOL[dtype]
     none = token_lora < 0
     assert none.any() and torch.equal(y[none], y0[none])
+
+
+def test_bmm_pads_each_adapter_once_to_the_batchs_largest_rank():
+    """S-LoRA's baseline: U adapters of the batch gathered once each, padded
+    to the largest rank among them (not R_MAX), their tokens to the largest
+    group."""
+    ranks = [4, 16, 64]
+    ad = make_paged_adapters(ranks, k=64, ns=[32], d=32, dtype=torch.float32)
+    token_lora = torch.tensor([1, -1, 0, 1, 1, 0], dtype=torch.int32)  # no rank-64 adapter
+    p = bmm.Padding(token_lora, ad.lora_start, ad.lora_rank)
+    assert p.rank == 16 and p.rows == 3 and p.weights(ad.pool, ad.a_rows[0]).shape == (2, 16, 64)
+    assert sorted(p.tokens.tolist()) == [0, 2, 3, 4, 5]
+    x = torch.arange(6.0)[:, None].expand(6, 2)
+    padded = p.pad(x)
+    assert padded.shape == (2, 3, 2) and torch.equal(p.unpad(padded), x[p.tokens])
+    assert padded[0, 2].eq(0).all()  # adapter 0 has two tokens: its third row is padding
 
 
 def test_reference_writes_only_up_to_rank():
