@@ -1,4 +1,4 @@
-"""vllm_slora: S-LoRA for vLLM 0.26, as a plugin.
+"""vllm_slora: S-LoRA for vLLM 0.26 to 0.34, as a plugin.
 
 Adapter weights live in pages of vLLM's KV-cache block pool (unified paging)
 and heterogeneous-rank kernels (MBGMV, MBGMM) read them from there.
