@@ -44,6 +44,7 @@ import argparse
 import functools
 import logging
 
+from vllm_slora.activation import announce
 from vllm_slora.config import SETTINGS, SETTINGS_KEY, apply_settings
 from vllm_slora.patches import guard_touches
 
@@ -165,6 +166,7 @@ def apply() -> None:
             apply_settings(settings)
         config = stock_create(self, *args, **kwargs)
         keep_one_kv_cache_group(self, config)
+        announce()  # the mode-on line, if vLLM's logging was not set up at activation
         return config
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args)

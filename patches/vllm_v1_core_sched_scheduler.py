@@ -49,6 +49,7 @@ import inspect
 import itertools
 import time
 
+from vllm_slora.activation import announce
 from vllm_slora.patches import PatchTargetChanged, guard_touches
 
 TARGET = "vllm.v1.core.sched.scheduler"
@@ -146,6 +147,7 @@ def apply() -> None:
     @functools.wraps(stock_init)
     def __init__(self, vllm_config, *args, **kwargs):
         stock_init(self, vllm_config, *args, **kwargs)
+        announce()  # the engine core's mode-on line, once vLLM's logging is set up
         if self.lora_config is None:
             return
         self.kv_cache_manager.enable_adapters(

@@ -31,6 +31,10 @@ logger = logging.getLogger("vllm_slora")
 # (INFO) like the engine's own start-up lines.
 vllm_log = logging.getLogger("vllm.plugins.vllm_slora")
 _activated = False
+# The mode-on line, while vLLM's logging is not configured yet in this
+# process (since 0.31 vLLM configures it when it builds an engine, after
+# plugins are loaded): ``announce`` prints it then.
+_pending_line: str | None = None
 
 
 def is_enabled() -> bool:
@@ -112,7 +116,7 @@ def enable() -> None:
 
 def activate() -> None:
     """Apply the S-LoRA patches in this process (idempotent)."""
-    global _activated
+    global _activated, _pending_line
     if _activated:
         return
     version = check_vllm_version()
@@ -121,7 +125,17 @@ def activate() -> None:
     found.apply_mode_patches()
     _activated = True
     _trace("activate")
-    vllm_log.info("vllm_slora %s: S-LoRA mode on (vLLM %s, pid %d)", plugin_version(), version, os.getpid())
+    _pending_line = f"vllm_slora {plugin_version()}: S-LoRA mode on (vLLM {version}, pid {os.getpid()})"
+    announce()
+
+
+def announce() -> None:
+    """Log the mode-on line once vLLM's logging would show it (the patches
+    call this again where an engine's parts are built)."""
+    global _pending_line
+    if _pending_line and vllm_log.isEnabledFor(logging.INFO) and vllm_log.hasHandlers():
+        vllm_log.info("%s", _pending_line)
+        _pending_line = None
 
 
 def _trace(event: str) -> None:
