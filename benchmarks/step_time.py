@@ -12,6 +12,16 @@ covers the GPU work). Reported: median and p90 step time and their ratios
 to base's, in the same run. The ``step anatomy`` of a regime: how far the
 plugin's decode step is from base's, without prefills mixed in.
 
+``--mixed P``: every timed step also prefills one new request of P prompt
+tokens (one token out, so it leaves after that step): B decodes + P
+prefill tokens, the mixed steps of a steady workload. Above the largest
+CUDA graph they run without graphs (the paged op eagerly, its launches
+replayed: ``kernels/replay.py``). That is where the headline on vLLM 0.34
+found the plugin's extra time at 5 adapters: a step of ~255 decodes and
+100-800 prefill tokens took 20-25 ms longer than base's, on the GPU side
+(the engine's thread had launched it in 3-4 ms);
+``benchmarks/results/gpu-vllm-0.34-2026-12-06.md``.
+
 ``--profile K``: after the timed steps, K more decode steps run under the
 torch profiler (CUDA activity only; the engine core then runs in the
 child's process, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so the profiler sees
@@ -60,14 +70,35 @@ def kernel_anatomy(kernels: dict[str, tuple[float, int]], steps: int, step_ms: f
                     for k, (us, n) in top]}
 
 
-def profile_steps(engine, steps: int, step_ms: float) -> dict:
+def mixed_step(llm, engine, prompt_tokens: int, loras: list):
+    """A step function: one new request of ``prompt_tokens`` tokens (one
+    token out), then ``engine.step()``, which prefills it beside the running
+    decodes. The new requests take the case's adapters in turn."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
+    count = [0]
+
+    def step():
+        k = count[0] = count[0] + 1
+        prompt = TokensPrompt(prompt_token_ids=[(11 * k + j) % 500 + 3 for j in range(prompt_tokens)])
+        llm.enqueue([prompt], params, lora_request=[loras[k % len(loras)]] if loras else None,
+                    use_tqdm=False)
+        return engine.step()
+
+    return step
+
+
+def profile_steps(step, steps: int, step_ms: float) -> dict:
+    """``steps`` calls of ``step`` (``engine.step`` or a ``mixed_step``) under the profiler."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()  # on CPU (dry runs): the ops' self CPU time instead
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            engine.step()
+            step()
         if cuda:
             torch.cuda.synchronize()
     kernels: dict[str, tuple[float, int]] = {}
@@ -107,15 +138,19 @@ def measure(spec: dict) -> dict:
                               use_tqdm=False)
             for _ in range(32):  # prefills (and adapter loads) done: decode steps from here
                 engine.step()
+            step = engine.step
+            if spec.get("mixed"):
+                step = mixed_step(llm, engine, spec["mixed"], loras)
             times = []
             for _ in range(spec["steps"]):
                 t = time.perf_counter()
-                engine.step()
+                step()
                 times.append(time.perf_counter() - t)
-            case = {"batch": batch, "adapters": n, "median_ms": 1e3 * statistics.median(times),
+            case = {"batch": batch, "adapters": n, "prefill": spec.get("mixed", 0),
+                    "median_ms": 1e3 * statistics.median(times),
                     "p90_ms": 1e3 * sorted(times)[int(0.9 * (len(times) - 1))], "steps": len(times)}
             if spec.get("profile"):
-                case["anatomy"] = profile_steps(engine, spec["profile"], case["median_ms"])
+                case["anatomy"] = profile_steps(step, spec["profile"], case["median_ms"])
             out["cases"].append(case)
             Path(spec["out"]).write_text(json.dumps(out))  # a timeout keeps the cases done
             engine.abort_request(ids, internal=True)
@@ -134,7 +169,8 @@ def table(systems: list[dict], base_ms: dict[int, float]) -> str:
             a = c.get("anatomy")
             prof = (f"{a['gpu_busy_ms']:.2f} | {a['lora_ms']:.2f} | {a['lora_launches']:.0f} | "
                     f"{a['host_gap_ms']:.2f}") if a else "- | - | - | -"
-            lines.append(f"| {s['label']} | {c['batch']} | {c['adapters']} | {c['median_ms']:.2f} | "
+            size = f"{c['batch']}+{c['prefill']}" if c.get("prefill") else c["batch"]
+            lines.append(f"| {s['label']} | {size} | {c['adapters']} | {c['median_ms']:.2f} | "
                          f"{c['p90_ms']:.2f} | {vs} | {prof} |")
     for s in systems:
         for c in s.get("cases", []):
@@ -159,6 +195,8 @@ def main(argv=None) -> int:
                         "the same for every system")
     p.add_argument("--profile", type=int, default=0, metavar="K",
                    help="profile K more decode steps per case: LoRA GPU time, host gap, top kernels")
+    p.add_argument("--mixed", type=int, default=0, metavar="P",
+                   help="each timed step also prefills a new request of P prompt tokens (mixed steps)")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/slora-steps"))
     p.add_argument("--out", type=Path, default=Path("step-time.json"))
@@ -169,7 +207,8 @@ def main(argv=None) -> int:
     folders = make_folders(args.workdir / "adapters", model,
                            {f"a{i}": ranks[i % len(ranks)] for i in range(max(ns))}, TARGETS["attn"], 8)
     pythonpath, _ = child_pythonpath(args.workdir)
-    extra = {"max_num_seqs": max(batches)}
+    # A mixed step holds B running requests and the one it prefills.
+    extra = {"max_num_seqs": max(batches) + (1 if args.mixed else 0)}
     if not args.enforce_eager:
         extra["compilation_config"] = (
             {"cudagraph_capture_sizes": ints(args.capture_sizes)} if args.capture_sizes
@@ -179,12 +218,14 @@ def main(argv=None) -> int:
     for config in configs(args.systems.split(","), [args.stock_max_loras]):
         kwargs = engine_kwargs(config, model=str(model), dummy=dummy, max_lora_rank=max(ranks),
                                max_cpu_loras=max(ns), slora_max_loras=args.stock_max_loras,
-                               max_model_len=PROMPT_TOKENS + args.steps + args.profile + 128, eager=args.enforce_eager,
+                               max_model_len=max(PROMPT_TOKENS + args.steps + args.profile, args.mixed) + 128,
+                               eager=args.enforce_eager,
                                extra=extra)
         out_file = args.workdir / f"{config.system}-{config.max_loras or 0}.json"
         out_file.unlink(missing_ok=True)
         spec = {"env": config.env, "engine_kwargs": kwargs, "batches": batches, "adapters": ns,
                 "lora": config.system != "base", "steps": args.steps, "profile": args.profile,
+                "mixed": args.mixed,
                 "out": str(out_file),
                 "folders": [str(folders[f"a{i}"]) for i in range(max(ns))]}
         env = {k: v for k, v in os.environ.items() if k not in PLUGIN_VARS + ("VLLM_PLUGINS",)}

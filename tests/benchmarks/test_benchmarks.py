@@ -22,7 +22,7 @@ from benchmarks.metrics import percentile, summarize  # noqa: E402
 from benchmarks.run import error_from_log, parse  # noqa: E402
 from vllm_slora.testing.runner import EAGER_ENV, IN_PROCESS_ENV  # noqa: E402
 from vllm_slora.versions import at_least, installed as installed_vllm  # noqa: E402
-from benchmarks.step_time import is_lora_kernel, kernel_anatomy  # noqa: E402
+from benchmarks.step_time import is_lora_kernel, kernel_anatomy, mixed_step  # noqa: E402
 from benchmarks.systems import Config, configs, engine_kwargs, serve_flags  # noqa: E402
 from benchmarks.workload import ATTN, WorkloadSpec, generate, read_trace, write_trace  # noqa: E402
 
@@ -316,6 +316,41 @@ def test_step_anatomy_sorts_lora_kernels_and_divides_by_steps():
     assert [k["kernel"] for k in a["top"]] == ["nvjet_gemm", "flash_attn", "_expand_kernel", "_shrink_kernel"]
     assert a["top"][0]["ms_per_step"] == pytest.approx(4.5) and a["top"][0]["calls_per_step"] == 64
     assert kernel_anatomy(kernels, steps=2, step_ms=6.0)["host_gap_ms"] == 0.0  # floored
+
+
+def test_mixed_step_prefills_one_new_request_per_step(monkeypatch):
+    # Fakes for vllm's request types (importing vllm here would load it into
+    # a test process that may run the interpreter's kernel tests next).
+    import types
+
+    fake = types.ModuleType("vllm")
+    fake.SamplingParams = lambda **kw: kw
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = lambda prompt_token_ids: list(prompt_token_ids)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    queued, steps = [], []
+
+    class LLM:
+        def enqueue(self, prompts, params, lora_request=None, use_tqdm=True):
+            queued.append((prompts, params, lora_request))
+
+    class Engine:
+        def step(self):
+            steps.append(len(queued))  # the request is queued before its step
+            return []
+
+    step = mixed_step(LLM(), Engine(), 40, ["a", "b", "c"])
+    for _ in range(4):
+        step()
+    assert steps == [1, 2, 3, 4]
+    assert all(len(p) == 1 and len(p[0]) == 40 for p, _, _ in queued)
+    assert all(params["max_tokens"] == 1 and params["ignore_eos"] for _, params, _ in queued)
+    assert [lora for _, _, lora in queued] == [["b"], ["c"], ["a"], ["b"]]
+    assert len({tuple(p[0]) for p, _, _ in queued}) == 4  # distinct prompts: no prefix-cache hits
+    step = mixed_step(LLM(), Engine(), 8, [])
+    step()
+    assert queued[-1][2] is None  # base: no adapter
 
 
 def test_percentile_matches_numpy():
