@@ -557,8 +557,9 @@ def results_json(name, argv, cfg, workdir, prep, common, records, warnings, used
                      "input_range": cfg["input_range"], "output_range": cfg["output_range"],
                      "seed": cfg["seed"], "vocab_size": prep["mconf"]["vocab_size"]},
         "engine_note": (f"{graphs}, prefix caching off, max_model_len {common['max_model_len']}, max_lora_rank "
-                        f"{common['max_lora_rank']}, stock max_cpu_loras {prep['max_cpu_loras']} (bounded by "
-                        f"{cfg['host_lora_cache_gb']:g} GB of rank-{max(cfg['ranks'])} adapters; the plugin's "
+                        f"{common['max_lora_rank']}, stock max_cpu_loras {prep['max_cpu_loras']} (the most adapters "
+                        f"of a point and the warm-up's, bounded by {cfg['host_lora_cache_gb']:g} GB of "
+                        f"rank-{max(cfg['ranks'])} adapters, at least its max_loras; the plugin's "
                         f"adapters wait as files in the page cache); the plugin "
                         f"ignores max_loras (given {common['slora_max_loras']}); one engine per configuration; "
                         f"LoRA ids fresh per measurement (cold adapter caches), a short warm-up first"),
