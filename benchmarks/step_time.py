@@ -16,10 +16,10 @@ plugin's decode step is from base's, without prefills mixed in.
 tokens (one token out, so it leaves after that step): B decodes + P
 prefill tokens, the mixed steps of a steady workload. Above the largest
 CUDA graph they run without graphs (the paged op eagerly, its launches
-replayed: ``kernels/replay.py``). That is where the headline on vLLM 0.34
-found the plugin's extra time at 5 adapters: a step of ~255 decodes and
-100-800 prefill tokens took 20-25 ms longer than base's, on the GPU side
-(the engine's thread had launched it in 3-4 ms);
+replayed: ``kernels/replay.py``). The headline on vLLM 0.34 put most of
+the plugin's extra time at 5 adapters around such steps (about 10 ms each
+against 2-6 ms that the kernel benchmark gives their LoRA), but its step
+log cannot say which GPU work it is;
 ``benchmarks/results/gpu-vllm-0.34-2026-12-06.md``.
 
 ``--profile K``: after the timed steps, K more decode steps run under the

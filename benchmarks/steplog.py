@@ -8,7 +8,10 @@ host s of schedule, execute_model, sample_tokens, update_from_output, CPU s,
 splits them by how vLLM runs them: ``decode`` (every request one token: a
 full CUDA graph when the batch fits a capture size), ``mixed`` (prompt
 tokens too, at most the largest capture size: piecewise graphs) and
-``large`` (more tokens than any capture size: no graph). Per kind: its share
+``large`` (more tokens than any capture size: no graph); and apart, the
+decode steps of an unchanged batch (``unchanged_decode``: with async
+scheduling a step may wait for earlier steps' GPU work, so only where no
+request starts or ends is a decode step's period its graph's pace). Per kind: its share
 of the steps, mean tokens, mean period (time since the previous step's
 results, i.e. the step's share of the wall clock) and mean host seconds of
 the engine's thread. ``host_share`` near 1 means the engine's thread set the
@@ -48,10 +51,13 @@ def summarize(records: list[list[float]], t0: float, t1: float, graph_max: int,
               only: str | None = None) -> dict | None:
     """Steps whose period lies inside [t0, t1] (wall-clock seconds); with
     ``only`` (one of ``KINDS``), the steps of that kind alone."""
-    steps = []
+    steps, settled = [], []
     for prev, rec in zip(records, records[1:]):
         if prev[0] >= t0 and rec[0] <= t1 and (only is None or kind(*rec[1:4], graph_max) == only):
             steps.append((rec[0] - prev[0], *rec[1:]))
+            if (kind(*rec[1:4], graph_max) == kind(*prev[1:4], graph_max) == "decode"
+                    and rec[2] == prev[2]):
+                settled.append(rec[0] - prev[0])
     if not steps:
         return None
     wall = sum(s[0] for s in steps)
@@ -78,6 +84,14 @@ def summarize(records: list[list[float]], t0: float, t1: float, graph_max: int,
                                "period_ms": 1e3 * sum(s[0] for s in mine) / n,
                                "host_ms": 1e3 * sum(s[4] for s in mine) / n,
                                "time_share": sum(s[0] for s in mine) / wall if wall > 0 else None}
+    if settled:
+        # Decode steps of an unchanged batch (the same requests as the step
+        # before, all decoding): their period is the captured decode step's
+        # pace. Where requests end or start, a step may wait for the GPU work
+        # of earlier ones (async scheduling queues up to two steps), so its
+        # period says little about its own work.
+        out["unchanged_decode"] = {"steps": len(settled),
+                                   "period_ms": 1e3 * sum(settled) / len(settled)}
     return out
 
 
@@ -142,6 +156,12 @@ def main(argv=None) -> None:
         row = host_line(k or "all", summarize(records, t0 + args.skip_s, t1, args.graph_max, only=k))
         if row:
             print(row)
+    whole = summarize(records, t0 + args.skip_s, t1, args.graph_max)
+    print("\n" + HEADER.replace("| point |", "| steps |", 1) + "\n" + line("all", whole))
+    settled = (whole or {}).get("unchanged_decode")
+    if settled:
+        print(f"\ndecode steps of an unchanged batch: {settled['steps']}, "
+              f"{settled['period_ms']:.1f} ms each (no request started or ended)")
 
 
 if __name__ == "__main__":

@@ -239,6 +239,11 @@ def test_step_log_splits_steps_by_how_vllm_runs_them(tmp_path, capsys):
     assert k["decode"]["share"] == 0.5 and k["decode"]["period_ms"] == pytest.approx(20.0)
     assert k["large"]["tokens"] == 512 and k["large"]["period_ms"] == pytest.approx(40.0)
     assert k["mixed"]["tokens"] == 200 and k["large"]["time_share"] == pytest.approx(0.4)
+    # Of the two decode steps, one follows a decode step of the same batch,
+    # one a mixed step; a decode step whose batch lost a request is not one.
+    assert got["unchanged_decode"] == {"steps": 1, "period_ms": pytest.approx(20.0)}
+    shrunk = [records[0], [10.03, 255, 255, 255, 0.002, 0, 0.002, 0, 0]]
+    assert "unchanged_decode" not in steplog.summarize(shrunk, 10.0, 10.1, graph_max=256)
     assert got["calls_ms"]["schedule"] == pytest.approx(0.5) and got["calls_ms"]["execute_model"] == 4.25
     assert steplog.summarize(records, 20.0, 30.0, 256) is None
     assert "| x | 4 | 306 | 25.0 | 4.8 (19%) | 50% x 256 tok, 20.0 ms |" in steplog.line("x", got)
@@ -264,9 +269,11 @@ def test_step_log_splits_steps_by_how_vllm_runs_them(tmp_path, capsys):
     events.write_text(json.dumps({"ev": "point_begin", "t": 9.0, "label": "n=5"}) + "\n"
                       + json.dumps({"ev": "point", "t": 10.1, "label": "n=5"}) + "\n")
     steplog.main([str(steps), "--point", "n=5", "--skip-s", "1"])
-    rows = capsys.readouterr().out.splitlines()[2:]
-    assert [r.split(" | ")[0] for r in rows] == ["| decode", "| mixed", "| large", "| all"]
-    assert rows[-1] == steplog.host_line("all", got)
+    rows = capsys.readouterr().out.splitlines()
+    assert [r.split(" | ")[0] for r in rows[2:6]] == ["| decode", "| mixed", "| large", "| all"]
+    assert rows[5] == steplog.host_line("all", got)
+    assert rows[9] == steplog.line("all", got)
+    assert rows[-1] == "decode steps of an unchanged batch: 1, 20.0 ms each (no request started or ended)"
 
 
 def test_stack_samples_add_up_per_function_and_leaf(tmp_path):
