@@ -58,9 +58,10 @@ TOUCHES = {TARGET: ("KVCacheManager", "Scheduler.__init__", "Scheduler.schedule"
            "vllm.v1.core.kv_cache_manager": ("KVCacheManager.allocate_slots",),
            "vllm.v1.engine": ("FinishReason.ERROR",),
            "vllm.outputs": ("RequestError@0.33-",)}
-# Prefetch: adapters of the next LOAD_AHEAD waiting requests are paged in
-# early while KEEP_FREE of the blocks stay free; those of the next
-# HINT_AHEAD are read into the workers' host cache in the background.
+# Prefetch: the adapters of the next waiting requests, up to the LOAD_AHEAD-th
+# not resident, are paged in early while KEEP_FREE of the blocks stay free
+# or evictable (the resident ones among them kept); the files of those up to
+# the HINT_AHEAD-th are read into the workers' host cache in the background.
 # 12 ahead: at 2,000 adapters a step that finishes several requests admits
 # several new adapters at once, and with 4 paged in early the engine's
 # thread waited for uploads (9% of its time, H200).
@@ -79,16 +80,32 @@ def _waiting(scheduler):
 
 
 def _upcoming(scheduler, pool, depth: int) -> list[tuple[int, str]]:
-    """(lora id, path) of non-resident adapters of the next waiting requests."""
-    out: list[tuple[int, str]] = []
+    """(lora id, path) of the adapters of the next waiting requests, in queue
+    order, each once, up to the ``depth``-th that is not resident. The
+    resident ones are in it too: ``AdapterPool.load_ahead`` pins them while
+    it pages the others in, so that an adapter further back in the queue is
+    never paged in by evicting one that a nearer request waits for (which
+    that request would then page in again)."""
+    out: dict[int, str] = {}
+    missing = 0
     for request in itertools.islice(_waiting(scheduler), SCAN_LIMIT):
         lora = request.lora_request
-        if lora and lora.lora_int_id > 0 and lora.lora_int_id not in pool.resident:
-            if (lora.lora_int_id, lora.lora_path) not in out:
-                out.append((lora.lora_int_id, lora.lora_path))
-        if len(out) >= depth:
-            break
-    return out
+        if lora and lora.lora_int_id > 0 and lora.lora_int_id not in out:
+            out[lora.lora_int_id] = lora.lora_path
+            missing += lora.lora_int_id not in pool.resident
+            if missing >= depth:
+                break
+    return list(out.items())
+
+
+def _through_missing(upcoming: list[tuple[int, str]], pool, depth: int) -> list[tuple[int, str]]:
+    """The start of ``upcoming`` up to its ``depth``-th adapter not resident."""
+    missing = 0
+    for i, (lora_id, _) in enumerate(upcoming):
+        missing += lora_id not in pool.resident
+        if missing >= depth:
+            return upcoming[:i + 1]
+    return upcoming
 
 
 def _distinct_adapters(scheduler, output) -> int:
@@ -176,7 +193,8 @@ def apply() -> None:
             # Under pressure (this step had to evict or preempt) early loads
             # would only compete with admission: skip them.
             if pool.counters["evictions"] == evictions and not output.preempted_req_ids:
-                pool.load_ahead(upcoming[:LOAD_AHEAD], pool.kv_reserve(KEEP_FREE))
+                pool.load_ahead(_through_missing(upcoming, pool, LOAD_AHEAD),
+                                pool.kv_reserve(KEEP_FREE))
             hints = [path for lora_id, path in upcoming if lora_id not in pool.resident]
             # Scheduling time per step, paging included (the plan's stats
             # carry the total so far, hence it stops before take_plan).

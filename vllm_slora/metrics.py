@@ -29,6 +29,7 @@ Metrics (prefix ``vllm_slora:``, next to vLLM's ``vllm:``): gauges
 ``adapters_resident``, ``adapter_blocks_resident``, ``adapter_pages_resident``
 (pages per layer), ``adapter_cached_unreferenced``, ``kv_free_blocks``;
 counters ``adapter_loads_total``, ``adapter_loads_ahead_total``,
+``adapter_loads_ahead_wasted_total``,
 ``adapter_evictions_total``, ``adapter_reloads_total``,
 ``host_cache_hits_total``, ``host_cache_misses_total``; histogram
 ``adapter_load_seconds`` (engine-thread time to page one adapter in: its
@@ -68,6 +69,8 @@ COUNTERS = [
     ("adapter_loads", "adapters paged into the KV pool", "scheduler", "loads"),
     ("adapter_loads_ahead", "adapters paged in ahead of admission (prefetch)",
      "scheduler", "loaded_ahead"),
+    ("adapter_loads_ahead_wasted", "adapters paged in ahead and evicted before any request used them",
+     "scheduler", "ahead_wasted"),
     ("adapter_evictions", "adapters evicted from the KV pool", "scheduler", "evictions"),
     ("adapter_reloads", "loads of adapters evicted before", "scheduler", "reloads"),
     ("host_cache_hits", "adapter page-ins whose files were read ahead", "worker", "hits"),

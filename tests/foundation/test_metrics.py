@@ -26,7 +26,7 @@ def test_worker_figures_count_once_under_tensor_parallelism(tmp_path, monkeypatc
     hist[3] = 5
     worker = {"worker": {"hits": 3, "misses": 2}, "scheduler": {}, "load_seconds": hist,
               "load_seconds_sum": 0.02}
-    snaps = {"core": {"scheduler": {"loads": 5, "resident_adapters": 4}, "worker": {},
+    snaps = {"core": {"scheduler": {"loads": 5, "resident_adapters": 4, "ahead_wasted": 1}, "worker": {},
                       "tp_rank": 0},
              "w0": dict(worker, tp_rank=0), "w1": dict(worker, tp_rank=1)}
     for name, snap in snaps.items():
@@ -34,6 +34,7 @@ def test_worker_figures_count_once_under_tensor_parallelism(tmp_path, monkeypatc
     got = collected(tmp_path, monkeypatch)
     assert got["vllm_slora:adapter_loads_total"] == 5
     assert got["vllm_slora:adapters_resident"] == 4
+    assert got["vllm_slora:adapter_loads_ahead_wasted_total"] == 1
     assert got["vllm_slora:host_cache_hits_total"] == 3
     assert got["vllm_slora:host_cache_misses_total"] == 2
     assert got["vllm_slora:adapter_load_seconds_count"] == 5

@@ -180,6 +180,32 @@ def test_load_ahead_pages_in_early_and_keeps_blocks_free(tiny_model, adapters):
     manager.free(req)
 
 
+def test_early_loads_never_evict_what_nearer_waiting_requests_need(tiny_model, adapters):
+    # The scheduler's look-ahead (patches/vllm_v1_core_sched_scheduler.py) as
+    # it runs every step: the adapters of the next waiting requests up to the
+    # LOAD_AHEAD-th not resident (here 2), the resident ones included, to
+    # load_ahead. Adapters 1 and 2 (4 blocks each) fit the pool beside each
+    # other, not beside 3 (8 blocks), which waits behind them.
+    from vllm_slora.patches.vllm_v1_core_sched_scheduler import _through_missing, _upcoming
+
+    manager = make_manager(12, tiny_model)  # 11 usable blocks
+    pool = manager.adapters
+    waiting = [make_request("w1", adapters[0], 1), make_request("w2", adapters[2], 2),
+               make_request("w0", None, 0), make_request("w1b", adapters[0], 1),
+               make_request("w3", adapters[1], 3)]
+    scheduler = SimpleNamespace(waiting=waiting)
+    assert _upcoming(scheduler, pool, 2) == [(1, adapters[0]), (2, adapters[2])]
+    for _ in range(3):  # steps in which nobody is admitted yet
+        pool.load_ahead(_through_missing(_upcoming(scheduler, pool, 32), pool, 2), keep_free=0)
+    # Once 1 and 2 are resident, the look-ahead reaches 3, but may not evict
+    # them for it (without them in the list, each step would page 3 in by
+    # evicting 1 and 2, and the next 1 and 2 again).
+    assert _upcoming(scheduler, pool, 2) == [(1, adapters[0]), (2, adapters[2]), (3, adapters[1])]
+    assert set(pool.resident) == {1, 2} and pool.counters["loaded_ahead"] == 2
+    assert pool.counters["evictions"] == 0 and pool.counters["ahead_wasted"] == 0
+    assert _through_missing([(1, "a"), (5, "b"), (6, "c")], pool, 1) == [(1, "a"), (5, "b")]
+
+
 def test_load_ahead_evicts_cached_adapters_nobody_waits_for(tiny_model, adapters):
     manager = make_manager(12, tiny_model)  # 11 usable blocks
     pool, blocks = manager.adapters, manager.block_pool
@@ -198,6 +224,17 @@ def test_load_ahead_evicts_cached_adapters_nobody_waits_for(tiny_model, adapters
     # 1 free + 10 evictable (3, 2, 4) - 2 needed = 9 < 10.
     pool.load_ahead([(5, adapters[3])], keep_free=10)
     assert 5 not in pool.resident
+    # An adapter loaded ahead and evicted before a request used it is an
+    # upload for nothing (ahead_wasted); one used first is not.
+    assert pool.counters["ahead_wasted"] == 0
+    req = make_request("r4", adapters[0], 4)
+    assert manager.allocate_slots(req, 10) is not None  # 4 used: 1 free block is enough
+    manager.free(req)
+    pool.load_ahead([(6, adapters[3])], keep_free=0)  # 2 blocks: evicts 3, used by r3 before
+    assert 6 in pool.resident and pool.counters["ahead_wasted"] == 0
+    # 2 (paged in by a request), 4 (ahead, then used), 6 (ahead, never used)
+    pool.evict_unreferenced()
+    assert pool.counters["ahead_wasted"] == 1
 
 
 def test_pages_per_adapter_for_llama_7b():

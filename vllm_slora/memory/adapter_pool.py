@@ -121,7 +121,11 @@ class AdapterPool:
         self.events: list[Load | Evict] = []
         self._step_meta: dict = {}  # path -> adapter_meta, this scheduling step's reads
         self._blocks = self._vectors = 0  # of the resident adapters: kept, not summed
-        self.counters = dict(loads=0, loaded_ahead=0, evictions=0, evictions_spared=0, reloads=0, faults=0,
+        # Loaded ahead and not yet used by a request; ``ahead_wasted`` counts
+        # those evicted before any request used them (an upload for nothing).
+        self.ahead: set[int] = set()
+        self.counters = dict(loads=0, loaded_ahead=0, ahead_wasted=0, evictions=0, evictions_spared=0,
+                             reloads=0, faults=0,
                              peak_adapters=0, peak_blocks=0, max_distinct_in_step=0,
                              schedules=0, schedule_s=0.0)  # steps scheduled, their seconds
 
@@ -168,6 +172,7 @@ class AdapterPool:
         The caller has checked that the missing blocks are free.
         """
         res = self.resident.get(lora_id) or self._page_in(lora_id, path)
+        self.ahead.discard(lora_id)
         self.unreferenced.pop(lora_id, None)
         res.requests.add(request_id)
         self.request_lora[request_id] = lora_id
@@ -201,6 +206,7 @@ class AdapterPool:
                 if not self._page_in_cached(lora_id, path, need):
                     break
                 self.counters["loaded_ahead"] += 1
+                self.ahead.add(lora_id)
                 room -= need
         finally:
             for lora_id in wanted:
@@ -308,6 +314,9 @@ class AdapterPool:
     def _drop(self, lora_id: int) -> AdapterBlocks:
         """Take ``lora_id`` out of the pool: its blocks back, an ``Evict`` for the workers."""
         res = self.resident.pop(lora_id)
+        if lora_id in self.ahead:
+            self.ahead.discard(lora_id)
+            self.counters["ahead_wasted"] += 1
         self._blocks -= len(res.blocks)
         self._vectors -= res.rank
         self.block_pool.free_blocks(res.blocks)
