@@ -79,33 +79,35 @@ def _waiting(scheduler):
         getattr(scheduler, name) for name in WAITING_QUEUES if hasattr(scheduler, name))
 
 
-def _upcoming(scheduler, pool, depth: int) -> list[tuple[int, str]]:
-    """(lora id, path) of the adapters of the next waiting requests, in queue
-    order, each once, up to the ``depth``-th that is not resident. The
-    resident ones are in it too: ``AdapterPool.load_ahead`` pins them while
-    it pages the others in, so that an adapter further back in the queue is
-    never paged in by evicting one that a nearer request waits for (which
-    that request would then page in again)."""
-    out: dict[int, str] = {}
-    missing = 0
+def _waiting_adapters(scheduler):
+    """(lora id, path) of the adapters of the next waiting requests (the
+    first ``SCAN_LIMIT``), in queue order, each once."""
+    seen = set()
     for request in itertools.islice(_waiting(scheduler), SCAN_LIMIT):
         lora = request.lora_request
-        if lora and lora.lora_int_id > 0 and lora.lora_int_id not in out:
-            out[lora.lora_int_id] = lora.lora_path
-            missing += lora.lora_int_id not in pool.resident
-            if missing >= depth:
-                break
-    return list(out.items())
+        if lora and lora.lora_int_id > 0 and lora.lora_int_id not in seen:
+            seen.add(lora.lora_int_id)
+            yield lora.lora_int_id, lora.lora_path
 
 
-def _through_missing(upcoming: list[tuple[int, str]], pool, depth: int) -> list[tuple[int, str]]:
-    """The start of ``upcoming`` up to its ``depth``-th adapter not resident."""
-    missing = 0
-    for i, (lora_id, _) in enumerate(upcoming):
+def _through_missing(adapters, pool, depth: int) -> list[tuple[int, str]]:
+    """The first of ``adapters`` up to the ``depth``-th that is not resident.
+    The resident ones are in it too: ``AdapterPool.load_ahead`` pins them
+    while it pages the others in, so that an adapter further back in the
+    queue is never paged in by evicting one that a nearer request waits for
+    (which that request would then page in again)."""
+    out, missing = [], 0
+    for lora_id, path in adapters:
+        out.append((lora_id, path))
         missing += lora_id not in pool.resident
         if missing >= depth:
-            return upcoming[:i + 1]
-    return upcoming
+            break
+    return out
+
+
+def _upcoming(scheduler, pool, depth: int) -> list[tuple[int, str]]:
+    """The next waiting requests' adapters up to the ``depth``-th not resident."""
+    return _through_missing(_waiting_adapters(scheduler), pool, depth)
 
 
 def _distinct_adapters(scheduler, output) -> int:
