@@ -544,7 +544,7 @@ def results_json(name, argv, cfg, workdir, prep, common, records, warnings, used
     return {
         "schema": 1,
         "name": name,
-        "command": "python -m benchmarks.run " + shlex.join(argv),
+        "command": "python -m benchmarks.run " + shlex.join(reproducible(argv)),
         "created": created,
         "git_commit": git_commit(),
         "device": ready.get("device"),
@@ -575,6 +575,20 @@ def results_json(name, argv, cfg, workdir, prep, common, records, warnings, used
         "warnings": warnings,
         "systems": records,
     }
+
+
+def reproducible(argv: list[str]) -> list[str]:
+    """The command line a report gives to reproduce it: without
+    ``--results-dir`` (where this machine put the files, not what ran)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--results-dir":
+            skip = True
+        elif not a.startswith("--results-dir="):
+            out.append(a)
+    return out
 
 
 def main(argv=None) -> int:

@@ -154,6 +154,7 @@ if [ -n "${STEPS:-}" ]; then  # decode step time at fixed batches, e.g. "--syste
     > $O/step-time.txt 2>&1
   echo "step time rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   mkdir -p $O/step-children && cp /tmp/slora-steps/*.json $O/step-children/ 2>/dev/null
+  [ -d /tmp/slora-steps/traces ] && cp -r /tmp/slora-steps/traces $O/step-traces
 fi
 if [ "${TESTS:-1}" = 1 ]; then
   timeout "$(cap ${TESTS_S:-600})" python3 -m pytest -q -rs -s -m gpu ${GPU_TESTS:-tests/gpu tests/paging} \

@@ -84,17 +84,23 @@ class PagedLoRALinear(nn.Module):
         batch = self.pager.batch
         if batch is None:
             return
+        # No adapter of the step on this group (eager steps only: captures use
+        # R_MAX): nothing to do, but the forward's first layer builds the meta.
+        if batch.max_rank[self.group] == 0 and not self.builds_meta:
+            return
         step = self.pager.step
-        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        # Views only where needed: an eager step's host runs this per layer.
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
         t = x2.shape[0]
-        token_lora = step.token_lora[:t]  # past the step's tokens: -1 (padding)
         limits = step.limits
         if self.builds_meta:  # the forward's first LoRA layer groups tokens for all
+            token_lora = step.token_lora[:t]  # past the step's tokens: -1 (padding)
             self.pager.meta = batch_meta(token_lora, limits.max_loras, out=step.meta_for(t))
-        if batch.max_rank[self.group] == 0:  # eager steps only: captures use R_MAX
+        if batch.max_rank[self.group] == 0:
             return
         if self.tp_size > 1:
-            tensor_parallel.apply_sharded(self, x2, y2, token_lora, step)
+            tensor_parallel.apply_sharded(self, x2, y2, step.token_lora[:t], step)
             return
         pool = self.pager.pools[self.layer_idx]
         replays = self.pager.replays
@@ -114,8 +120,8 @@ class PagedLoRALinear(nn.Module):
             a_rows, b_rows = self.pager.vectors.group_tables[self.group]
             record = Recorder(x=x2, pool=pool, y=y2)
             grouped.lora(x2, y2, pool, a_rows, b_rows, step.lora_start, step.rank[self.group],
-                         step.lora_scale, token_lora, limits.max_rank, None, self.pager.meta,
-                         record)
+                         step.lora_scale, step.token_lora[:t], limits.max_rank, None,
+                         self.pager.meta, record)
             recorded = record.result()
             if recorded is not None:
                 replays[self.group] = (key, recorded)
@@ -126,7 +132,7 @@ class PagedLoRALinear(nn.Module):
         # Already inside the opaque op vllm::slora_paged_lora: skip the
         # kernels' own custom-op dispatch.
         paged_lora(x2, y2, pool, a_rows, b_rows,
-                   step.lora_start, step.rank[self.group], step.lora_scale, token_lora,
+                   step.lora_start, step.rank[self.group], step.lora_scale, step.token_lora[:t],
                    max_rank=limits.max_rank, meta=self.pager.meta, dispatch=False)
 
     def extra_repr(self) -> str:

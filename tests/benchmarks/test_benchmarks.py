@@ -19,10 +19,11 @@ if str(ROOT) not in sys.path:
 from benchmarks import report  # noqa: E402
 from benchmarks.adapter_pool import make_folders  # noqa: E402
 from benchmarks.metrics import percentile, summarize  # noqa: E402
-from benchmarks.run import error_from_log, parse  # noqa: E402
+from benchmarks.run import error_from_log, parse, reproducible  # noqa: E402
 from vllm_slora.testing.runner import EAGER_ENV, IN_PROCESS_ENV  # noqa: E402
 from vllm_slora.versions import at_least, installed as installed_vllm  # noqa: E402
-from benchmarks.step_time import is_lora_kernel, kernel_anatomy, mixed_step  # noqa: E402
+from benchmarks.step_time import (host_ops, is_lora_kernel, kernel_anatomy, mixed_step,  # noqa: E402
+                                  sample_stacks, step_stats, steps_per_request)
 from benchmarks.systems import Config, configs, engine_kwargs, serve_flags  # noqa: E402
 from benchmarks.workload import ATTN, WorkloadSpec, generate, read_trace, write_trace  # noqa: E402
 
@@ -323,6 +324,47 @@ def test_step_anatomy_sorts_lora_kernels_and_divides_by_steps():
     assert [k["kernel"] for k in a["top"]] == ["nvjet_gemm", "flash_attn", "_expand_kernel", "_shrink_kernel"]
     assert a["top"][0]["ms_per_step"] == pytest.approx(4.5) and a["top"][0]["calls_per_step"] == 64
     assert kernel_anatomy(kernels, steps=2, step_ms=6.0)["host_gap_ms"] == 0.0  # floored
+
+
+def test_step_stats_split_alternating_mixed_and_decode_steps():
+    # --mixed: a mixed step (40 ms), then a decode-only one (12 ms), in turn;
+    # the median of the two kinds is meaningless, the halves are not.
+    times = [0.040, 0.012] * 10 + [0.090]  # one slow outlier
+    st = step_stats(times)
+    assert st["slow_half_ms"] == pytest.approx(40.0) and st["fast_half_ms"] == pytest.approx(12.0)
+    assert st["mean_ms"] == pytest.approx((40 * 10 + 12 * 10 + 90) / 21)
+    assert st["steps"] == 21 and st["times_ms"][:2] == [40.0, 12.0]
+    assert st["p90_ms"] == pytest.approx(40.0)
+    # Every launch variant's steps come out of the same requests.
+    spec = {"steps": 30, "profile": 4, "stacks": 10, "launches": ["triton", "direct", "triton"]}
+    assert steps_per_request(spec) == 3 * 44
+    assert steps_per_request({"steps": 30}) == 30
+
+
+def test_host_ops_and_stack_samples():
+    rows = host_ops({"aten::mm": (3000.0, 130), "vllm::slora_paged_lora": (6000.0, 128),
+                     "aten::slice": (500.0, 400)}, steps=2, top=2)
+    assert [r["op"] for r in rows] == ["vllm::slora_paged_lora", "aten::mm"]
+    assert rows[0]["ms_per_step"] == pytest.approx(3.0) and rows[0]["calls_per_step"] == 64
+
+    import time as _time
+
+    def busy_step():  # the sampler must see this function on top, and its caller under it
+        _time.sleep(0.004)  # a C call that lets the GIL go, as the engine's waits and launches do
+
+    st = sample_stacks(busy_step, steps=5, interval_s=0.0002)
+    assert st["samples"] > 10
+    names = {r["fn"]: r for r in st["inclusive"]}
+    assert "test_benchmarks.py:busy_step" in names
+    assert names["test_benchmarks.py:busy_step"]["share"] > 0.5
+    assert "step_time.py:sample_stacks" in names  # the caller's frames count too
+    assert st["leaf"][0]["fn"] == "test_benchmarks.py:busy_step"
+
+
+def test_reports_reproduce_without_this_machines_results_dir():
+    argv = ["--preset", "headline", "--results-dir", "/tmp/o/results", "--n", "5",
+            "--results-dir=/x", "--name", "e2e"]
+    assert reproducible(argv) == ["--preset", "headline", "--n", "5", "--name", "e2e"]
 
 
 def test_mixed_step_prefills_one_new_request_per_step(monkeypatch):

@@ -135,18 +135,22 @@ def test_gpu_graph_replays_new_steps(monkeypatch, pdl, shape, t):
     assert err <= TOL[torch.float16]
 
 
+@pytest.mark.parametrize("launch", ["direct", "triton"])
 @pytest.mark.parametrize("shape", LLAMA_MODULES.values(), ids=LLAMA_MODULES.keys())
 @pytest.mark.parametrize("t", [40, 300, 1000], ids=lambda t: f"t{t}")
-def test_recorded_launches_replay_another_layer(monkeypatch, shape, t):
+def test_recorded_launches_replay_another_layer(monkeypatch, shape, t, launch):
     """Eager steps record one layer's launches and replay them for the next
     layers with their x, pool and y (kernels/replay.py): each replay must
     give exactly what the kernels give called through Triton for that layer,
-    and a tensor Triton would compile differently for (misaligned) must not
-    match. Under the interpreter nothing is recorded (the layers then take
-    the ordinary path)."""
+    launched straight through the C launchers or through Triton's, and a
+    tensor Triton would compile differently for (misaligned) must not match.
+    Under the interpreter nothing is recorded (the layers then take the
+    ordinary path)."""
+    from vllm_slora.kernels import replay as replay_mod
     from vllm_slora.kernels.replay import Recorder
 
     monkeypatch.setattr(kernels, "BACKEND_OVERRIDE", "triton")
+    monkeypatch.setattr(replay_mod, "LAUNCH", launch)
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
     k, ns = shape if cuda else (64, [64, 32, 32][:len(shape[1])])
@@ -188,6 +192,8 @@ def test_recorded_launches_replay_another_layer(monkeypatch, shape, t):
         assert replay is None
         return
     assert replay is not None and 2 <= len(replay.launches) <= 3
+    # Our kernels need no Triton scratch memory: every launch can go direct.
+    assert all(launch.direct is not None for launch in replay.launches)
     for pool in (other, ad.pool, other):
         x, y = layer_inputs()
         want = y.clone()
@@ -197,3 +203,65 @@ def test_recorded_launches_replay_another_layer(monkeypatch, shape, t):
         assert torch.equal(y, want)
     shifted = torch.empty(t * k + 1, dtype=dtype, device=device)[1:].view(t, k)
     assert not replay.matches(x=shifted, pool=ad.pool, y=y)
+
+
+class CudaLauncher:
+    """A compiled kernel's launcher as Triton 3.6 has it (its name included)."""
+
+    def __init__(self, calls, scratch=0):
+        self.calls = calls
+        self.global_scratch_size, self.profile_scratch_size = scratch, 0
+        self.launch_cooperative_grid, self.launch_pdl = False, True
+
+    def launch(self, *args):
+        self.calls.append(("direct", args))
+
+    def __call__(self, *args):  # CompiledKernel.run(...), Triton's own launch
+        self.calls.append(("triton", args))
+
+
+class _FakeKernel:
+    def __init__(self, calls, scratch=0):
+        self.run = CudaLauncher(calls, scratch)
+        self.function, self.packed_metadata = 1234, (4, 1, 0)
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+
+def test_direct_launch_passes_addresses_in_the_launchers_order(monkeypatch):
+    """The direct replay calls the C launcher with Triton's base arguments in
+    its order (grid, stream, function, cooperative, PDL, two scratch
+    pointers, packed metadata, launch metadata, two hooks) and every tensor
+    as its address, the swapped ones (x, pool, y) being this call's; a
+    kernel that needs scratch memory goes through Triton's launch."""
+    from vllm_slora.kernels import replay
+
+    monkeypatch.setattr(replay, "launcher_format", lambda: replay.DIRECT_FORMAT)
+    calls = []
+    static = torch.arange(4, dtype=torch.int32)
+    x0, y0, x1, y1 = (torch.zeros(8) for _ in range(4))
+    values = [x0, static, 7, None, y0, 3.5]
+    launch = replay.Launch(_FakeKernel(calls), (5, 2, 1), values, [("x", 0), ("y", 4)],
+                           replay._direct(_FakeKernel(calls), values))
+    rep = replay.Replay(launches=[launch])
+    monkeypatch.setattr(replay, "current_stream", lambda: 99)
+    monkeypatch.setattr(replay, "LAUNCH", "direct")
+    rep(x=x1, y=y1)
+    kind, args = calls.pop()
+    assert kind == "direct"
+    assert args == (5, 2, 1, 99, 1234, False, True, None, None, (4, 1, 0), None, None, None,
+                    x1.data_ptr(), static.data_ptr(), 7, None, y1.data_ptr(), 3.5)
+    assert launch.direct[2][0] == x0.data_ptr()  # the recording itself is left as it was
+
+    # Scratch memory, another launcher layout, or LAUNCH = "triton": Triton's
+    # launch with the tensors themselves.
+    assert replay._direct(_FakeKernel(calls, scratch=128), values) is None
+    monkeypatch.setattr(replay, "launcher_format", lambda: "iiiKKOOOO")
+    assert replay._direct(_FakeKernel(calls), values) is None
+    monkeypatch.setattr(replay, "LAUNCH", "triton")
+    import triton  # noqa: F401  (Triton's launch path reads its knobs)
+
+    rep(x=x1, y=y1)
+    kind, args = calls.pop()
+    assert kind == "triton" and args[-6] is x1 and args[-2] is y1 and args[-5] is static

@@ -26,17 +26,38 @@ The interpreter (``TRITON_INTERPRET=1``) has no compiled kernels: nothing
 is recorded there. CUDA-graph captures never record (a graph replays its
 launches without Python anyway). ``VLLM_SLORA_REPLAY=0`` turns replays
 off.
+
+How a replay launches (``LAUNCH``): ``direct`` (the default) calls the
+compiled kernel's C launcher itself, with every pointer as an integer (the
+recorded tensors' addresses, taken once; the swapped ones' at the call) and
+no launch hooks. Through ``CompiledKernel.run`` (``LAUNCH = "triton"``, or
+``VLLM_SLORA_REPLAY=triton``) each launch also builds Triton's launch
+metadata in Python, calls its enter and exit hook chains (never empty
+objects, so always called) and, for each of the ~20 tensor arguments,
+calls ``data_ptr()`` and asks the driver whether the address is device
+memory. On the H100 an eager 656-token step of a 7B model spent ~100 us
+of host time per LoRA layer call, mostly there, and its host, not the GPU,
+set the step's pace (``benchmarks/results/gpu-vllm-0.34-2026-12-06.md``).
+A kernel that needs Triton's global or profile scratch memory (allocated
+per launch), another backend's launcher (ROCm) or a Triton whose NVIDIA
+launcher takes other leading arguments (``DIRECT_FORMAT``) always goes
+through ``CompiledKernel.run``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
 import torch
 
+_MODE = os.environ.get("VLLM_SLORA_REPLAY", "1").strip().lower()
 # VLLM_SLORA_REPLAY=0: every eager call through Triton (for comparison).
-ENABLED = os.environ.get("VLLM_SLORA_REPLAY", "1").strip() != "0"
+ENABLED = _MODE != "0"
+# How replays launch: "direct" (the C launcher, integer pointers, no hooks)
+# or "triton" (CompiledKernel.run, as Triton launches); VLLM_SLORA_REPLAY=triton.
+LAUNCH = "triton" if _MODE == "triton" else "direct"
 
 # Triton's pointer specialization: a pointer divisible by this is compiled
 # as aligned (triton/backends/nvidia/compiler.py, "tt.divisibility").
@@ -63,6 +84,51 @@ class Launch:
     grid: tuple[int, int, int]
     values: list  # every bound argument, in signature order
     swap: list[tuple[str, int]]  # (role "x" / "pool" / "y", index in values)
+    # The direct launch: the C launcher, its arguments before the kernel's
+    # and the kernel's with tensors as addresses (None: not possible).
+    direct: tuple | None = None
+
+
+def current_stream() -> int:
+    """The current CUDA stream's handle (as Triton's driver gets it)."""
+    return torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice())
+
+
+# The arguments Triton's NVIDIA C launcher takes before the kernel's
+# (triton/backends/nvidia/driver.py, ``_BASE_ARGS_FORMAT``, Triton 3.5-3.6):
+# grid x, y, z, stream, function, cooperative grid, PDL, global scratch,
+# profile scratch, packed metadata, launch metadata, enter hook, exit hook.
+# Another layout (another Triton) replays through CompiledKernel.run.
+DIRECT_FORMAT = "iiiKKppOOOOOO"
+
+
+@functools.cache
+def launcher_format() -> str | None:
+    """The installed Triton's NVIDIA launcher layout (None: not found)."""
+    try:
+        from triton.backends.nvidia import driver as nvidia
+    except Exception:  # no NVIDIA backend
+        return None
+    return getattr(nvidia, "_BASE_ARGS_FORMAT", None)
+
+
+def _direct(kernel, values: list) -> tuple | None:
+    """(launch, head, ints) for calling ``kernel``'s C launcher as
+    ``launch(*grid, stream, *head, *ints)``, or None where Triton's own
+    launch must run (another launcher or layout, scratch memory to allocate)."""
+    runner = kernel.run
+    needed = ("launch", "global_scratch_size", "profile_scratch_size",
+              "launch_cooperative_grid", "launch_pdl")
+    if type(runner).__name__ != "CudaLauncher" or launcher_format() != DIRECT_FORMAT:
+        return None
+    if not all(hasattr(runner, a) for a in needed):
+        return None
+    if runner.global_scratch_size > 0 or runner.profile_scratch_size > 0:
+        return None
+    head = (kernel.function, runner.launch_cooperative_grid, runner.launch_pdl, None, None,
+            kernel.packed_metadata, None, None, None)
+    ints = [v.data_ptr() if isinstance(v, torch.Tensor) else v for v in values]
+    return runner.launch, head, ints
 
 
 @dataclass
@@ -77,11 +143,23 @@ class Replay:
                    for role, t in tensors.items())
 
     def __call__(self, **tensors: torch.Tensor) -> None:
-        from triton import knobs
-        from triton.runtime.driver import driver
+        if LAUNCH == "direct" and all(launch.direct is not None for launch in self.launches):
+            stream = current_stream()
+            ptrs = {role: t.data_ptr() for role, t in tensors.items()}
+            for launch in self.launches:
+                fn, head, ints = launch.direct
+                if launch.swap:
+                    ints = list(ints)
+                    for role, i in launch.swap:
+                        ints[i] = ptrs[role]
+                fn(*launch.grid, stream, *head, *ints)
+            return
+        self._through_triton(tensors)
 
-        device = driver.active.get_current_device()
-        stream = driver.active.get_current_stream(device)
+    def _through_triton(self, tensors: dict) -> None:
+        from triton import knobs
+
+        stream = current_stream()
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         for launch in self.launches:
             values = launch.values
@@ -115,7 +193,8 @@ class Recorder:
         values = list(bound.values())
         swap = [(role, i) for role, t in self.tensors.items()
                 for i, v in enumerate(values) if v is t]
-        self.replay.launches.append(Launch(kernel, tuple(grid) + (1,) * (3 - len(grid)), values, swap))
+        grid3 = tuple(grid) + (1,) * (3 - len(grid))
+        self.replay.launches.append(Launch(kernel, grid3, values, swap, _direct(kernel, values)))
 
     def keep(self, t: torch.Tensor) -> torch.Tensor:
         """A workspace the recorded launches use: kept alive with the replay."""
