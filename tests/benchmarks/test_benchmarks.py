@@ -734,3 +734,22 @@ def test_tiny_offline_run(tmp_path):
     assert "| n=5 | stock (max_loras=4) **best** | ok |" in md and "| n=2 | base | ok |" in md
     for png in ("tiny-throughput.png", "tiny-ttft-cdf.png"):
         assert (results_dir / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_sched_profile_times_both_schedulers_and_names_the_plugins_work(tmp_path):
+    if not plugin_systems():
+        pytest.skip("the plugin's patches do not run on this vLLM")
+    out = tmp_path / "sched.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.sched_profile", "--adapters", "12", "--requests", "30",
+         "--max-num-seqs", "8", "--top", "40", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    slora, base = json.loads(out.read_text())
+    assert (slora["system"], base["system"]) == ("slora", "base")
+    for r in (slora, base):
+        assert r["steps"] > 10 and 0 < r["schedule_ms_p50"] <= r["schedule_ms_p90"]
+    # The plugin's scheduler wrapper and its paging were profiled, base has neither.
+    assert "load_ahead" in slora["profile"] and "vllm_v1_core_sched_scheduler.py" in slora["profile"]
+    assert "load_ahead" not in base["profile"]
