@@ -516,3 +516,69 @@ def test_pins_page_in_survive_pressure_and_are_bounded(tiny_model, adapters):
     assert sorted(pool.user_pins) == [1, 2, 5, 6]
     pool.unpin_user(2)
     assert pool.evict_unreferenced() == 1 and 2 not in pool.resident  # evictable again
+
+
+def test_evictable_blocks_kept_equal_the_sum_through_any_sequence(tiny_model, adapters):
+    """``evictable_blocks`` is kept as a running count (summing it scanned
+    every cached adapter every step). Through random admissions, frees,
+    early loads, user pins, evictions under KV pressure and worker faults,
+    it must equal the sum over cached, unpinned adapters after every
+    operation; and nothing is leaked at the end."""
+    import random
+
+    rng = random.Random(7)
+    manager = make_manager(40, tiny_model)
+    pool, blocks = manager.adapters, manager.block_pool
+    free0 = blocks.get_num_free_blocks()
+    paths = {lora_id: adapters[(lora_id - 1) % len(adapters)] for lora_id in range(1, 9)}
+    pool.known.update(paths)
+
+    def brute() -> int:
+        return sum(len(pool.resident[i].blocks) for i in pool.unreferenced if i not in pool.pinned)
+
+    running: dict[str, object] = {}
+    seen_ops = set()
+    for step in range(600):
+        op = rng.choice(["admit", "admit", "free", "ahead", "pin", "unpin", "kv", "fault"])
+        if op == "admit":
+            lora_id = rng.randint(1, 8)
+            req = make_request(f"q{step}", paths[lora_id], lora_id, tokens=rng.randint(4, 40))
+            if manager.allocate_slots(req, req.num_tokens) is not None:
+                running[req.request_id] = req
+                seen_ops.add(op)
+        elif op == "free" and running:
+            manager.free(running.pop(rng.choice(sorted(running))))
+            seen_ops.add(op)
+        elif op == "ahead":
+            ids = rng.sample(range(1, 9), 3)
+            pool.load_ahead([(i, paths[i]) for i in ids], keep_free=rng.randint(0, 8))
+            seen_ops.add(op)
+        elif op == "pin":
+            try:
+                pool.pin_user(rng.randint(1, 8))
+                seen_ops.add(op)
+            except ValueError:
+                pass
+        elif op == "unpin" and pool.user_pins:
+            pool.unpin_user(rng.choice(sorted(pool.user_pins)))
+            seen_ops.add(op)
+        elif op == "kv":  # a request without LoRA takes many blocks: evictions under pressure
+            req = make_request(f"kv{step}", None, 0, tokens=16 * rng.randint(2, 12))
+            if manager.allocate_slots(req, req.num_tokens) is not None:
+                running[req.request_id] = req
+                seen_ops.add(op)
+        elif op == "fault" and pool.resident:
+            lora_id = rng.choice(sorted(pool.resident))
+            for rid in pool.fault(lora_id):
+                manager.free(running.pop(rid))
+            seen_ops.add(op)
+        assert pool.evictable_blocks() == brute(), (step, op)
+    assert seen_ops == {"admit", "free", "ahead", "pin", "unpin", "kv", "fault"}
+    assert pool.counters["evictions"] > 0 and pool.counters["loaded_ahead"] > 0
+    for req in running.values():
+        manager.free(req)
+    for lora_id in list(pool.user_pins):
+        pool.unpin_user(lora_id)
+    pool.evict_unreferenced()
+    assert pool.evictable_blocks() == brute() == 0 and not pool.resident
+    assert blocks.get_num_free_blocks() == free0
