@@ -257,8 +257,6 @@ def measure(spec: dict) -> dict:
     out = {"start_s": time.perf_counter() - started, "cases": []}
     engine, next_id = llm.llm_engine, 1
     launches = (spec.get("launches") or [None]) if spec["lora"] else [None]
-    cases = [(batch, n, launch) for batch in spec["batches"]
-             for n in (spec["adapters"] if spec["lora"] else [0]) for launch in launches]
     # Every case is timed before any is sampled or profiled: the profiler
     # (CPU activity) leaves the engine slower for the rest of the process
     # (decode steps of 13 ms took 23 ms after one profile, H100).
@@ -288,7 +286,6 @@ def measure(spec: dict) -> dict:
                         from vllm_slora.kernels import replay
 
                         replay.LAUNCH = launch
-                    assert cases[index] == (batch, n, launch)
                     if mode == "time":
                         case = {"batch": batch, "adapters": n, "prefill": spec.get("mixed", 0),
                                 "launch": launch} | time_case(step, spec)
@@ -348,7 +345,8 @@ def main(argv=None) -> int:
                    help="CUDA-graph capture sizes, e.g. 64,256 (default: vLLM's, up to --max-capture-size); "
                         "the same for every system")
     p.add_argument("--profile", type=int, default=0, metavar="K",
-                   help="profile K more decode steps per case: LoRA GPU time, host gap, top kernels")
+                   help="once all cases are timed, profile K steps of each: LoRA GPU time, host gap, "
+                        "top kernels, host CPU ops")
     p.add_argument("--mixed", type=int, default=0, metavar="P",
                    help="each timed step also prefills a new request of P prompt tokens (mixed steps)")
     p.add_argument("--stacks", type=int, default=0, metavar="K",

@@ -325,13 +325,13 @@ class AdapterPool:
                 break
         else:
             return False
-        self._uncache(lora_id)
         self._drop(lora_id)
         self.counters["evictions"] += 1
         return True
 
     def _drop(self, lora_id: int) -> AdapterBlocks:
-        """Take ``lora_id`` out of the pool: its blocks back, an ``Evict`` for the workers."""
+        """Take ``lora_id`` out of the pool (and of the cached ones): its blocks
+        back, an ``Evict`` for the workers."""
         self._uncache(lora_id)
         res = self.resident.pop(lora_id)
         if lora_id in self.ahead:
@@ -352,7 +352,6 @@ class AdapterPool:
         if lora_id not in self.resident:
             return set()
         self.unpin_user(lora_id)  # a pin keeps a working adapter, not a broken one
-        self._uncache(lora_id)
         self.counters["faults"] += 1
         return set(self._drop(lora_id).requests)
 
