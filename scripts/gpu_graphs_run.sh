@@ -43,6 +43,9 @@
 #             with CUDA graphs on), e.g. "--systems base,slora,stock --n 5,1000";
 #             with VLLM_SLORA_STEP_STACKS=1 the engine thread's stacks per point
 #             (logs/<run>/*.stacks.txt)
+#   BTP=...   arguments for `python -m benchmarks.bench_throughput` (vLLM's own
+#             `vllm bench throughput` on base, the plugin, stock; after BENCH;
+#             BTP_S limits), e.g. "--systems base,slora --ids 1000"
 #   ONLINE=.. arguments for `python -m benchmarks.run --preset headline-online`
 #             (vllm serve + our client, after BENCH; ONLINE_S limits), e.g.
 #             "--systems slora,stock,base --cross-check slora"; BENCH_EXTRA and
@@ -60,6 +63,9 @@ python3 -c "import torch, triton, vllm, vllm_slora.patches; print('vllm', vllm._
 # archives, or old results and logs come back as this call's.
 O=/tmp/o; rm -rf $O /tmp/slora-bench/runs /tmp/slora-steps /tmp/ab-old
 mkdir -p $O/results && nvidia-smi -L > $O/gpus.txt
+# Whether compile caches survive between calls on a warm machine (start-up time).
+cache_state() { echo "$1: triton $(find ~/.triton/cache -type f 2>/dev/null | wc -l) files, vllm $(du -sm ~/.cache/vllm 2>/dev/null | cut -f1) MB" >> $O/caches.txt; }
+cache_state start
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8 VLLM_SLORA_INSTAFAIL=1  # tracebacks as they happen (tests/conftest.py)
 # The op inside vLLM's graphs (the plugin's default) unless the caller says otherwise.
 export VLLM_SLORA_CUDAGRAPH=${VLLM_SLORA_CUDAGRAPH:-captured}
@@ -172,6 +178,13 @@ if [ -n "${BENCH:-}" ]; then
     $BENCH ${BENCH_EXTRA:+--extra-points "$BENCH_EXTRA"} > $O/bench.txt 2>&1
   echo "bench rc=$? ${SECONDS}s" | tee -a $O/steps.txt
 fi
+if [ -n "${BTP:-}" ]; then  # vLLM's own client, e.g. "--systems base,slora --ids 1000"
+  left=$(cap ${BTP_S:-480})
+  timeout "$left" python3 -m benchmarks.bench_throughput $BTP --budget-s $(( left - 15 )) \
+    --workdir /tmp/slora-btp --out $O/results/bench-throughput.json > $O/bench-throughput.txt 2>&1
+  echo "bench throughput rc=$? ${SECONDS}s" | tee -a $O/steps.txt
+  mkdir -p $O/btp-logs && cp /tmp/slora-btp/*.log /tmp/slora-btp/*.json $O/btp-logs/ 2>/dev/null
+fi
 if [ -n "${ONLINE:-}" ]; then
   timeout "$(cap ${ONLINE_S:-560})" python3 -m benchmarks.run --preset headline-online --results-dir $O/results \
     $ONLINE ${ONLINE_EXTRA:+--extra-points "$ONLINE_EXTRA"} > $O/online.txt 2>&1
@@ -185,5 +198,6 @@ for f in $O/logs/*/*.stacks; do  # VLLM_SLORA_STEP_STACKS=1: per point
     --top 40 > "${f%.steps.jsonl.stacks}.stacks.txt" 2>&1
 done
 tail -5 $O/pytest-gpu.txt 2>/dev/null; tail -12 $O/step-time.txt 2>/dev/null
-for f in $O/bench.txt $O/online.txt; do [ -e $f ] && grep -E "^\| |rc=|skipped|error|Error" $f | tail -40; done
+for f in $O/bench.txt $O/bench-throughput.txt $O/online.txt; do [ -e $f ] && grep -E "^\| |rc=|skipped|error|Error" $f | tail -40; done
+cache_state end; cat $O/caches.txt
 tar czf $OUT/graphs.tgz -C $O .
