@@ -14,7 +14,9 @@ scheduling a step may wait for earlier steps' GPU work, so only where no
 request starts or ends is a decode step's period its graph's pace). Per kind: its share
 of the steps, mean tokens, mean period (time since the previous step's
 results, i.e. the step's share of the wall clock) and mean host seconds of
-the engine's thread. ``host_share`` near 1 means the engine's thread set the
+the engine's thread. Over all steps also the decode rate (decoding requests
+per second: how many requests ran, times how fast) and the mean requests
+per step (the batch's size, which KV memory may bound). ``host_share`` near 1 means the engine's thread set the
 pace, not the GPU.
 """
 
@@ -65,6 +67,10 @@ def summarize(records: list[list[float]], t0: float, t1: float, graph_max: int,
            "tokens_per_step": sum(s[1] for s in steps) / len(steps),
            "host_ms": 1e3 * sum(s[4] for s in steps) / len(steps),
            "host_share": sum(s[4] for s in steps) / wall if wall > 0 else None,
+           # Decoding requests per second: generated tokens less each request's first
+           # (the rate the batch's size and the step's pace give together).
+           "decode_tok_s": sum(s[3] for s in steps) / wall if wall > 0 else None,
+           "requests_per_step": sum(s[2] for s in steps) / len(steps),
            "graph_max": graph_max, "kinds": {}}
     n, at = len(steps), 5 + len(CALLS)
     if all(len(s) >= at for s in steps):  # the host seconds of each call
@@ -158,6 +164,8 @@ def main(argv=None) -> None:
             print(row)
     whole = summarize(records, t0 + args.skip_s, t1, args.graph_max)
     print("\n" + HEADER.replace("| point |", "| steps |", 1) + "\n" + line("all", whole))
+    if whole:
+        print(f"\ndecode tokens/s {whole['decode_tok_s']:,.0f} (requests a step {whole['requests_per_step']:.0f})")
     settled = (whole or {}).get("unchanged_decode")
     if settled:
         print(f"\ndecode steps of an unchanged batch: {settled['steps']}, "

@@ -236,6 +236,8 @@ def test_step_log_splits_steps_by_how_vllm_runs_them(tmp_path, capsys):
     assert got["steps"] == 4 and got["period_ms"] == pytest.approx(25.0)
     assert got["tokens_per_step"] == pytest.approx((256 + 512 + 200 + 256) / 4)
     assert got["host_ms"] == pytest.approx(4.75) and got["host_share"] == pytest.approx(0.019 / 0.1)
+    assert got["decode_tok_s"] == pytest.approx((256 + 256 + 179 + 256) / 0.1)
+    assert got["requests_per_step"] == pytest.approx((256 + 257 + 180 + 256) / 4)
     k = got["kinds"]
     assert k["decode"]["share"] == 0.5 and k["decode"]["period_ms"] == pytest.approx(20.0)
     assert k["large"]["tokens"] == 512 and k["large"]["period_ms"] == pytest.approx(40.0)
