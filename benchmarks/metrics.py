@@ -59,8 +59,9 @@ def steady_state(samples: list[tuple[float, float, float, float]]) -> dict:
     """Batch occupancy from (time, running, waiting, generated tokens) samples.
 
     The steady window runs from the first sample by which the point has
-    generated as many tokens as its fullest batch ran requests (the first
-    wave is prefilled and decoding) to the last one with a non-empty waiting
+    generated (since its first sample: vLLM's counter runs over the
+    engine's life) as many tokens as its fullest batch ran requests (the
+    first wave is prefilled and decoding) to the last one with a non-empty waiting
     queue: the scheduler had more work than it could run, so the batch was
     as full as memory and ``max_num_seqs`` allow. Its throughput is
     generated tokens over that window. The start-up ramp stays out of it for
@@ -90,7 +91,9 @@ def steady_window(samples: list[tuple[float, float, float, float]]) -> tuple[int
         return None
     queued = [i for i, s in enumerate(samples) if s[2] > 0]
     fullest = max(s[1] for s in samples)
-    first = next((i for i, s in enumerate(samples) if s[3] >= max(fullest, 1)), None)
+    # vLLM's token counter runs over the engine's life: count from the point's first sample.
+    base = samples[0][3]
+    first = next((i for i, s in enumerate(samples) if s[3] - base >= max(fullest, 1)), None)
     if queued and first is not None and queued[-1] > first and samples[queued[-1]][0] > samples[first][0]:
         return first, queued[-1]
     return None

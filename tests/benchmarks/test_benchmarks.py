@@ -192,6 +192,10 @@ def test_steady_state_window_ends_with_the_queue():
             (5, 0, 0, 500)]
     got = steady_state(slow)
     assert got["steady_s"] == 2 and got["steady_tok_per_s"] == pytest.approx(200)
+    # vLLM's counter carries an earlier point's tokens (one engine, points in
+    # turn): the window is the same, counted from the point's first sample.
+    later = [(t, r, w, 50_000 + g) for t, r, w, g in slow]
+    assert steady_state(later) == got
     assert steady_state(samples[:1])["steady_tok_per_s"] is None
     assert steady_state([(0, 4, 0, 0), (1, 4, 0, 50)])["steady_tok_per_s"] is None  # never queued
     assert steady_state([(0, 8, 9, 0), (1, 8, 9, 4)])["steady_tok_per_s"] is None  # never full
