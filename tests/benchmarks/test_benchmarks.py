@@ -755,7 +755,7 @@ def test_sched_profile_times_both_schedulers_and_names_the_plugins_work(tmp_path
     slora, base = json.loads(out.read_text())
     assert (slora["system"], base["system"]) == ("slora", "base")
     for r in (slora, base):
-        assert r["steps"] > 10 and 0 < r["schedule_ms_p50"] <= r["schedule_ms_p90"]
+        assert r["steps"] > 10 and 0 < r["ms_p50"] <= r["ms_p90"] and r["target"] == "schedule"
     # The plugin's scheduler wrapper and its paging were profiled, base has neither.
     assert "load_ahead" in slora["profile"] and "vllm_v1_core_sched_scheduler.py" in slora["profile"]
     assert "load_ahead" not in base["profile"]
