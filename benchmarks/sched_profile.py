@@ -117,7 +117,9 @@ def main(argv=None) -> int:
                "--adapters", str(args.adapters), "--requests", str(args.requests),
                "--max-num-seqs", str(args.max_num_seqs), "--top", str(args.top), "--target", args.target,
                "--workdir", str(args.workdir)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # Each system sets S-LoRA mode itself (a VLLM_SLORA=1 from outside would turn base into it).
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_SLORA"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if not lines:
             print(f"{system}: failed\n{(proc.stdout + proc.stderr)[-3000:]}")

@@ -28,7 +28,10 @@ def _client_args(cmd: list[str]):
     return parser.parse_args(cmd[5:])
 
 
-def test_each_system_gets_its_own_flags_and_vllm_accepts_them(tmp_path):
+def test_each_system_gets_its_own_flags_and_vllm_accepts_them(tmp_path, monkeypatch):
+    # Parsing --plugin vllm_slora switches S-LoRA mode on for this process
+    # (VLLM_SLORA=1, what engines inherit): undone after the test.
+    monkeypatch.setenv("VLLM_SLORA", "0")
     args = bt.parse(["--ids", "1000", "--rank", "16", "--num-prompts", "600"])
     model, adapter = tmp_path / "model", tmp_path / "a"
     cmds = {c.system: bt.command(c, args, model, adapter, tmp_path / "r.json")

@@ -759,3 +759,21 @@ def test_sched_profile_times_both_schedulers_and_names_the_plugins_work(tmp_path
     # The plugin's scheduler wrapper and its paging were profiled, base has neither.
     assert "load_ahead" in slora["profile"] and "vllm_v1_core_sched_scheduler.py" in slora["profile"]
     assert "load_ahead" not in base["profile"]
+
+
+@pytest.mark.slow
+def test_sched_profile_times_the_executors_step(tmp_path):
+    if not plugin_systems():
+        pytest.skip("the plugin's patches do not run on this vLLM")
+    out = tmp_path / "exec.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.sched_profile", "--target", "execute_model", "--adapters", "3",
+         "--requests", "20", "--max-num-seqs", "8", "--top", "40", "--workdir", str(tmp_path / "work"),
+         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    slora, base = json.loads(out.read_text())
+    for r in (slora, base):
+        assert r["target"] == "execute_model" and r["steps"] > 5 and 0 < r["ms_p50"] <= r["ms_p90"]
+    # The executor's step, the model's forward in it; the paged op only in the plugin's.
+    assert "_model_forward" in slora["profile"] and "_model_forward" in base["profile"]
+    assert "slora_paged_lora" in slora["profile"] and "slora_paged_lora" not in base["profile"]
