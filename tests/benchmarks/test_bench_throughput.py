@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,26 +18,40 @@ from benchmarks import bench_throughput as bt  # noqa: E402
 from benchmarks.systems import configs  # noqa: E402
 
 
-def _client_args(cmd: list[str]):
-    """``cmd`` parsed by the installed vLLM's own ``bench throughput`` parser."""
-    from vllm.benchmarks.throughput import add_cli_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+# Parses each command line (a JSON list of argument lists) with the installed
+# vLLM's own ``bench throughput`` parser; prints each namespace as JSON. In a
+# process of its own: ``--plugin vllm_slora`` switches S-LoRA mode on, patches
+# included, in the process that parses it.
+PARSE = """
+import json, sys
+from vllm.benchmarks.throughput import add_cli_args
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = FlexibleArgumentParser()
+add_cli_args(parser)
+keys = ("model", "tokenizer", "dataset_name", "random_input_len", "random_output_len", "num_prompts",
+        "max_num_seqs", "load_format", "enable_prefix_caching", "enable_lora", "lora_path", "max_loras",
+        "max_lora_rank", "plugin")
+print(json.dumps([{k: getattr(parser.parse_args(a), k) for k in keys} for a in json.loads(sys.argv[1])],
+                 default=str))
+"""
 
-    parser = FlexibleArgumentParser()
-    add_cli_args(parser)
-    assert cmd[1:5] == ["-m", "vllm.entrypoints.cli.main", "bench", "throughput"]
-    return parser.parse_args(cmd[5:])
+
+def _client_args(cmds: list[list[str]]) -> list[SimpleNamespace]:
+    """Each command's arguments as the installed vLLM's client parses them."""
+    for cmd in cmds:
+        assert cmd[1:5] == ["-m", "vllm.entrypoints.cli.main", "bench", "throughput"]
+    r = subprocess.run([sys.executable, "-c", PARSE, json.dumps([c[5:] for c in cmds])],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [SimpleNamespace(**d) for d in json.loads(r.stdout.splitlines()[-1])]
 
 
-def test_each_system_gets_its_own_flags_and_vllm_accepts_them(tmp_path, monkeypatch):
-    # Parsing --plugin vllm_slora switches S-LoRA mode on for this process
-    # (VLLM_SLORA=1, what engines inherit): undone after the test.
-    monkeypatch.setenv("VLLM_SLORA", "0")
+def test_each_system_gets_its_own_flags_and_vllm_accepts_them(tmp_path):
     args = bt.parse(["--ids", "1000", "--rank", "16", "--num-prompts", "600"])
     model, adapter = tmp_path / "model", tmp_path / "a"
     cmds = {c.system: bt.command(c, args, model, adapter, tmp_path / "r.json")
             for c in configs(["base", "slora", "stock"], [args.ids])}
-    parsed = {s: _client_args(cmd) for s, cmd in cmds.items()}
+    parsed = dict(zip(cmds, _client_args(list(cmds.values()))))
     for s, a in parsed.items():
         assert (a.model, a.tokenizer, a.dataset_name) == (str(model), str(model), "random")
         assert (a.random_input_len, a.random_output_len, a.num_prompts, a.max_num_seqs) == (256, 256, 600, 256)
