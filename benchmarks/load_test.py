@@ -62,7 +62,9 @@ class Server:
                  log: str | Path | None = None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        full_env = {k: v for k, v in os.environ.items() if k != "VLLM_SLORA"}
+        # The flag sets the mode; the server makes its own metrics folder (one
+        # inherited from another engine's run would add that engine's figures).
+        full_env = {k: v for k, v in os.environ.items() if k not in ("VLLM_SLORA", "VLLM_SLORA_METRICS_DIR")}
         full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if "--enforce-eager" in args:
             full_env.update(EAGER_ENV)
