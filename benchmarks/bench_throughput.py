@@ -97,7 +97,7 @@ def run_system(config: Config, args, model: Path, adapter: Path, workdir: Path, 
     result, log = workdir / f"{config.system}.json", workdir / f"{config.system}.log"
     result.unlink(missing_ok=True)
     cmd = command(config, args, model, adapter, result)
-    env = {k: v for k, v in os.environ.items() if k not in PLUGIN_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in PLUGIN_VARS + ("VLLM_PLUGINS",)}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB, vLLM's CPU backend only
     if config.system != "slora":
         env |= config.env  # the plugin not loaded at all (VLLM_PLUGINS)
@@ -150,17 +150,16 @@ def main(argv=None) -> int:
         left = min(args.timeout_s, deadline - time.time())
         if left < 30:
             rows.append({"system": config.system, "status": "skipped (budget)"})
-            continue
-        print(f"{config.system}: vllm bench throughput ...", flush=True)
-        rows.append(run_system(config, args, model, adapter, workdir, left))
-        r = rows[-1]
-        print(f"{config.system}: {r['status']}" + (f", {r['out_tok_s']:,.0f} output tok/s" if r["status"] == "ok" else
-                                                    f": {r.get('error', '')}"), flush=True)
+        else:
+            print(f"{config.system}: vllm bench throughput ...", flush=True)
+            rows.append(run_system(config, args, model, adapter, workdir, left))
+            r = rows[-1]
+            print(f"{config.system}: {r['status']}" + (f", {r['out_tok_s']:,.0f} output tok/s"
+                                                        if r["status"] == "ok" else f": {r.get('error', '')}"),
+                  flush=True)
         # After every system: a run cut short keeps what it measured.
         out.write_text(json.dumps({"args": vars(args), "systems": rows, "table": table(rows)}, indent=2))
-    text = table(rows)
-    print(text)
-    out.write_text(json.dumps({"args": vars(args), "systems": rows, "table": text}, indent=2))
+    print(table(rows))
     return 0 if all(r["status"] == "ok" for r in rows if r["system"] != "stock") else 1
 
 

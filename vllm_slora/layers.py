@@ -84,23 +84,19 @@ class PagedLoRALinear(nn.Module):
         batch = self.pager.batch
         if batch is None:
             return
-        # No adapter of the step on this group (eager steps only: captures use
-        # R_MAX): nothing to do, but the forward's first layer builds the meta.
-        if batch.max_rank[self.group] == 0 and not self.builds_meta:
-            return
-        step = self.pager.step
-        # Views only where needed: an eager step's host runs this per layer.
-        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
-        t = x2.shape[0]
-        limits = step.limits
+        step, limits = self.pager.step, self.pager.step.limits
+        t = x.numel() // x.shape[-1]
         if self.builds_meta:  # the forward's first LoRA layer groups tokens for all
-            token_lora = step.token_lora[:t]  # past the step's tokens: -1 (padding)
-            self.pager.meta = batch_meta(token_lora, limits.max_loras, out=step.meta_for(t))
+            self.pager.meta = batch_meta(step.token_lora[:t], limits.max_loras, out=step.meta_for(t))
+        # No adapter of the step on this group (eager steps only: captures use
+        # R_MAX): nothing to do, before any view (an eager step's host runs this per layer).
         if batch.max_rank[self.group] == 0:
             return
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
+        token_lora = step.token_lora[:t]  # past the step's tokens: -1 (padding)
         if self.tp_size > 1:
-            tensor_parallel.apply_sharded(self, x2, y2, step.token_lora[:t], step)
+            tensor_parallel.apply_sharded(self, x2, y2, token_lora, step)
             return
         pool = self.pager.pools[self.layer_idx]
         replays = self.pager.replays
@@ -120,8 +116,8 @@ class PagedLoRALinear(nn.Module):
             a_rows, b_rows = self.pager.vectors.group_tables[self.group]
             record = Recorder(x=x2, pool=pool, y=y2)
             grouped.lora(x2, y2, pool, a_rows, b_rows, step.lora_start, step.rank[self.group],
-                         step.lora_scale, step.token_lora[:t], limits.max_rank, None,
-                         self.pager.meta, record)
+                         step.lora_scale, token_lora, limits.max_rank, None, self.pager.meta,
+                         record)
             recorded = record.result()
             if recorded is not None:
                 replays[self.group] = (key, recorded)
@@ -132,7 +128,7 @@ class PagedLoRALinear(nn.Module):
         # Already inside the opaque op vllm::slora_paged_lora: skip the
         # kernels' own custom-op dispatch.
         paged_lora(x2, y2, pool, a_rows, b_rows,
-                   step.lora_start, step.rank[self.group], step.lora_scale, step.token_lora[:t],
+                   step.lora_start, step.rank[self.group], step.lora_scale, token_lora,
                    max_rank=limits.max_rank, meta=self.pager.meta, dispatch=False)
 
     def extra_repr(self) -> str:
