@@ -68,7 +68,7 @@ DEFAULTS = dict(
     slo_ttft_s=6.0, budget_s=None, est_start_s=100.0, est_point_s=30.0, min_point_s=5.0, eager=False,
     max_num_seqs=None, gpu_memory_utilization=None, warmup=True, tensor_parallel_size=None,
     max_capture_size=None, capture_sizes=None, window_s=None, duration_s=None, drain_s=None,
-    cross_check=[], extra_points=[],
+    cross_check=[], extra_points=[], stock_n=None,
 )
 PRESETS = {
     # As users run vLLM: compiled, CUDA graphs on, 1,000 requests per point
@@ -131,6 +131,9 @@ def parse(argv) -> tuple[argparse.Namespace, dict]:
     p.add_argument("--requests", type=int, help="requests per measurement")
     p.add_argument("--systems", type=lambda s: s.split(","), help=",".join(ALL_SYSTEMS))
     p.add_argument("--stock-max-loras", type=ints, help="max_loras values tried for stock")
+    p.add_argument("--stock-n", type=ints,
+                   help="the n at which stock runs (default: every point), e.g. 5: stock's LRU "
+                        "cache thrashes at thousands of adapters and would take the call's time")
     p.add_argument("--ranks", type=ints)
     p.add_argument("--targets", type=targets_list,
                    help="attn: q,k,v,o; all: the seven projections; a list adds a point per value")
@@ -193,6 +196,9 @@ def parse(argv) -> tuple[argparse.Namespace, dict]:
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
     cfg["n"] = sorted(set(cfg["n"]))
+    missing = set(cfg["stock_n"] or ()) - set(cfg["n"]) - {e["n"] for e in cfg["extra_points"]}
+    if missing:
+        p.error(f"--stock-n {','.join(map(str, sorted(missing)))}: no such point (--n {','.join(map(str, cfg['n']))})")
     return args, cfg
 
 
@@ -521,6 +527,16 @@ def not_started(config, kwargs, points, status: str, reason: str, error: str | N
                         for p in points])
 
 
+def points_for(system: str, cfg: dict, prep: dict) -> list[dict]:
+    """The points a system measures: base one per distinct trace shape, stock
+    those at ``--stock-n`` (all if not given), the plugin's systems all."""
+    if system == "base":
+        return prep["base_points"]
+    if system == "stock" and cfg["stock_n"]:
+        return [p for p in prep["points"] if p["n"] in cfg["stock_n"]]
+    return prep["points"]
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -629,7 +645,7 @@ def main(argv=None) -> int:
                                                      records, warnings, time.time() - t0), indent=1))
 
     def points_of(config):
-        return prep["base_points"] if config.system == "base" else prep["points"]
+        return points_for(config.system, cfg, prep)
 
     signal.signal(signal.SIGTERM, lambda *_: STOPPED.append(time.time()))
     for k, config in enumerate(plan):

@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
 from benchmarks import report  # noqa: E402
 from benchmarks.adapter_pool import make_folders  # noqa: E402
 from benchmarks.metrics import percentile, summarize  # noqa: E402
-from benchmarks.run import error_from_log, parse, reproducible  # noqa: E402
+from benchmarks.run import error_from_log, parse, points_for, reproducible  # noqa: E402
 from vllm_slora.testing.runner import EAGER_ENV, IN_PROCESS_ENV  # noqa: E402
 from vllm_slora.versions import at_least, installed as installed_vllm  # noqa: E402
 from benchmarks.step_time import (host_ops, is_lora_kernel, kernel_anatomy, mixed_step,  # noqa: E402
@@ -165,6 +165,20 @@ def test_presets_and_overrides():
     assert cfg["n"] == [3, 7] and cfg["eager"] is True and cfg["mode"] == "online"
     _, cfg = parse(["--preset", "headline", "--enforce-eager", "--max-capture-size", "64"])
     assert cfg["eager"] is True and cfg["max_capture_size"] == 64
+
+
+def test_stock_n_limits_stock_to_its_points(capsys):
+    _, cfg = parse(["--preset", "headline", "--n", "5,1000,2000", "--stock-n", "5"])
+    prep = {"points": [{"n": n, "label": f"n={n}"} for n in (5, 1000, 2000)],
+            "base_points": [{"n": 0, "label": "base"}]}
+    assert [p["n"] for p in points_for("stock", cfg, prep)] == [5]
+    assert [p["n"] for p in points_for("slora", cfg, prep)] == [5, 1000, 2000]
+    assert points_for("base", cfg, prep) == prep["base_points"]
+    _, cfg = parse(["--preset", "headline", "--n", "5,1000"])
+    assert [p["n"] for p in points_for("stock", cfg, prep)] == [5, 1000, 2000]  # not given: all
+    with pytest.raises(SystemExit):
+        parse(["--preset", "headline", "--n", "5,1000", "--stock-n", "2000"])
+    assert "--stock-n 2000: no such point" in capsys.readouterr().err
 
 
 def test_budget_that_cannot_cover_one_engine_starts_nothing(tmp_path):
