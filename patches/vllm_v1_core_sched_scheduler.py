@@ -17,9 +17,12 @@ What:
   the user's value, where it only sizes warm-up and CUDA-graph cases;
 - ``Scheduler.schedule``: pages in the adapters of the next waiting requests
   (the scheduler's waiting queues, which differ between releases:
-  ``WAITING_QUEUES``) early while a quarter of the blocks stays free or evictable and the step
-  did not have to evict or preempt (prefetch; the workers copy
-  them during the step) and attaches this step's ``PagingPlan`` to the
+  ``WAITING_QUEUES``) early (prefetch; the workers copy them during the
+  step, and the request that uses one a step later finds it uploaded): the
+  next ``HEAD_AHEAD`` missing ones whenever vLLM's admission watermark stays
+  free or evictable and the step did not preempt, those up to the
+  ``LOAD_AHEAD``-th while a quarter of the blocks does and the step did not
+  have to evict either (``load_early``); then it attaches this step's ``PagingPlan`` to the
   ``SchedulerOutput`` as ``.slora``; requests whose adapter could not be
   paged in (``PagedKVCacheManager.faults``: files removed or replaced after
   registration) go into the requests vLLM finishes with ``FINISHED_ERROR``
@@ -65,7 +68,12 @@ TOUCHES = {TARGET: ("KVCacheManager", "Scheduler.__init__", "Scheduler.schedule"
 # 12 ahead: at 2,000 adapters a step that finishes several requests admits
 # several new adapters at once, and with 4 paged in early the engine's
 # thread waited for uploads (9% of its time, H200).
-LOAD_AHEAD, HINT_AHEAD, KEEP_FREE = 12, 32, 0.25
+# The first HEAD_AHEAD of them, the next admissions' adapters, need only
+# vLLM's admission watermark left free or evictable, and are paged in after
+# steps that evicted too: with the KV cache full (2,000 adapters) the
+# quarter was never free, only 10% of the loads came early, and the engine's
+# thread waited for uploads 26% of its time (H100, vLLM 0.34, stack samples).
+LOAD_AHEAD, HINT_AHEAD, KEEP_FREE, HEAD_AHEAD = 12, 32, 0.25, 2
 SCAN_LIMIT = 256  # waiting requests looked at per step
 # The scheduler's queues of waiting requests, roughly in the order it admits
 # them: 0.26-0.30 ``waiting``, then ``skipped_waiting``; since 0.31 the
@@ -108,6 +116,20 @@ def _through_missing(adapters, pool, depth: int) -> list[tuple[int, str]]:
 def _upcoming(scheduler, pool, depth: int) -> list[tuple[int, str]]:
     """The next waiting requests' adapters up to the ``depth``-th not resident."""
     return _through_missing(_waiting_adapters(scheduler), pool, depth)
+
+
+def load_early(manager, upcoming: list[tuple[int, str]], evicted: bool) -> None:
+    """Page in the adapters of the next waiting requests (``upcoming``, in
+    queue order) before their requests are admitted: the first ``HEAD_AHEAD``
+    missing ones while vLLM's admission watermark stays free or evictable,
+    those up to the ``LOAD_AHEAD``-th, if this step did not have to evict
+    (``evicted``), while ``KEEP_FREE`` of the blocks does."""
+    pool = manager.adapters
+    watermark = getattr(manager, "watermark_blocks", None) if pool.unified else 0
+    if HEAD_AHEAD and watermark is not None:
+        pool.load_ahead(_through_missing(upcoming, pool, HEAD_AHEAD), watermark)
+    if not evicted:
+        pool.load_ahead(_through_missing(upcoming, pool, LOAD_AHEAD), pool.kv_reserve(KEEP_FREE))
 
 
 def _distinct_adapters(scheduler, output) -> int:
@@ -192,11 +214,11 @@ def apply() -> None:
         output = stock_schedule(self, *args, **kwargs)
         if pool is not None:
             upcoming = _upcoming(self, pool, HINT_AHEAD)
-            # Under pressure (this step had to evict or preempt) early loads
-            # would only compete with admission: skip them.
-            if pool.counters["evictions"] == evictions and not output.preempted_req_ids:
-                pool.load_ahead(_through_missing(upcoming, pool, LOAD_AHEAD),
-                                pool.kv_reserve(KEEP_FREE))
+            # A step that preempted is short of KV: no early loads. One that
+            # evicted (admission made room) loads only the next admissions'.
+            if not output.preempted_req_ids:
+                load_early(self.kv_cache_manager, upcoming,
+                           evicted=pool.counters["evictions"] != evictions)
             hints = [path for lora_id, path in upcoming if lora_id not in pool.resident]
             # Scheduling time per step, paging included (the plan's stats
             # carry the total so far, hence it stops before take_plan).

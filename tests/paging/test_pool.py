@@ -206,6 +206,42 @@ def test_early_loads_never_evict_what_nearer_waiting_requests_need(tiny_model, a
     assert _through_missing([(1, "a"), (5, "b"), (6, "c")], pool, 1) == [(1, "a"), (5, "b")]
 
 
+def test_next_admissions_adapters_load_early_with_only_the_watermark_free(tiny_model, adapters):
+    # The scheduler's early loads with the KV cache nearly full (2,000
+    # adapters on a GPU): the next admissions' adapters (HEAD_AHEAD = 2 of
+    # them) need only vLLM's admission watermark left, the rest a quarter of
+    # the blocks, and only after a step that did not evict.
+    from vllm_slora.patches import vllm_v1_core_sched_scheduler as sched
+
+    assert sched.HEAD_AHEAD == 2
+    upcoming = [(1, adapters[0]), (2, adapters[3]), (3, adapters[2])]  # 4, 2, 4 blocks
+    manager = make_manager(24, tiny_model)  # 23 usable blocks; a quarter: 6
+    manager.watermark_blocks = 2
+    pool, blocks = manager.adapters, manager.block_pool
+    hog = make_request("hog", None, 0, tokens=BLOCK * 15)
+    assert manager.allocate_slots(hog, BLOCK * 15) is not None  # 8 blocks left
+    sched.load_early(manager, upcoming, evicted=False)
+    # 8 - 4 = 4 >= 2, 4 - 2 = 2 >= 2: both heads; 3 would leave 2 - 4 < 6.
+    assert set(pool.resident) == {1, 2} and blocks.get_num_free_blocks() == 2
+    assert pool.counters["loaded_ahead"] == 2 and pool.counters["evictions"] == 0
+    sched.load_early(manager, upcoming, evicted=False)  # resident: nothing more
+    assert pool.counters["loaded_ahead"] == 2
+
+    # With room, the rest follow, but not after a step that evicted.
+    for evicted, resident in ((True, {1, 2}), (False, {1, 2, 3})):
+        manager = make_manager(24, tiny_model)
+        manager.watermark_blocks = 2
+        sched.load_early(manager, upcoming, evicted=evicted)
+        assert set(manager.adapters.resident) == resident, evicted
+    # Without vLLM's watermark attribute (another vLLM): a quarter for all,
+    # as before: the next admission's adapter (1) waits, only 2 fits (8 - 2 >= 6).
+    manager = make_manager(24, tiny_model)
+    manager.allocate_slots(make_request("hog", None, 0, tokens=BLOCK * 15), BLOCK * 15)
+    del manager.watermark_blocks
+    sched.load_early(manager, upcoming, evicted=False)
+    assert set(manager.adapters.resident) == {2}
+
+
 def test_load_ahead_evicts_cached_adapters_nobody_waits_for(tiny_model, adapters):
     manager = make_manager(12, tiny_model)  # 11 usable blocks
     pool, blocks = manager.adapters, manager.block_pool
