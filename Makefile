@@ -10,8 +10,8 @@ export VENV
 # patches, outputs equal to stock's, adapter faults, the server, tensor
 # parallelism at 2.
 ENGINE_TESTS := tests/foundation/test_activation.py tests/foundation/test_packaging.py \
-	tests/paging/test_outputs.py tests/paging/test_faults.py tests/serving/test_server.py \
-	tests/tp/test_engine_tp.py
+	tests/paging/test_outputs.py tests/paging/test_faults.py tests/paging/test_target_modules.py \
+	tests/serving/test_server.py tests/tp/test_engine_tp.py
 
 .PHONY: setup demo test test-fast test-engines test-kernels gpu-bundle
 setup:

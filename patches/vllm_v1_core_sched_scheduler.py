@@ -10,7 +10,8 @@ What:
 - the module's ``KVCacheManager`` name -> ``PagedKVCacheManager`` (a subclass:
   ``allocate_slots`` with adapter admission and eviction, ``free`` releasing
   the request's adapter reference);
-- ``Scheduler.__init__``: attaches the ``AdapterPool`` and gives the scheduler
+- ``Scheduler.__init__``: attaches the ``AdapterPool`` (paging only the
+  module kinds ``--lora-target-modules`` names, if given) and gives the scheduler
   its own copy of ``lora_config`` with ``max_loras`` = the most requests it
   may run at once (``max_num_seqs``; since 0.31 ``max_num_active_reqs``), so the
   user's ``max_loras`` no longer bounds a batch (free pages do); workers keep
@@ -194,7 +195,8 @@ def apply() -> None:
         self.kv_cache_manager.enable_adapters(
             vllm_config.model_config.hf_text_config, self.lora_config.lora_dtype,
             tp_size=vllm_config.parallel_config.tensor_parallel_size,
-            max_lora_rank=self.lora_config.max_lora_rank)
+            max_lora_rank=self.lora_config.max_lora_rank,
+            target_modules=getattr(self.lora_config, "target_modules", None))
         if not isinstance(getattr(self, "grammar_compile_error_reqs", None), (set, dict)):
             raise PatchTargetChanged("vllm_slora fails requests through "
                                      "Scheduler.grammar_compile_error_reqs (a set up to vLLM "

@@ -33,7 +33,8 @@ def worker_report(worker) -> dict:
     manager = runner.lora_manager
     pager = manager.pager
     model = runner.model
-    report = {"stats": manager.stats(), "manager": type(manager).__name__}
+    report = {"stats": manager.stats(), "manager": type(manager).__name__,
+              "lora_layers": [f"{layer.layer_idx}.{layer.group}" for layer in manager.layers]}
     report["stacked_lora_tensors"] = sorted(
         name for name, mod in model.named_modules()
         if hasattr(mod, "lora_a_stacked") or hasattr(mod, "lora_b_stacked"))
@@ -59,7 +60,8 @@ def worker_report(worker) -> dict:
 
     geo, checked, mismatched = pager.geo, 0, []
     for lora_id, res in list(pager.resident.items())[:8]:
-        meta = read_adapter_meta(res.path)
+        meta = res.meta  # as the scheduler read it (the kinds --lora-target-modules allows)
+        assert meta.rank == read_adapter_meta(res.path).rank
         packed = pack_adapter(meta, geo, load_file(str(Path(res.path) / ADAPTER_FILE)))
         n = packed.shape[1]
         for layer, kv in enumerate(pager.kv_tensors):

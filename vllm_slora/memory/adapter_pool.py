@@ -95,8 +95,12 @@ def usable_blocks(block_pool, whole: bool = False) -> int:
 class AdapterPool:
     """``block_pool``: vLLM's ``BlockPool`` (unified paging) or a ``SeparateRegion``."""
 
-    def __init__(self, block_pool, geometry: PageGeometry, check=None):
+    def __init__(self, block_pool, geometry: PageGeometry, check=None,
+                 kinds: frozenset[str] | None = None):
         self.block_pool = block_pool
+        # The module kinds LoRA applies to (``layout.deployment_kinds`` of
+        # --lora-target-modules; None: all): an adapter's others take no pages.
+        self.kinds = kinds
         # check(path) validates the adapter's files for this model and returns
         # an ``adapters.AdapterInfo`` (see ``adapter_meta``); None: headers are
         # only read.
@@ -141,7 +145,13 @@ class AdapterPool:
         several times a step (``take_plan`` forgets the step's reads)."""
         meta = self._step_meta.get(path)
         if meta is None:
-            meta = self._step_meta[path] = adapter_meta(path, self.check)
+            meta = adapter_meta(path, self.check).restricted(self.kinds)
+            if not meta.kinds:
+                raise AdapterFault(
+                    f"adapter '{path}' has no LoRA weights on the modules --lora-target-modules "
+                    f"names ({', '.join(sorted(self.kinds))}); load it into an engine whose "
+                    f"--lora-target-modules covers its modules")
+            self._step_meta[path] = meta
         return meta
 
     def blocks_for(self, path: str, meta=None) -> int:

@@ -43,6 +43,7 @@ Vocabulary (used everywhere in ``vllm_slora.memory``):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -188,6 +189,33 @@ class AdapterMeta:
 
     def rows(self, geo: PageGeometry) -> int:
         return geo.adapter_rows(self.rank, self.kinds)
+
+    def restricted(self, kinds: frozenset[str] | None) -> "AdapterMeta":
+        """This adapter with only the module kinds in ``kinds`` (``deployment_kinds``;
+        None: all): the others are neither paged in nor applied."""
+        if kinds is None or set(self.kinds) <= kinds:
+            return self
+        return dataclasses.replace(self, kinds=tuple(k for k in self.kinds if k in kinds))
+
+
+def deployment_kinds(target_modules) -> frozenset[str] | None:
+    """The module kinds vLLM's ``--lora-target-modules`` (``LoRAConfig.target_modules``)
+    lets LoRA apply to, as stock vLLM reads it: a layer group whose vLLM layer
+    (qkv_proj, o_proj, gate_up_proj, down_proj) or one of whose slices is
+    named, all of the group's kinds (its fused layer applies every slice of
+    an adapter); None: no restriction. ``ValueError`` for a full module
+    path (stock can name one layer's module; paged LoRA serves a group in
+    every layer or in none)."""
+    if target_modules is None:
+        return None
+    per_layer = [t for t in target_modules if "." in t]
+    if per_layer:
+        raise ValueError(f"--lora-target-modules {', '.join(per_layer)}: vllm_slora serves a "
+                         f"projection in every layer or in none; name module suffixes "
+                         f"(e.g. qkv_proj, o_proj), or drop --plugin vllm_slora")
+    named = set(target_modules)
+    return frozenset(k for group, kinds in GROUPS.items()
+                     if group in named or named & set(kinds) for k in kinds)
 
 
 def split_key(key: str) -> tuple[int, str, str] | None:

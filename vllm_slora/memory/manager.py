@@ -33,7 +33,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from vllm.v1.request import RequestStatus
 
 from vllm_slora.config import slora_config
-from vllm_slora.memory.layout import PageGeometry
+from vllm_slora.memory.layout import PageGeometry, deployment_kinds
 from vllm_slora.memory.adapter_pool import AdapterFault, AdapterPool, SeparateRegion
 
 logger = init_logger("vllm.plugins.vllm_slora")
@@ -64,11 +64,14 @@ class PagedKVCacheManager(KVCacheManager):
         self.faults = {}
 
     def enable_adapters(self, hf_config, lora_dtype, tp_size: int = 1,
-                        max_lora_rank: int | None = None) -> AdapterPool:
+                        max_lora_rank: int | None = None,
+                        target_modules: list[str] | None = None) -> AdapterPool:
         """Page adapters in this manager's blocks. With ``max_lora_rank``, an
         adapter is checked again (``vllm_slora.adapters.check_adapter``, cached
         per file version) each time it is paged in: one changed on disk after
-        its request was accepted fails that request, not the engine."""
+        its request was accepted fails that request, not the engine.
+        ``target_modules`` (vLLM's ``--lora-target-modules``): only those
+        groups' weights are paged in."""
         groups = self.kv_cache_config.kv_cache_groups
         if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, AttentionSpec):
             arch = ", ".join(getattr(hf_config, "architectures", None) or ["this model"])
@@ -98,7 +101,7 @@ class PagedKVCacheManager(KVCacheManager):
 
             check = functools.partial(check_adapter, name=None, hf_config=hf_config,
                                       max_rank=max_lora_rank)
-        self.adapters = AdapterPool(source, geo, check)
+        self.adapters = AdapterPool(source, geo, check, deployment_kinds(target_modules))
         return self.adapters
 
     def allocate_slots(self, request, *args, reserved_blocks: int = 0, **kwargs):

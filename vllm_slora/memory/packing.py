@@ -12,8 +12,13 @@ import json
 
 import torch
 
-from vllm_slora.memory.layout import (COLUMN_PARALLEL, KINDS, AdapterMeta, PageGeometry,
+from vllm_slora.memory.layout import (COLUMN_PARALLEL, KINDS, PACKED, AdapterMeta, PageGeometry,
                                       lora_shape, slice_rows, split_key)
+
+
+def _kept(module: str, meta: AdapterMeta) -> bool:
+    """Whether ``meta`` has a kind of ``module`` (a kind or a fused name)."""
+    return any(k in meta.kinds for k in PACKED.get(module, (module,)))
 
 
 def pack_adapter(meta: AdapterMeta, geo: PageGeometry, tensors: dict,
@@ -35,6 +40,8 @@ def pack_adapter(meta: AdapterMeta, geo: PageGeometry, tensors: dict,
     filled = set()
     for key, t in tensors.items():
         layer, module, ab = split_key(key)
+        if not _kept(module, meta):
+            continue  # a group --lora-target-modules leaves out (AdapterMeta.restricted)
         if layer >= geo.num_layers:
             raise ValueError(f"adapter '{meta.path}': '{key}' is for layer {layer}, "
                              f"the model has {geo.num_layers}")
@@ -121,6 +128,8 @@ def pack_file_bytes(meta: AdapterMeta, geo: PageGeometry, data: torch.Tensor, he
     groups: dict[tuple[str, str], list[tuple[int, dict]]] = {}
     for key, entry in header.items():
         parts = split_key(key)
+        if parts is not None and not _kept(parts[1], meta):
+            continue  # a group --lora-target-modules leaves out
         if parts is None or parts[0] >= geo.num_layers or parts[1] not in meta.kinds:
             return fallback()  # fused, or the error that names the tensor
         groups.setdefault((parts[1], parts[2]), []).append((parts[0], entry))

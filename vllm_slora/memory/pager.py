@@ -76,6 +76,8 @@ class Pager:
         self.device = device
         self.geo: PageGeometry | None = None
         self.read_ahead = ReadAhead()
+        # The module kinds LoRA applies to (--lora-target-modules; None: all).
+        self.kinds: frozenset[str] | None = None
         self.vectors: VectorSpace | None = None
         self.resident: dict[int, PagedAdapter] = {}
         self.batch: Batch | None = None
@@ -198,7 +200,7 @@ class Pager:
             meta = event.meta
             self.read_ahead.count(event.path)
         else:
-            meta = self.read_ahead.meta(event.path)
+            meta = self.read_ahead.meta(event.path).restricted(self.kinds)
         rows = self.kv.block_rows(event.block_ids)
         n = meta.rows(self.geo)
         if n > rows.size:

@@ -19,7 +19,7 @@ import torch
 from vllm.logger import init_logger
 
 from vllm_slora.layers import PagedLoRALinear, register_op
-from vllm_slora.memory.layout import GROUPS, lora_targets
+from vllm_slora.memory.layout import GROUPS, deployment_kinds, lora_targets
 from vllm_slora.memory.messages import PagingPlan
 from vllm_slora.memory.pager import Pager
 from vllm_slora.memory.step import StepLimits
@@ -53,6 +53,8 @@ class PagedLoRAWorkerManager:
             tp_rank = get_tensor_model_parallel_rank()
         self.pager = Pager(vllm_config.model_config.hf_text_config, self.lora_config.lora_dtype,
                            self.device, tp_size, tp_rank)
+        # --lora-target-modules: the kinds LoRA applies to (None: all), as the scheduler pages them.
+        self.pager.kinds = deployment_kinds(getattr(self.lora_config, "target_modules", None))
         self.layers: list[PagedLoRALinear] = []
         # The engine's KV cache exists (``kv_ready``): only then may the pager
         # bind to the layers' KV tensors (earlier ones are profiling caches).
@@ -63,16 +65,23 @@ class PagedLoRAWorkerManager:
     # -- model ------------------------------------------------------------
     def create_lora_manager(self, model: torch.nn.Module, vllm_config=None) -> torch.nn.Module:
         register_op()
+        # A mixture-of-experts model has no dense MLP projections to wrap: LoRA
+        # on attention only (adapters.check_adapter refuses the others); with
+        # --lora-target-modules only the groups it names.
+        targets, allowed = lora_targets(self.pager.hf_config), self.pager.kinds
+        groups = [g for g, kinds in GROUPS.items()
+                  if kinds[0] in targets and (allowed is None or kinds[0] in allowed)]
+        if not groups:
+            raise ValueError(
+                f"--lora-target-modules {', '.join(self.lora_config.target_modules)} names none "
+                f"of the projections vllm_slora serves on this model ({', '.join(targets)}, or "
+                f"their fused layers qkv_proj, gate_up_proj)")
         for name, module in list(model.named_modules()):
             parent_name, _, leaf = name.rpartition(".")
-            if leaf in GROUPS and not isinstance(module, PagedLoRALinear):
+            if leaf in groups and not isinstance(module, PagedLoRALinear):
                 layer = PagedLoRALinear(module, name, leaf, self.pager)
                 setattr(model.get_submodule(parent_name), leaf, layer)
                 self.layers.append(layer)
-        # A mixture-of-experts model has no dense MLP projections to wrap: LoRA
-        # on attention only (adapters.check_adapter refuses the others).
-        targets = lora_targets(self.pager.hf_config)
-        groups = [g for g, kinds in GROUPS.items() if kinds[0] in targets]
         expected = len(groups) * self.pager.hf_config.num_hidden_layers
         if len(self.layers) != expected or {layer.group for layer in self.layers} != set(groups):
             raise ValueError(
