@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 from conftest import prompts, run_engine
+from test_architectures import assert_same_outputs
 
 from vllm_slora.testing.adapters import make_adapters, make_peft_adapter
 from vllm_slora.testing.models import make_tiny_llama
 
 COMMON = {"dtype": "float32", "max_lora_rank": 16}
 TARGETS = ["q_proj", "down_proj"]  # a slice names qkv_proj; o_proj and gate_up_proj left out
-LOGPROB_TOL = 2e-3
 
 
 @pytest.mark.parametrize("targets", [["q_proj", "down_proj"], ["qkv_proj"], ["o_proj", "up_proj"],
@@ -102,15 +102,10 @@ def test_target_modules_restrict_the_plugin_as_they_restrict_stock(tmp_path):
                         "llm_kwargs": dict(restricted, max_loras=1)})
     whole = run_engine({"model": str(model), "mode": "slora", "phases": phases,
                         "llm_kwargs": dict(COMMON, max_loras=1)})
-    got, want = slora["phases"][0]["outputs"], stock["phases"][0]["outputs"]
-    assert len(got) == len(want) == len(reqs)
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert g["token_ids"] == w["token_ids"], f"request {i} ({reqs[i][1]})"
-        diff = max(abs(a - b) for a, b in zip(g["logprobs"], w["logprobs"]))
-        assert diff <= LOGPROB_TOL, f"request {i}: logprob diff {diff}"
+    assert_same_outputs(slora, stock, reqs, "targets")
     # The modules left out matter for these adapters (else the test proves nothing) ...
     assert any(a["logprobs"] != b["logprobs"]
-               for a, b in zip(got, whole["phases"][0]["outputs"]))
+               for a, b in zip(slora["phases"][0]["outputs"], whole["phases"][0]["outputs"]))
     # ... and take no pages: q,k,v and down of each adapter, not all seven.
     pages = slora["phases"][0]["report"]["stats"]["pages_written"]
     assert 0 < pages < whole["phases"][0]["report"]["stats"]["pages_written"]
