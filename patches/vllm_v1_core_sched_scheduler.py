@@ -126,9 +126,12 @@ def load_early(manager, upcoming: list[tuple[int, str]], evicted: bool) -> None:
     those up to the ``LOAD_AHEAD``-th, if this step did not have to evict
     (``evicted``), while ``KEEP_FREE`` of the blocks does."""
     pool = manager.adapters
+    near = _through_missing(upcoming, pool, LOAD_AHEAD)
     watermark = getattr(manager, "watermark_blocks", None) if pool.unified else 0
+    # The next admissions', never by evicting one a request up to the LOAD_AHEAD-th needs.
     if HEAD_AHEAD and watermark is not None:
-        pool.load_ahead(_through_missing(upcoming, pool, HEAD_AHEAD), watermark)
+        pool.load_ahead(_through_missing(upcoming, pool, HEAD_AHEAD), watermark,
+                        protect=tuple(lora_id for lora_id, _ in near))
     if not evicted:
         pool.load_ahead(_through_missing(upcoming, pool, LOAD_AHEAD), pool.kv_reserve(KEEP_FREE))
 

@@ -242,6 +242,27 @@ def test_next_admissions_adapters_load_early_with_only_the_watermark_free(tiny_m
     assert set(manager.adapters.resident) == {2}
 
 
+def test_next_admissions_early_loads_keep_what_later_requests_need(tiny_model, adapters):
+    # The next admissions' adapters (1 and 4, missing) are paged in by
+    # evicting cached ones, but not adapter 3, which a request behind them
+    # waits for: adapter 5, which nobody waits for, goes although more recent.
+    from vllm_slora.patches import vllm_v1_core_sched_scheduler as sched
+
+    manager = make_manager(12, tiny_model)  # 11 usable blocks
+    manager.watermark_blocks = 0
+    pool = manager.adapters
+    for lora_id, idx in ((3, 3), (5, 2)):  # 2 and 4 blocks, then cached (3 least recent)
+        req = make_request(f"r{lora_id}", adapters[idx], lora_id)
+        assert manager.allocate_slots(req, 10) is not None
+        manager.free(req)
+    hog = make_request("hog", None, 0, tokens=BLOCK * 4)
+    assert manager.allocate_slots(hog, BLOCK * 4) is not None  # 1 block free, 6 evictable
+    upcoming = [(1, adapters[0]), (4, adapters[1]), (3, adapters[3])]  # 4, 8, 2 blocks
+    sched.load_early(manager, upcoming, evicted=True)
+    assert set(pool.resident) == {1, 3} and pool.counters["evictions"] == 1
+    assert manager.block_pool.get_num_free_blocks() == 1
+
+
 def test_load_ahead_evicts_cached_adapters_nobody_waits_for(tiny_model, adapters):
     manager = make_manager(12, tiny_model)  # 11 usable blocks
     pool, blocks = manager.adapters, manager.block_pool

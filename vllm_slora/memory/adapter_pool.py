@@ -208,15 +208,17 @@ class AdapterPool:
         self.counters["peak_adapters"] = max(self.counters["peak_adapters"], len(self.resident))
         self.counters["peak_blocks"] = max(self.counters["peak_blocks"], self.resident_blocks)
 
-    def load_ahead(self, upcoming: list[tuple[int, str]], keep_free: int) -> None:
+    def load_ahead(self, upcoming: list[tuple[int, str]], keep_free: int,
+                   protect: tuple[int, ...] = ()) -> None:
         """Page in adapters of the next waiting requests early (S-LoRA's prefetch).
 
-        Cached adapters no upcoming request needs are evicted (LRU) to make
+        Cached adapters no upcoming request needs (nor one in ``protect``:
+        those of requests further back) are evicted (LRU) to make
         room, as long as ``keep_free`` blocks stay free or evictable for KV.
         The early adapters wait cached (unreferenced, most recently used) and
         the worker copies them during the current step, off its critical path.
         """
-        wanted = {lora_id for lora_id, _ in upcoming}
+        wanted = {lora_id for lora_id, _ in upcoming} | set(protect)
         for lora_id in wanted & self.unreferenced.keys():
             self.unreferenced.move_to_end(lora_id)
         for lora_id in wanted:
