@@ -41,7 +41,9 @@ What:
   see ``vllm_v1_engine_output_processor``).
 
 Guard: vLLM 0.26-0.34; ``TOUCHES`` and the ``allocate_slots`` parameters
-used. Goes away
+used; ``KVCacheManager.watermark_blocks`` and ``LoRAConfig.target_modules``
+read where present (without them: the quarter rule for every early load,
+no restriction). Goes away
 if vLLM gains a pluggable KV-cache manager and a scheduler-output extension.
 """
 
