@@ -68,7 +68,7 @@ class Pager:
     """Created with the model; ``bind`` (first plan, KV cache allocated) makes it usable."""
 
     def __init__(self, hf_config, dtype: torch.dtype, device: torch.device,
-                 tp_size: int = 1, tp_rank: int = 0):
+                 tp_size: int = 1, tp_rank: int = 0, kinds: frozenset[str] | None = None):
         self.hf_config = hf_config
         self.tp_size, self.tp_rank = tp_size, tp_rank
         metrics.set_tp_rank(tp_rank)
@@ -77,7 +77,7 @@ class Pager:
         self.geo: PageGeometry | None = None
         self.read_ahead = ReadAhead()
         # The module kinds LoRA applies to (--lora-target-modules; None: all).
-        self.kinds: frozenset[str] | None = None
+        self.kinds = kinds
         self.vectors: VectorSpace | None = None
         self.resident: dict[int, PagedAdapter] = {}
         self.batch: Batch | None = None

@@ -51,10 +51,10 @@ class PagedLoRAWorkerManager:
             from vllm.distributed import get_tensor_model_parallel_rank
 
             tp_rank = get_tensor_model_parallel_rank()
-        self.pager = Pager(vllm_config.model_config.hf_text_config, self.lora_config.lora_dtype,
-                           self.device, tp_size, tp_rank)
         # --lora-target-modules: the kinds LoRA applies to (None: all), as the scheduler pages them.
-        self.pager.kinds = deployment_kinds(getattr(self.lora_config, "target_modules", None))
+        self.pager = Pager(vllm_config.model_config.hf_text_config, self.lora_config.lora_dtype,
+                           self.device, tp_size, tp_rank,
+                           kinds=deployment_kinds(getattr(self.lora_config, "target_modules", None)))
         self.layers: list[PagedLoRALinear] = []
         # The engine's KV cache exists (``kv_ready``): only then may the pager
         # bind to the layers' KV tensors (earlier ones are profiling caches).
