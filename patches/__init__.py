@@ -35,6 +35,7 @@ MODE_PATCHES: list[str] = [
     "vllm_v1_engine_output_processor",
     "vllm_entrypoints_generate_base_serving",
     "vllm_v1_engine_core:apply_pins",
+    "vllm_v1_engine_core:apply_precheck",
     "vllm_entrypoints_serve_instrumentator_metrics",
     "vllm_config_compilation",
     "vllm_model_executor_layers_fused_moe_config",

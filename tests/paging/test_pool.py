@@ -490,6 +490,40 @@ def test_adapter_checked_once_per_scheduling_step(tiny_model, adapters):
     assert calls == [path, path]
 
 
+def test_adapter_checked_on_arrival_so_the_scheduler_finds_it_cached(tmp_path, tiny_model,
+                                                                       adapters):
+    """``precheck`` (the engine core's input thread, when a request arrives)
+    validates the request's adapter: the scheduler's check of it is then a
+    cache hit, off the engine thread's work. A broken adapter raises
+    nothing there; the scheduler's check still fails it with the cause."""
+    import shutil
+
+    from vllm_slora import adapters as checks
+    from vllm_slora.memory.adapter_pool import AdapterFault
+    from vllm_slora.patches.vllm_v1_engine_core import precheck
+
+    manager = make_manager(64, tiny_model, max_lora_rank=8)
+    engine = SimpleNamespace(scheduler=SimpleNamespace(kv_cache_manager=manager))
+    checks._check_headers.cache_clear()
+    precheck(engine, make_request("r0", adapters[1], 2))
+    assert checks._check_headers.cache_info().misses == 1
+    assert manager.adapters.meta(adapters[1]).rank == 8  # the scheduler's check
+    info = checks._check_headers.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+
+    bad = tmp_path / "bad"
+    shutil.copytree(adapters[0], bad)
+    (bad / "adapter_config.json").write_text("{")
+    precheck(engine, make_request("r1", str(bad), 3))  # dropped here
+    with pytest.raises(AdapterFault, match="invalid adapter_config.json"):
+        manager.adapters.meta(str(bad))
+    # No adapter, or no pool (S-LoRA mode off): nothing is read.
+    precheck(engine, make_request("r2", None, 0))
+    precheck(SimpleNamespace(scheduler=None), make_request("r3", adapters[2], 4))
+    # r0's, then the bad one's twice (errors are not cached): none for r2, r3.
+    assert checks._check_headers.cache_info().misses == 3
+
+
 @pytest.mark.parametrize("variant", ["all", "q-v", "alpha", "rslora"])
 def test_loads_carry_what_the_worker_would_read(tmp_path, tiny_model, variant):
     """The scheduler's checked metadata rides on the adapter's Load (the
