@@ -13,12 +13,14 @@ the message, which since 0.27 only client errors get) and a ``ValueError``
 What: ``InputProcessor._validate_lora`` first runs stock, then
 ``vllm_slora.adapters.check_adapter`` on the request's adapter: config, rank
 <= ``--max-lora-rank``, target modules, tensor shapes (safetensors header
-only, cached per file version) and, once the engine reported its KV block
-count, whether the adapter's pages fit the pool. NaN/inf weights are checked
+only, cached per file version), that it has weights on a module
+``--lora-target-modules`` keeps (if given) and, once the engine reported its
+KV block count, whether the pages of those modules fit the pool. NaN/inf weights are checked
 where weights are read at load time (``/v1/load_lora_adapter``, see
 ``vllm_entrypoints_openai_models_serving``), not per request.
 
-Guard: vLLM 0.26-0.34; ``InputProcessor._validate_lora``. Goes away if vLLM
+Guard: vLLM 0.26-0.34; ``InputProcessor._validate_lora``; ``LoRAConfig.target_modules``
+read where present (without it: every module kept). Goes away if vLLM
 lets a LoRA manager validate adapters in the front end.
 """
 
@@ -37,6 +39,7 @@ def apply() -> None:
 
     guard_touches(TOUCHES)
     from vllm_slora.adapters import check_adapter, engine_geometry
+    from vllm_slora.memory.layout import deployment_kinds
 
     InputProcessor = input_processor.InputProcessor
     stock = InputProcessor._validate_lora
@@ -49,6 +52,7 @@ def apply() -> None:
         geo, usable = engine_geometry(self.vllm_config)
         check_adapter(lora_request.lora_path, lora_request.lora_name,
                       self.model_config.hf_text_config, self.lora_config.max_lora_rank,
-                      geometry=geo, usable_blocks=usable)
+                      geometry=geo, usable_blocks=usable,
+                      kinds=deployment_kinds(getattr(self.lora_config, "target_modules", None)))
 
     InputProcessor._validate_lora = _validate_lora

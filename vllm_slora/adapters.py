@@ -87,19 +87,27 @@ class AdapterInfo:
 
 def check_adapter(path: str, name: str | None, hf_config, max_rank: int, *,
                   geometry: PageGeometry | None = None, usable_blocks: int | None = None,
-                  weights: bool = False) -> AdapterInfo:
+                  weights: bool = False, kinds: frozenset[str] | None = None) -> AdapterInfo:
     """Validate a PEFT folder for this base model; raise ``AdapterError``.
 
     Header checks are cached per (path, file sizes and mtimes), so a request
     pays a few ``stat`` calls; ``weights=True`` also reads every tensor.
+    ``kinds``: the module kinds the engine applies LoRA to
+    (``layout.deployment_kinds`` of ``--lora-target-modules``; None: all):
+    the adapter must have one of them, and only theirs take pages.
     """
     key = _version(path, name)
     info = _check_headers(path, name, key, _model_key(hf_config), max_rank)
     if weights:
         _check_finite(path, name, key)
+    kept = info.kinds if kinds is None else tuple(k for k in info.kinds if k in kinds)
+    if not kept:
+        raise AdapterError(name, path, (
+            f"has no LoRA weights on the modules --lora-target-modules names "
+            f"({', '.join(sorted(kinds))}); its modules: {', '.join(info.kinds)}"))
     blocks = None
     if geometry is not None:
-        blocks = geometry.blocks_for(info.rank, info.kinds)
+        blocks = geometry.blocks_for(info.rank, kept)
         if usable_blocks is not None and blocks > usable_blocks:
             raise AdapterError(name, path, (
                 f"needs {blocks} KV blocks for its pages (rank {info.rank}), the KV cache has "

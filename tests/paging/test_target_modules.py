@@ -89,6 +89,34 @@ def test_an_adapter_without_kept_weights_fails_its_request(tiny_model, tmp_path)
         manager.adapters.meta(str(mlp_only))
 
 
+def test_front_end_check_counts_only_the_kept_modules(tiny_model, tmp_path):
+    """The front end's check (``InputProcessor._validate_lora``) sizes an
+    adapter by the modules --lora-target-modules keeps: one that fits only
+    so is accepted, one with none of them is refused with the cause."""
+    import torch
+
+    from vllm_slora.adapters import AdapterError, check_adapter
+    from vllm_slora.memory.layout import PageGeometry, deployment_kinds
+    from test_pool import hf_config
+
+    cfg = hf_config(tiny_model)
+    geo = PageGeometry.create(cfg, torch.float32, 16 * 2 * 2 * 32 * 4)
+    path = str(make_adapters(tmp_path, tiny_model, [8], seed=2)[0])
+    kept = deployment_kinds(TARGETS)
+    whole = check_adapter(path, "a", cfg, 8, geometry=geo)
+    part = geo.blocks_for(8, tuple(k for k in whole.kinds if k in kept))
+    assert part < whole.blocks
+    info = check_adapter(path, "a", cfg, 8, geometry=geo, usable_blocks=part, kinds=kept)
+    assert info.blocks == part and info.kinds == whole.kinds  # the pool restricts the kinds
+    with pytest.raises(AdapterError, match="needs"):
+        check_adapter(path, "a", cfg, 8, geometry=geo, usable_blocks=part)
+    mlp_only = make_peft_adapter(tmp_path / "mlp", tiny_model, 4,
+                                 target_modules=("gate_proj", "up_proj", "down_proj"))
+    with pytest.raises(AdapterError, match=r"no LoRA weights on the modules "
+                                           r"--lora-target-modules names \(o_proj\)"):
+        check_adapter(str(mlp_only), "m", cfg, 8, kinds=frozenset({"o_proj"}))
+
+
 @pytest.mark.slow
 def test_target_modules_restrict_the_plugin_as_they_restrict_stock(tmp_path):
     model = make_tiny_llama(tmp_path / "model", seed=5)
