@@ -40,7 +40,8 @@
 #   ALOAD=... arguments for `python -m benchmarks.adapter_load` (host-cache
 #             read and packing rate of 7B adapters; ALOAD_S limits), e.g. "--adapters 64"
 #   BENCH=... arguments for `python -m benchmarks.run` (the headline workload
-#             with CUDA graphs on), e.g. "--systems base,slora,stock --n 5,1000";
+#             with CUDA graphs on), e.g. "--systems base,slora,stock --n 5,1000"
+#             (BENCH_FIRST=1 runs it before every other stage: base beside an EAB);
 #             with VLLM_SLORA_STEP_STACKS=1 the engine thread's stacks per point
 #             (logs/<run>/*.stacks.txt)
 #   BTP=...   arguments for `python -m benchmarks.bench_throughput` (vLLM's own
@@ -76,6 +77,13 @@ SECONDS=0
 cap() { local left=$(( ${CALL_S:-560} - 25 - SECONDS )); (( left < 1 )) && left=1; echo $(( $1 < left ? $1 : left )); }
 # The older tree of the before/after stages (KBENCH, EAB), in /tmp/ab-old, once.
 old_tree() { [ -d /tmp/ab-old ] || { mkdir -p /tmp/ab-old && tar xf .ab/old.tar -C /tmp/ab-old; }; }
+bench_stage() {  # BENCH (BENCH_FIRST=1: before every other stage, e.g. base beside an EAB)
+  [ -n "${BENCH:-}" ] || return 0
+  timeout "$(cap ${BENCH_S:-480})" python3 -m benchmarks.run --preset headline --results-dir $O/results \
+    $BENCH ${BENCH_EXTRA:+--extra-points "$BENCH_EXTRA"} > $O/bench.txt 2>&1
+  echo "bench rc=$? ${SECONDS}s" | tee -a $O/steps.txt
+}
+[ "${BENCH_FIRST:-0}" = 1 ] && bench_stage
 if [ -n "${PYTEST:-}" ]; then
   timeout "$(cap ${PYTEST_S:-120})" python3 -m pytest -q -rs $PYTEST > $O/pytest-first.txt 2>&1
   echo "pytest first rc=$? ${SECONDS}s" | tee -a $O/steps.txt
@@ -173,11 +181,7 @@ if [ "${TESTS:-1}" = 1 ]; then
     echo "pytest kernels rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   fi
 fi
-if [ -n "${BENCH:-}" ]; then
-  timeout "$(cap ${BENCH_S:-480})" python3 -m benchmarks.run --preset headline --results-dir $O/results \
-    $BENCH ${BENCH_EXTRA:+--extra-points "$BENCH_EXTRA"} > $O/bench.txt 2>&1
-  echo "bench rc=$? ${SECONDS}s" | tee -a $O/steps.txt
-fi
+[ "${BENCH_FIRST:-0}" = 1 ] || bench_stage
 if [ -n "${BTP:-}" ]; then  # vLLM's own client, e.g. "--systems base,slora --ids 1000"
   left=$(cap ${BTP_S:-480})
   timeout "$left" python3 -m benchmarks.bench_throughput $BTP --budget-s $(( left - 15 )) \
