@@ -242,6 +242,35 @@ def test_next_admissions_adapters_load_early_with_only_the_watermark_free(tiny_m
     assert set(manager.adapters.resident) == {2}
 
 
+def test_an_adapter_evicted_unused_after_an_early_load_is_not_loaded_early_again(tiny_model,
+                                                                                 adapters):
+    # The thrash seen at 2,000 adapters: the next admission's adapter is
+    # loaded early, the running requests' growth evicts it before its
+    # request is admitted, and the next step loads it again. Now it waits for
+    # its request; once that request was admitted it may load early again.
+    from vllm_slora.patches import vllm_v1_core_sched_scheduler as sched
+
+    manager = make_manager(12, tiny_model)  # 11 usable blocks
+    manager.watermark_blocks = 0
+    pool = manager.adapters
+    upcoming = [(1, adapters[0])]  # 4 blocks
+    sched.load_early(manager, upcoming, evicted=True)
+    assert 1 in pool.resident and pool.counters["loaded_ahead"] == 1
+    grow = make_request("grow", None, 0, tokens=BLOCK * 10)
+    assert manager.allocate_slots(grow, BLOCK * 10) is not None  # evicts it
+    assert 1 not in pool.resident and pool.counters["ahead_wasted"] == 1
+    manager.free(grow)
+    for _ in range(3):  # steps later, its request still waiting
+        sched.load_early(manager, upcoming, evicted=False)
+    assert 1 not in pool.resident and pool.counters["loaded_ahead"] == 1
+    req = make_request("r1", adapters[0], 1)
+    assert manager.allocate_slots(req, 10) is not None  # admitted: paged in on demand
+    manager.free(req)
+    pool.evict_unreferenced()
+    sched.load_early(manager, upcoming, evicted=True)  # a later request of it
+    assert 1 in pool.resident and pool.counters["loaded_ahead"] == 2
+
+
 def test_next_admissions_early_loads_keep_what_later_requests_need(tiny_model, adapters):
     # The next admissions' adapters (1 and 4, missing) are paged in by
     # evicting cached ones, but not adapter 3, which a request behind them

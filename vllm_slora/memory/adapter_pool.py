@@ -133,6 +133,13 @@ class AdapterPool:
         # Loaded ahead and not yet used by a request; ``ahead_wasted`` counts
         # those evicted before any request used them (an upload for nothing).
         self.ahead: set[int] = set()
+        # Loaded ahead and evicted unused: not loaded ahead again until a
+        # request of theirs is admitted (they page in then). With the KV
+        # cache full (2,000 adapters, H100), the next admission's adapter was
+        # loaded, evicted by the running requests' growth before the
+        # request could be admitted, and loaded again, step after step: 171
+        # of 286 early loads were wasted and the uploads doubled.
+        self.wasted: set[int] = set()
         self.counters = dict(loads=0, loaded_ahead=0, ahead_wasted=0, evictions=0, evictions_spared=0,
                              reloads=0, faults=0,
                              peak_adapters=0, peak_blocks=0, max_distinct_in_step=0,
@@ -202,6 +209,7 @@ class AdapterPool:
         """
         res = self.resident.get(lora_id) or self._page_in(lora_id, path)
         self.ahead.discard(lora_id)
+        self.wasted.discard(lora_id)
         self._uncache(lora_id)
         res.requests.add(request_id)
         self.request_lora[request_id] = lora_id
@@ -217,6 +225,7 @@ class AdapterPool:
         room, as long as ``keep_free`` blocks stay free or evictable for KV.
         The early adapters wait cached (unreferenced, most recently used) and
         the worker copies them during the current step, off its critical path.
+        One loaded ahead and evicted unused (``wasted``) waits for its request.
         """
         wanted = {lora_id for lora_id, _ in upcoming} | set(protect)
         for lora_id in wanted & self.unreferenced.keys():
@@ -226,7 +235,7 @@ class AdapterPool:
         try:
             room = self.block_pool.get_num_free_blocks() + self.evictable_blocks()
             for lora_id, path in upcoming:
-                if lora_id in self.resident:
+                if lora_id in self.resident or lora_id in self.wasted:
                     continue
                 try:
                     need = self.blocks_for(path)
@@ -348,6 +357,7 @@ class AdapterPool:
         res = self.resident.pop(lora_id)
         if lora_id in self.ahead:
             self.ahead.discard(lora_id)
+            self.wasted.add(lora_id)
             self.counters["ahead_wasted"] += 1
         self._blocks -= len(res.blocks)
         self._vectors -= res.rank
