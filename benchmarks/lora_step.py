@@ -49,6 +49,11 @@ VARIANTS = {
     "before": {"TILE_LIST": False, "ANY_RANK_CHECK": False},
     "br32": {"SMALL_TILE_SHRINK": (32, 256)},  # BR 32 (64 for q,k,v)
     "br16": {"SMALL_TILE_SHRINK": (8, 256)},  # BR 8 (16 for q,k,v: before 2026-12-02 pm)
+    # One token per adapter (2,000 adapters: ~210 distinct in a decode step
+    # of ~215): split-K and column streaming planned for every slot in use,
+    # or no grouping at all (each token its own tile).
+    "few256": {"FEW_GROUPS": 256},
+    "pertoken": {"PER_TOKEN_MAX_T": 512},
 }
 
 
