@@ -267,7 +267,9 @@ def markdown(results: dict, stem: str) -> str:
     out = [f"# {results['name']}: {cfg['mode']} mode, {cfg['arch']}", "",
            f"Reproduce: `{results['command']}`", "",
            f"- when: {results['created']}; device: {results.get('device') or '?'}; "
-           f"versions: {', '.join(f'{k} {v}' for k, v in (results.get('versions') or {}).items())}",
+           f"versions: {', '.join(f'{k} {v}' for k, v in (results.get('versions') or {}).items())}"
+           + (f"; code: {results.get('git_commit') or '?'}, source {results['source_hash']}"
+              if results.get("source_hash") else ""),
            f"- workload: " + (f"{wl['num_requests']} requests per measurement" if wl.get("num_requests")
                               else f"{wl['duration_s']:g} s of arrivals per point (requests = rate x "
                                    f"duration), then " + (f"at most {wl['drain_s']:g} s for those in flight"

@@ -546,6 +546,27 @@ def git_commit() -> str | None:
         return None
 
 
+SOURCE_DIRS = ("vllm_slora", "patches", "benchmarks", "scripts")
+
+
+def source_hash(root: Path = ROOT) -> str:
+    """SHA-256 (12 hex digits) of the code that ran: every .py and .sh file of
+    ``SOURCE_DIRS`` and ``pyproject.toml``, by path. A copy of the tree whose
+    git metadata lags its files (the GPU machine's) still names its code:
+    compare with ``python -c "from benchmarks.run import source_hash;
+    print(source_hash())"`` on a checkout."""
+    import hashlib
+
+    files = [root / "pyproject.toml"] + sorted(
+        f for d in SOURCE_DIRS for f in (root / d).rglob("*")
+        if f.suffix in (".py", ".sh") and f.is_file() and "__pycache__" not in f.parts)
+    digest = hashlib.sha256()
+    for f in files:
+        if f.is_file():
+            digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def results_json(name, argv, cfg, workdir, prep, common, records, warnings, used_s) -> dict:
     ready = next((r for r in records if r.get("versions")), {})
     created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -563,6 +584,7 @@ def results_json(name, argv, cfg, workdir, prep, common, records, warnings, used
         "command": "python -m benchmarks.run " + shlex.join(reproducible(argv)),
         "created": created,
         "git_commit": git_commit(),
+        "source_hash": source_hash(),
         "device": ready.get("device"),
         "versions": ready.get("versions"),
         "config": {**cfg, "workdir": str(workdir)},

@@ -19,7 +19,8 @@ if str(ROOT) not in sys.path:
 from benchmarks import report  # noqa: E402
 from benchmarks.adapter_pool import make_folders  # noqa: E402
 from benchmarks.metrics import percentile, summarize  # noqa: E402
-from benchmarks.run import error_from_log, parse, points_for, reproducible  # noqa: E402
+from benchmarks.run import (error_from_log, parse, points_for, reproducible,  # noqa: E402
+                            source_hash)
 from vllm_slora.testing.runner import EAGER_ENV, IN_PROCESS_ENV  # noqa: E402
 from vllm_slora.versions import at_least, installed as installed_vllm  # noqa: E402
 from benchmarks.step_time import (host_ops, is_lora_kernel, kernel_anatomy, mixed_step,  # noqa: E402
@@ -727,6 +728,25 @@ def plugin_systems() -> list[str]:
 
 
 @pytest.mark.slow
+def test_source_hash_names_the_code_not_the_results(tmp_path):
+    """The results' ``source_hash`` changes with any source file of the
+    tree and with nothing else (a results file, a cache)."""
+    import shutil
+
+    for d in ("vllm_slora", "patches", "benchmarks", "scripts"):
+        shutil.copytree(ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns(
+            "results", "__pycache__", "*.tar.xz"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    first = source_hash(tmp_path)
+    assert first == source_hash(ROOT)  # results and caches left out
+    (tmp_path / "benchmarks" / "results").mkdir()
+    (tmp_path / "benchmarks" / "results" / "x.md").write_text("a result")
+    assert source_hash(tmp_path) == first
+    kernel = tmp_path / "vllm_slora" / "kernels" / "knobs.py"
+    kernel.write_text(kernel.read_text() + "\n# a knob changed\n")
+    assert source_hash(tmp_path) != first
+
+
 def test_tiny_offline_run(tmp_path):
     systems = ["base", "stock"] + plugin_systems()
     results_dir = tmp_path / "results"
@@ -752,6 +772,7 @@ def test_tiny_offline_run(tmp_path):
     assert all(s["wall_s"] >= s["start_s"] for s in results["systems"])
     md = (results_dir / "tiny.md").read_text()
     assert "| n=5 | stock (max_loras=4) **best** | ok |" in md and "| n=2 | base | ok |" in md
+    assert f"source {source_hash()}" in md and results["source_hash"] == source_hash()
     for png in ("tiny-throughput.png", "tiny-ttft-cdf.png"):
         assert (results_dir / png).read_bytes()[:4] == b"\x89PNG"
 
