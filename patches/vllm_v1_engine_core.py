@@ -266,24 +266,23 @@ def apply_pins() -> None:
     guard_touches(PIN_TOUCHES)
     EngineCore = core.EngineCore
     stock_add, stock_remove, stock_pin = EngineCore.add_lora, EngineCore.remove_lora, EngineCore.pin_lora
-    pool_of = _pool_of
 
     @functools.wraps(stock_add)
     def add_lora(self, lora_request):
-        if (pool := pool_of(self)) is not None:
+        if (pool := _pool_of(self)) is not None:
             pool.known[lora_request.lora_int_id] = lora_request.lora_path
         return stock_add(self, lora_request)
 
     @functools.wraps(stock_remove)
     def remove_lora(self, lora_id: int):
-        if (pool := pool_of(self)) is not None:
+        if (pool := _pool_of(self)) is not None:
             pool.unpin_user(lora_id)
             pool.known.pop(lora_id, None)
         return stock_remove(self, lora_id)
 
     @functools.wraps(stock_pin)
     def pin_lora(self, lora_id: int):
-        if (pool := pool_of(self)) is not None:
+        if (pool := _pool_of(self)) is not None:
             pool.pin_user(lora_id)
         return stock_pin(self, lora_id)
 
