@@ -559,7 +559,7 @@ def source_hash(root: Path = ROOT) -> str:
 
     files = [root / "pyproject.toml"] + sorted(
         f for d in SOURCE_DIRS for f in (root / d).rglob("*")
-        if f.suffix in (".py", ".sh") and f.is_file() and "__pycache__" not in f.parts)
+        if f.suffix in (".py", ".sh") and "__pycache__" not in f.parts)
     digest = hashlib.sha256()
     for f in files:
         if f.is_file():

@@ -100,7 +100,7 @@ def check_adapter(path: str, name: str | None, hf_config, max_rank: int, *,
     info = _check_headers(path, name, key, _model_key(hf_config), max_rank)
     if weights:
         _check_finite(path, name, key)
-    kept = info.kinds if kinds is None else tuple(k for k in info.kinds if k in kinds)
+    kept = info.meta(path).restricted(kinds).kinds  # the pool's restriction (AdapterMeta)
     if not kept:
         raise AdapterError(name, path, (
             f"has no LoRA weights on the modules --lora-target-modules names "

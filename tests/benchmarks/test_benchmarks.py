@@ -733,7 +733,9 @@ def test_source_hash_names_the_code_not_the_results(tmp_path):
     tree and with nothing else (a results file, a cache)."""
     import shutil
 
-    for d in ("vllm_slora", "patches", "benchmarks", "scripts"):
+    from benchmarks.run import SOURCE_DIRS
+
+    for d in SOURCE_DIRS:
         shutil.copytree(ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns(
             "results", "__pycache__", "*.tar.xz"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
