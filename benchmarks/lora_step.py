@@ -54,6 +54,25 @@ VARIANTS = {
     # or no grouping at all (each token its own tile).
     "few256": {"FEW_GROUPS": 256},
     "pertoken": {"PER_TOKEN_MAX_T": 512},
+    # The split planned on the host only (FEW_GROUPS), before DEVICE_SPLIT.
+    "static": {"DEVICE_SPLIT": False},
+    # Shared memory a program (the shrink's pipeline buffers, BK) against
+    # programs per SM: 3 q,k,v shrink programs fit an SM by default.
+    "stages3": {"SHRINK_STAGES": 3},
+    "stages2": {"SHRINK_STAGES": 2, "EXPAND_STAGES": 2},
+    "bk128": {"SMALL_TILE_SHRINK": (16, 128)},
+    "few256-bk128": {"FEW_GROUPS": 256, "SMALL_TILE_SHRINK": (16, 128)},
+    "few256-stages3": {"FEW_GROUPS": 256, "SHRINK_STAGES": 3},
+    # Registers a thread capped (ptxas .maxnreg: shrink, expand), so that an
+    # SM holds more programs (`python -m benchmarks.regs` prints the counts).
+    "reg128": {"SMALL_TILE_MAXNREG": (128, 128)},
+    "reg96": {"SMALL_TILE_MAXNREG": (96, 96)},
+    "reg80": {"SMALL_TILE_MAXNREG": (80, 80)},
+    "reg64": {"SMALL_TILE_MAXNREG": (64, 64)},
+    "bk128-reg96": {"SMALL_TILE_SHRINK": (16, 128), "SMALL_TILE_MAXNREG": (96, 96)},
+    "bk128-w8-reg80": {"SMALL_TILE_SHRINK": (16, 128), "SMALL_TILE_WARPS": (8, 8),
+                       "SMALL_TILE_MAXNREG": (80, 80)},
+    "few256-reg96": {"FEW_GROUPS": 256, "SMALL_TILE_MAXNREG": (96, 96)},
 }
 
 
@@ -89,6 +108,14 @@ def setup(batch: int, n: int, slots: int, d: int, widths: dict, device: str, dty
         y = torch.randn(batch, sum(ns), generator=gen).to(dtype).to(device)
         out[name] = (ad, start, rank, scale, x, y)
     return token_lora, meta, out
+
+
+def adapter_bytes(batch: int, n: int, widths: dict, elem: int) -> dict:
+    """Bytes of adapter pages a step's call of each module must read: every
+    distinct adapter's A and B once (modules outside LORA_MODULES: none)."""
+    ranks = sum(RANKS[j % len(RANKS)] for j in range(min(n, batch)))
+    return {m: ranks * (k * len(ns) + sum(ns)) * elem if m in LORA_MODULES else 0
+            for m, (k, ns) in widths.items()}
 
 
 def call(module, token_lora, meta, max_rank: int):
@@ -180,6 +207,11 @@ def main(argv=None) -> int:
                            for m, mod in mods.items()}
                     row["us_per_module"] = per
                     row["step_ms"] = LAYERS * sum(per.values()) / 1e3
+                    # The adapter modules' rate: their pages' bytes over their time
+                    # (HBM: ~3.35 TB/s on an H100, ~4.8 on an H200).
+                    need = adapter_bytes(batch, n, widths, x_elem(dtype))
+                    used = sum(per[m] for m in need if need[m])
+                    row["adapter_tb_s"] = sum(need.values()) / max(used, 1e-9) / 1e6
                 results["cases"].append(row)
                 print(json.dumps(row), flush=True)
             finally:
@@ -193,15 +225,21 @@ def main(argv=None) -> int:
     return 1 if bad else 0
 
 
+def x_elem(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| batch | adapters | prefill | variant | step LoRA ms | qkv us | o us | gate_up us "
-             "| down us | err |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| down us | adapters' TB/s | err |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         per = r.get("us_per_module", {})
         lines.append(f"| {r['batch']} | {r['adapters']} | {r.get('prefill', 0)} | {r['variant']} | "
                      f"{r.get('step_ms', float('nan')):.2f} | "
                      + " | ".join(f"{per.get(m, float('nan')):.1f}" for m in MODULES)
-                     + f" | {r['max_rel_err']:.1e} |")
+                     + f" | {r.get('adapter_tb_s', float('nan')):.2f} | {r['max_rel_err']:.1e} |")
     return "\n".join(lines)
 
 

@@ -281,6 +281,53 @@ def test_many_adapters(triton_backend):
     check(ranks, 64, [32, 32], 32, torch.float16, token_lora.to(torch.int32), lora=False)
 
 
+@pytest.mark.parametrize("adapters,chosen", [(20, 1), (6, 2)])
+def test_split_chosen_from_the_steps_tiles(triton_backend, by_adapter, monkeypatch, adapters,
+                                           chosen):  # fmt: skip
+    # The plan splits K = 10 pages 4 ways, as if the step had one adapter
+    # (FEW_GROUPS = 1); the step's 20 (6) one-adapter tiles call for 1 (2)
+    # splits. The shrink writes only those partials, the expand sums only
+    # them, and the op equals the reference either way.
+    from vllm_slora.kernels.expand import launch_expand
+    from vllm_slora.kernels.plan import pow2_split, split_args
+    from vllm_slora.kernels.shrink import launch_shrink
+
+    monkeypatch.setattr(knobs, "FEW_GROUPS", 1)
+    ranks = [SMALL[i % len(SMALL)] for i in range(adapters)]
+    token_lora = (torch.arange(40) % adapters).to(torch.int32)
+    k, ns, d, dtype = 320, [64, 32], 32, torch.float16
+    ad = check(ranks, k, ns, d, dtype, token_lora, meta=True)
+    token_lora = token_lora.to(DEVICE)
+    groups = grouping.make_groups(token_lora, adapters, None, None)
+    pl = plan(shape_of(groups, 40, k, max(ns), len(ns), ad.max_rank, d, torch.device(DEVICE),
+                       dtype))
+    assert pl.split == 4, pl
+    est_tiles, per_tile, want2, cap, pages = split_args(pl, k, d, len(ns), ad.max_rank)
+    assert min(pow2_split(adapters * per_tile, want2), cap) == chosen  # the rule, on the host
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(2)).to(dtype).to(DEVICE)
+    ws = torch.full((pl.split, len(ns), 40, ad.max_rank), float("nan"), device=DEVICE)
+    launch_shrink(x, ad.pool, ad.a_rows, ad.lora_start, ad.lora_rank, token_lora, ws, groups, pl,
+                  dev_split=True)
+    want = torch.full((len(ns), 40, ad.max_rank), float("nan"), device=DEVICE)
+    reference.paged_lora_shrink(x, ad.pool, ad.a_rows, ad.lora_start, ad.lora_rank, token_lora,
+                                want)
+    written = ~want.isnan()
+    assert not ws[chosen:].isnan().logical_not().any(), "partials past the chosen split written"
+    got = ws[:chosen].sum(0)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert rel_err(got[written], want[written]) <= TOL[dtype]
+    # The expand reads the chosen partials only (the others are NaN here).
+    y0 = torch.randn(40, sum(ns), generator=torch.Generator().manual_seed(3)).to(dtype)
+    y, want_y = y0.to(DEVICE).clone(), y0.to(DEVICE).clone()
+    launch_expand(ws, ad.pool, ad.b_rows, ad.lora_start, ad.lora_rank, ad.lora_scale, token_lora,
+                  y, groups, pl, v_split=pl.split,
+                  dev_split=split_args(pl, k, d, len(ns), ad.max_rank))
+    reference.paged_lora_expand(want, ad.pool, ad.b_rows, ad.lora_start, ad.lora_rank,
+                                ad.lora_scale, token_lora, want_y)
+    assert y.isfinite().all()
+    assert rel_err(y, want_y) <= TOL[dtype]
+
+
 def test_many_segments_one_token_each(triton_backend, monkeypatch):
     # Decode-like segments (length 1); more segments than one tile-map step.
     monkeypatch.setattr(knobs, "SCAN_GROUPS", 16)

@@ -19,15 +19,16 @@ from vllm_slora.kernels.device import dot_f32
 from vllm_slora.kernels.grouping import Groups, make_groups
 from vllm_slora.kernels.pages import (MAX_SLICES, check_pool, load_b_tile, pick, slice_tables,
                                       widths)
-from vllm_slora.kernels.plan import Plan, plan, resident, shape_of
+from vllm_slora.kernels.plan import Plan, plan, register_cap, resident, shape_of
 from vllm_slora.kernels.replay import launch
-from vllm_slora.kernels.tiles import (any_rank_lanes, if_any_rank, mma, num_tiles, tile,
-                                      tile_tokens, uses_tile_list)
+from vllm_slora.kernels.tiles import (any_rank_lanes, device_split, if_any_rank, mma, num_tiles,
+                                      tile, tile_tokens, uses_tile_list)
 
 
 @triton.jit
-def _load_v(v_rows, offs_r, mask_m, R_MAX, v_stride_c, V_SPLIT: tl.constexpr):
-    """v[tile rows, offs_r] (fp32), split-K partials summed in a fixed order.
+def _load_v(v_rows, offs_r, mask_m, R_MAX, v_stride_c, split, V_SPLIT: tl.constexpr):
+    """v[tile rows, offs_r] (fp32), the shrink's first ``split`` (<= V_SPLIT)
+    split-K partials summed in a fixed order.
 
     Entries past R_MAX are not loaded; entries past the adapter's rank are
     loaded (whole rows, vectorised) and must be zeroed by the caller.
@@ -35,13 +36,14 @@ def _load_v(v_rows, offs_r, mask_m, R_MAX, v_stride_c, V_SPLIT: tl.constexpr):
     mask_v = mask_m[:, None] & (offs_r < R_MAX)[None, :]
     vt = tl.load(v_rows + offs_r[None, :], mask=mask_v, other=0.0)
     for c in tl.static_range(1, V_SPLIT):
-        vt += tl.load(v_rows + c * v_stride_c + offs_r[None, :], mask=mask_v, other=0.0)
+        vt += tl.load(v_rows + c * v_stride_c + offs_r[None, :], mask=mask_v & (c < split),
+                      other=0.0)
     return vt
 
 
 @triton.jit
 def _expand_columns(v_rows, pool_ptr, y_ptr, rows_ptr, tok, mask_m, start, rank, scale, col,
-                    width, y_col, R_MAX, v_stride_c, rows_stride, pool_stride, y_stride,
+                    width, y_col, R_MAX, v_stride_c, split, rows_stride, pool_stride, y_stride,
                     D: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
                     NBP: tl.constexpr, V_SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
                     PDL: tl.constexpr):  # fmt: skip
@@ -65,7 +67,7 @@ def _expand_columns(v_rows, pool_ptr, y_ptr, rows_ptr, tok, mask_m, start, rank,
     )
     if PDL:
         tl.extra.cuda.gdc_wait()
-    vt = _load_v(v_rows, offs_r, mask_m, R_MAX, v_stride_c, V_SPLIT)
+    vt = _load_v(v_rows, offs_r, mask_m, R_MAX, v_stride_c, split, V_SPLIT)
     vt = tl.where(mask_r[None, :], vt, 0.0).to(pool_ptr.dtype.element_ty)
     offs_n = tl.arange(0, BN)
     for i in range(NBP):
@@ -85,7 +87,8 @@ def _expand_columns(v_rows, pool_ptr, y_ptr, rows_ptr, tok, mask_m, start, rank,
         tl.store(y_tile, y, mask=mask_m[:, None] & live)
 
 
-@triton.jit(do_not_specialize=["NG", "TILES", "L", "n0", "n1", "n2", "NUM_N", "NUM_S"])
+@triton.jit(do_not_specialize=["NG", "TILES", "L", "n0", "n1", "n2", "NUM_N", "NUM_S", "EST_TILES",
+                               "S_ITEMS", "WANT2", "SPLIT_CAP", "S_PAGES"])
 def _expand_kernel(
     v_ptr,  # fp32 [S, T, R_MAX], or partials [V_SPLIT, S, T, R_MAX]
     pool_ptr,  # [num_rows, D]
@@ -109,6 +112,11 @@ def _expand_kernel(
     R_MAX,
     NUM_N,  # column groups (NBP blocks of BN) of the widest slice
     NUM_S,
+    EST_TILES,  # DEV_SPLIT: the shrink's split rule (plan.split_args), to know
+    S_ITEMS,  # how many partials it wrote
+    WANT2,
+    SPLIT_CAP,
+    S_PAGES,
     v_stride_c,
     v_stride_s,
     v_stride_t,
@@ -126,9 +134,15 @@ def _expand_kernel(
     RANK_LB: tl.constexpr,
     DOT_F32: tl.constexpr,
     PDL: tl.constexpr,  # launched with PDL behind the shrink: wait before reading v
+    DEV_SPLIT: tl.constexpr,  # the shrink chose its split on the device (V_SPLIT at most)
 ):
     per_tile = NUM_N * NUM_S
-    n_items = num_tiles(glora_ptr, TILES, MODE, BM) * per_tile
+    tiles = num_tiles(glora_ptr, TILES, MODE, BM)
+    n_items = tiles * per_tile
+    if DEV_SPLIT:
+        split, _ = device_split(tiles, EST_TILES, S_ITEMS, WANT2, SPLIT_CAP, S_PAGES)
+    else:
+        split = V_SPLIT
     n_items = if_any_rank(n_items, lora_rank_ptr, L, RANK_LB)
     for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
         p = item // per_tile
@@ -146,7 +160,7 @@ def _expand_kernel(
         if rank > 0:
             _expand_item(v_ptr, pool_ptr, y_ptr, rows0_ptr, rows1_ptr, rows2_ptr, start,
                          scale, idx_ptr, lora, lo, hi, rank, s, col, width, n0, n1, R_MAX,
-                         v_stride_c, v_stride_s, v_stride_t, pool_stride, y_stride, MODE, D, BM, BR,
+                         v_stride_c, split, v_stride_s, v_stride_t, pool_stride, y_stride, MODE, D, BM, BR,
                          BN, V_SPLIT, NBP, DOT_F32, PDL)  # fmt: skip
     if PDL:
         # A program that read no v still ends after the shrink: what runs
@@ -157,7 +171,7 @@ def _expand_kernel(
 @triton.jit
 def _expand_item(v_ptr, pool_ptr, y_ptr, rows0_ptr, rows1_ptr, rows2_ptr, start,
                  scale, idx_ptr, lora, lo, hi, rank, s, col, width, n0, n1, R_MAX,
-                 v_stride_c, v_stride_s, v_stride_t, pool_stride, y_stride, MODE: tl.constexpr,
+                 v_stride_c, split, v_stride_s, v_stride_t, pool_stride, y_stride, MODE: tl.constexpr,
                  D: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
                  V_SPLIT: tl.constexpr, NBP: tl.constexpr, DOT_F32: tl.constexpr,
                  PDL: tl.constexpr):  # fmt: skip
@@ -170,7 +184,8 @@ def _expand_item(v_ptr, pool_ptr, y_ptr, rows0_ptr, rows1_ptr, rows2_ptr, start,
     v_rows = v_ptr + s * v_stride_s + tok[:, None] * v_stride_t
     if NBP > 1:
         _expand_columns(v_rows, pool_ptr, y_ptr, rows_ptr, tok, mask_m, start, rank, scale,
-                        col, width, y_col, R_MAX, v_stride_c, rows_stride, pool_stride, y_stride,
+                        col, width, y_col, R_MAX, v_stride_c, split, rows_stride, pool_stride,
+                        y_stride,
                         D, BM, BR, BN, NBP, V_SPLIT, DOT_F32, PDL)  # fmt: skip
     else:
         offs_n = tl.arange(0, BN)
@@ -195,7 +210,7 @@ def _expand_item(v_ptr, pool_ptr, y_ptr, rows0_ptr, rows1_ptr, rows2_ptr, start,
             # v past the rank may be stale or NaN (0 * NaN = NaN): it is loaded
             # (whole rows, vectorised) but zeroed. It is rounded to the weights'
             # dtype for the tensor cores, as punica and vLLM do.
-            vt = _load_v(v_rows, offs_r, mask_m, R_MAX, v_stride_c, V_SPLIT)
+            vt = _load_v(v_rows, offs_r, mask_m, R_MAX, v_stride_c, split, V_SPLIT)
             vt = tl.where(mask_r[None, :], vt, 0.0)
             acc = mma(vt.to(b.dtype), b, acc, DOT_F32)
         y = (y.to(tl.float32) + acc * scale).to(y_ptr.dtype.element_ty)
@@ -206,12 +221,13 @@ def _expand_item(v_ptr, pool_ptr, y_ptr, rows0_ptr, rows1_ptr, rows2_ptr, start,
 
 def launch_expand(v, pool, tables, lora_start, lora_rank, lora_scale, token_lora, y,
                   groups: Groups, pl: Plan, v_split: int = 1, pdl: bool = False,
-                  record=None) -> None:  # fmt: skip
+                  record=None, dev_split: tuple | None = None) -> None:  # fmt: skip
     """Run the expand kernel; v is [S, T, R_MAX] or partials [v_split, S, T, R_MAX].
 
     pdl: launch with programmatic dependent launch; only right behind the
     shrink (or reduce) that writes v, whose other inputs were complete before
-    that kernel started.
+    that kernel started. dev_split: the shrink chose its split on the device;
+    its ``plan.split_args`` (the expand sums the partials it wrote).
     """
     d = pool.shape[1]
     s, r_max = len(tables), v.shape[-1]
@@ -226,13 +242,13 @@ def launch_expand(v, pool, tables, lora_start, lora_rank, lora_scale, token_lora
         v, pool, y, *padded, lora_start, lora_rank, lora_scale, token_lora,
         groups.bounds, groups.glora, groups.idx,
         groups.num_groups, pl.max_tiles, lora_rank.shape[0], *ns, r_max, num_n, s,
-        stride_c, v.stride(-3), v.stride(-2), pool.stride(0), y.stride(0),
+        *(dev_split or (0, 0, 0, 1, 1)), stride_c, v.stride(-3), v.stride(-2), pool.stride(0), y.stride(0),
     ), dict(
         MODE=groups.mode, D=d, BM=pl.tile_tokens, BR=pl.expand_rank_block, BN=pl.expand_n_block,
         SCAN_GROUPS=knobs.SCAN_GROUPS, LIST=uses_tile_list(groups.mode),
         RANK_LB=any_rank_lanes(lora_rank), V_SPLIT=v_split, NBP=pl.expand_blocks_per_program,
-        DOT_F32=dot_f32(y), PDL=pdl, num_warps=pl.expand_warps, num_stages=pl.expand_stages,
-        launch_pdl=pdl,
+        DOT_F32=dot_f32(y), PDL=pdl, DEV_SPLIT=dev_split is not None, num_warps=pl.expand_warps,
+        num_stages=pl.expand_stages, launch_pdl=pdl, **register_cap(pl.expand_maxnreg),
     ), record)  # fmt: skip
 
 

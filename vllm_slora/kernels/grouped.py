@@ -3,7 +3,8 @@
 One kernel family serves MBGMV (decode) and MBGMM (prefill): tokens are
 grouped by adapter (``grouping.py``), the grouping and plan (``plan.py``)
 are made once per call, the shrink (``shrink.py``) writes v or split-K
-partials, and the expand (``expand.py``) sums small partials itself (else a
+partials (grouped by adapter, the split is chosen on the device from the
+step's tiles, ``knobs.DEVICE_SPLIT``), and the expand (``expand.py``) sums small partials itself (else a
 reduce launch runs between) and adds into y. On Hopper the expand is
 launched with programmatic dependent launch right behind the shrink, so its
 prologue and B-page lookups overlap the shrink's tail. Tested against
@@ -17,9 +18,9 @@ import torch
 from vllm_slora.kernels import knobs
 from vllm_slora.kernels.device import capability
 from vllm_slora.kernels.expand import launch_expand
-from vllm_slora.kernels.grouping import PER_TOKEN, Groups, make_groups
+from vllm_slora.kernels.grouping import ADAPTERS, PER_TOKEN, Groups, make_groups
 from vllm_slora.kernels.pages import check_pool, slice_tables, widths
-from vllm_slora.kernels.plan import Plan, plan, shape_of
+from vllm_slora.kernels.plan import Plan, plan, shape_of, split_args
 from vllm_slora.kernels.shrink import launch_reduce, launch_shrink
 
 
@@ -66,6 +67,7 @@ def lora(x, y, pool, a_tables, b_tables, lora_start, lora_rank, lora_scale, toke
     # The expand may start (PDL) while the shrink runs when it comes right
     # behind it; behind a reduce launch it would only wait.
     pdl = use_pdl(dev) and (pl.split == 1 or fuse_partials(groups, pl, r_max))
+    dev_split = None
     if pl.split == 1:
         v = keep(torch.empty((s, t, r_max), dtype=torch.float32, device=dev))
         launch_shrink(x, pool, a_tables, lora_start, lora_rank, token_lora, v, groups, pl, pdl,
@@ -73,9 +75,12 @@ def lora(x, y, pool, a_tables, b_tables, lora_start, lora_rank, lora_scale, toke
         v_split = 1
     else:
         ws = keep(torch.empty((pl.split, s, t, r_max), dtype=torch.float32, device=dev))
+        fused = fuse_partials(groups, pl, r_max)
+        if fused and groups.mode == ADAPTERS and knobs.DEVICE_SPLIT:
+            dev_split = split_args(pl, k, d, s, r_max)
         launch_shrink(x, pool, a_tables, lora_start, lora_rank, token_lora, ws, groups, pl, pdl,
-                      record)
-        if fuse_partials(groups, pl, r_max):
+                      record, dev_split is not None)
+        if fused:
             v, v_split = ws, pl.split
         else:
             v = keep(torch.empty((s, t, r_max), dtype=torch.float32, device=dev))
@@ -83,7 +88,7 @@ def lora(x, y, pool, a_tables, b_tables, lora_start, lora_rank, lora_scale, toke
             v_split = 1
     launch_expand(
         v, pool, b_tables, lora_start, lora_rank, lora_scale, token_lora, y, groups, pl, v_split,
-        pdl, record,
+        pdl, record, dev_split,
     )
 
 

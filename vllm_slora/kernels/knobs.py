@@ -26,6 +26,13 @@ MAX_SPLIT = 16
 # batch of 64 fuse too, one launch less per module (LoRA time of an
 # engine-like step 12-37% lower than with 8 KB over B = 64/256, n = 5/64).
 FUSED_PARTIALS_BYTES = 64 << 10
+# ADAPTERS mode, partials summed by the expand: the shrink splits K by the
+# step's tile count (read from group_by_adapter's meta) instead of the
+# plan's FEW_GROUPS guess, at most as often as planned. A decode step of
+# 216 one-token adapters (n = 2,000) then reads whole vectors per item
+# (o: 91 -> ~64 us a layer on an H100, `benchmarks.lora_step` few256),
+# while a step of 5 popular adapters splits exactly as planned.
+DEVICE_SPLIT = True
 # Groups the tile map scans at a time (any count works, in chunks).
 SCAN_GROUPS = 128
 # Persistent grids: at most this many programs per SM, each looping over
@@ -60,6 +67,12 @@ SMALL_TILE_WARPS = (4, 8)
 # prompt, and left 256 adapters level, while o (one slice) at 256 adapters
 # was 15% slower with it.
 SMALL_TILE_SHRINK = (16, 256)
+# Register caps (ptxas .maxnreg) of the small-tile shrink and expand, None =
+# ptxas's choice. Uncapped, ptxas gives them 200-230 registers a thread (it
+# may: the launch bounds allow one program per SM), which leaves 8 warps
+# per SM for kernels whose pace is their loads in flight (`python -m
+# benchmarks.regs` prints registers, spills and programs per SM on CPU).
+SMALL_TILE_MAXNREG: tuple[int | None, int | None] = (None, None)
 # Programmatic dependent launch of the expand behind the shrink in ``lora``
 # (the expand's prologue and B-page lookups overlap the shrink's tail): None
 # = on Hopper and later, False = off (also ``VLLM_SLORA_PDL=0``, read at
@@ -75,6 +88,7 @@ class Knobs(NamedTuple):
     big_tile_programs_per_sm: int
     max_split: int
     fused_partials_bytes: int
+    device_split: bool
     scan_groups: int
     resident_programs_per_sm: int
     few_groups: int
@@ -87,12 +101,14 @@ class Knobs(NamedTuple):
     expand_stages: int
     small_tile_warps: tuple[int, int]
     small_tile_shrink: tuple[int, int]
+    small_tile_maxnreg: tuple[int | None, int | None]
     pdl: bool | None
 
 
 def snapshot() -> Knobs:
     """The knobs now."""
     return Knobs(PER_TOKEN_MAX_T, PROGRAMS_PER_SM, BIG_TILE_PROGRAMS_PER_SM, MAX_SPLIT,
-                 FUSED_PARTIALS_BYTES, SCAN_GROUPS, RESIDENT_PROGRAMS_PER_SM, FEW_GROUPS,
+                 FUSED_PARTIALS_BYTES, DEVICE_SPLIT, SCAN_GROUPS, RESIDENT_PROGRAMS_PER_SM, FEW_GROUPS,
                  TILE_LIST, ANY_RANK_CHECK, SHRINK_STAGES, EXPAND_BN, EXPAND_MAX_NBP,
-                 EXPAND_PROGRAMS_PER_SM, EXPAND_STAGES, SMALL_TILE_WARPS, SMALL_TILE_SHRINK, PDL)
+                 EXPAND_PROGRAMS_PER_SM, EXPAND_STAGES, SMALL_TILE_WARPS, SMALL_TILE_SHRINK,
+                 SMALL_TILE_MAXNREG, PDL)

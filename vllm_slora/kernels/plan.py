@@ -31,7 +31,6 @@ tiles' items and no empty program for the other ~236 possible tiles).
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -76,13 +75,19 @@ class Plan:
     expand_warps: int
     expand_stages: int
     expand_blocks_per_program: int = 1  # NBP: column blocks streamed per program
+    shrink_maxnreg: int | None = None  # register cap (None: ptxas's choice)
+    expand_maxnreg: int | None = None
+    # The split rule's inputs, for the kernels' own choice (``device_split``):
+    est_tiles: int = 0  # tiles the split was planned for
+    split_want: int = 0  # sqrt2_want(programs wanted)
 
     def constants(self) -> tuple:
         """The compile-time part (one Triton variant per distinct value)."""
         return (self.tile_tokens, self.shrink_rank_block, self.shrink_k_block,
                 self.split_pages_pow2, self.shrink_warps, self.shrink_stages,
                 self.expand_n_block, self.expand_rank_block, self.expand_warps,
-                self.expand_stages, self.expand_blocks_per_program)
+                self.expand_stages, self.expand_blocks_per_program, self.shrink_maxnreg,
+                self.expand_maxnreg)
 
 
 def shape_of(groups: Groups, tokens: int, k: int, n_max: int, slices: int, max_rank: int,
@@ -129,11 +134,10 @@ def _plan(sh: Shape, kn: knobs.Knobs) -> Plan:
     # Split K in whole pages: nearest power of two (in log scale) of
     # want / est, keeping >= 2 K steps per split where K allows.
     pages = sh.k // d
-    split = 1
-    if est < want:
-        split = 1 << round(math.log2(want / est))
-        min_pages = 1 if pages * (d // bk) < 4 else max(1, 2 * bk // d)
-        split = max(1, min(split, kn.max_split, pages // min_pages))
+    min_pages = 1 if pages * (d // bk) < 4 else max(1, 2 * bk // d)
+    split_cap = max(1, min(kn.max_split, pages // min_pages))
+    want2 = sqrt2_want(want)
+    split = min(pow2_split(est, want2), split_cap)
     pages_per_split = triton.cdiv(pages, split)
     split = triton.cdiv(pages, pages_per_split)
     # Expand: [BM, BR] x [BR, BN]; one rank step covers ranks up to 64.
@@ -154,10 +158,40 @@ def _plan(sh: Shape, kn: knobs.Knobs) -> Plan:
             nbp = 1
         if nbp > 1:
             stages_e = kn.expand_stages
+    regs_s, regs_e = kn.small_tile_maxnreg if bm == 16 else (None, None)
     return Plan(bm, tiles, br_s, bk, split, pages_per_split * d, pow2(pages_per_split), warps_s,
-                stages_s, bn, br_e, warps_e, stages_e, nbp)
+                stages_s, bn, br_e, warps_e, stages_e, nbp, regs_s, regs_e,
+                est_tiles, want2)
+
+
+def sqrt2_want(want: int) -> int:
+    """want * sqrt(2) in integers (``pow2_split``'s bound), kept within int32."""
+    return min(want * 1414 // 1000, 1 << 30)
+
+
+def pow2_split(est: int, want2: int) -> int:
+    """The power of two nearest (in log scale) to want / est, at least 1:
+    the largest s with est * s <= want * sqrt(2). The kernels' device
+    choice (``tiles.device_split``) is the same integer rule."""
+    s, est = 1, max(est, 1)
+    while est * s * 2 <= want2:
+        s *= 2
+    return s
+
+
+def split_args(pl: Plan, k: int, d: int, slices: int, r_max: int) -> tuple:
+    """The shrink's split rule as kernel arguments: (tiles planned for, its
+    items per tile, want, the most splits, pages of K). The step's tiles are
+    never fewer than planned for, so the device splits at most pl.split times."""
+    items_per_tile = triton.cdiv(r_max, pl.shrink_rank_block) * slices
+    return pl.est_tiles, items_per_tile, pl.split_want, pl.split, k // d
 
 
 def resident(items: int, device: torch.device) -> int:
     """Programs of a persistent grid for at most ``items`` work items."""
     return min(items, knobs.RESIDENT_PROGRAMS_PER_SM * num_sms(device_index(device)))
+
+
+def register_cap(maxnreg: int | None) -> dict:
+    """Launch options capping a kernel's registers per thread (none if None)."""
+    return {} if maxnreg is None else {"maxnreg": maxnreg}

@@ -19,14 +19,14 @@ from vllm_slora.kernels import knobs
 from vllm_slora.kernels.device import dot_f32, pow2
 from vllm_slora.kernels.grouping import Groups, make_groups
 from vllm_slora.kernels.pages import check_pool, pick, slice_tables, widths
-from vllm_slora.kernels.plan import Plan, plan, resident, shape_of
+from vllm_slora.kernels.plan import Plan, plan, register_cap, resident, shape_of, split_args
 from vllm_slora.kernels.replay import launch
-from vllm_slora.kernels.tiles import (any_rank_lanes, if_any_rank, mma, num_tiles, tile,
-                                      tile_tokens, uses_tile_list)
+from vllm_slora.kernels.tiles import (any_rank_lanes, device_split, if_any_rank, mma, num_tiles,
+                                      tile, tile_tokens, uses_tile_list)
 
 
 @triton.jit(do_not_specialize=["NG", "TILES", "K", "R_MAX", "K_SPLIT", "NUM_R", "SPLIT", "NUM_S",
-                               "L"])
+                               "L", "EST_TILES", "WANT2", "SPLIT_CAP"])
 def _shrink_kernel(
     x_ptr,  # [T, K]
     pool_ptr,  # [num_rows, D]
@@ -49,6 +49,9 @@ def _shrink_kernel(
     NUM_R,  # rank blocks: cdiv(R_MAX, BR)
     SPLIT,
     NUM_S,
+    EST_TILES,  # DEV_SPLIT: the split rule's inputs (plan.split_args)
+    WANT2,
+    SPLIT_CAP,
     x_stride,
     pool_stride,
     rows_stride,
@@ -66,20 +69,29 @@ def _shrink_kernel(
     RANK_LB: tl.constexpr,  # power of two >= L, or 0: skip the any-rank check
     DOT_F32: tl.constexpr,
     PDL: tl.constexpr,  # let the expand (launched with PDL) start its prologue now
+    DEV_SPLIT: tl.constexpr,  # choose the split from the step's tiles (tiles.device_split)
 ):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     # Rank blocks, then splits, then slices vary fastest: the items that
     # read one x tile run together and find it in L2.
-    per_tile = NUM_R * SPLIT * NUM_S
-    n_items = num_tiles(glora_ptr, TILES, MODE, BM) * per_tile
+    tiles = num_tiles(glora_ptr, TILES, MODE, BM)
+    if DEV_SPLIT:
+        split, pages_per_split = device_split(tiles, EST_TILES, NUM_R * NUM_S, WANT2, SPLIT_CAP,
+                                              K // D)
+        k_split = pages_per_split * D
+    else:
+        split = SPLIT
+        k_split = K_SPLIT
+    per_tile = NUM_R * split * NUM_S
+    n_items = tiles * per_tile
     n_items = if_any_rank(n_items, lora_rank_ptr, L, RANK_LB)
     for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
         p = item // per_tile
         q = item % per_tile
         rb = q % NUM_R
-        c = (q // NUM_R) % SPLIT
-        s = q // (NUM_R * SPLIT)
+        c = (q // NUM_R) % split
+        s = q // (NUM_R * split)
         lora, lo, hi = tile(p, token_lora_ptr, bounds_ptr, glora_ptr, NG, MODE, BM, SCAN_GROUPS,
                             LIST)
         # rank and start side by side (both need only the adapter): one
@@ -89,7 +101,7 @@ def _shrink_kernel(
         rank = tl.where(lora >= 0, tl.minimum(rank, R_MAX), 0)
         if rb * BR < rank:
             _shrink_item(x_ptr, pool_ptr, out_ptr, rows0_ptr, rows1_ptr, rows2_ptr, start,
-                         idx_ptr, lora, lo, hi, rank, rb, c, s, K, K_SPLIT, x_stride, pool_stride,
+                         idx_ptr, lora, lo, hi, rank, rb, c, s, K, k_split, x_stride, pool_stride,
                          rows_stride, out_stride_c, out_stride_s, out_stride_t, MODE, D, BM, BR,
                          BK, NPG, DOT_F32)  # fmt: skip
 
@@ -120,7 +132,7 @@ def _shrink_item(x_ptr, pool_ptr, out_ptr, rows0_ptr, rows1_ptr, rows2_ptr, star
     vec_ptr = rows_ptr + (start + offs_r).to(tl.int64) * rows_stride + pg0
     pages = tl.load(
         vec_ptr[:, None] + offs_pg[None, :],
-        mask=mask_r[:, None] & (pg0 + offs_pg < K // D)[None, :],
+        mask=mask_r[:, None] & ((pg0 + offs_pg) * D < k_hi)[None, :],
         other=0,
     )
     acc = tl.zeros((BM, BR), dtype=tl.float32)
@@ -183,9 +195,11 @@ def _reduce_kernel(
 
 
 def launch_shrink(x, pool, tables, lora_start, lora_rank, token_lora, out, groups: Groups,
-                  pl: Plan, pdl: bool = False, record=None) -> None:  # fmt: skip
+                  pl: Plan, pdl: bool = False, record=None, dev_split: bool = False) -> None:  # fmt: skip
     """Run the shrink kernel into ``out``: [S, T, R_MAX] when pl.split == 1,
-    else partials [split, S, T, R_MAX]."""
+    else partials [split, S, T, R_MAX]. ``dev_split`` (ADAPTERS mode): the
+    kernel splits K at most pl.split times, as the step's tiles call for
+    (``tiles.device_split``); partials past its choice are left unwritten."""
     d = pool.shape[1]
     t, k = x.shape
     s, r_max = len(tables), out.shape[-1]
@@ -196,17 +210,19 @@ def launch_shrink(x, pool, tables, lora_start, lora_rank, token_lora, out, group
         return
     stride_c = out.stride(0) if pl.split > 1 else 0
     o_s, o_t = out.stride(-3), out.stride(-2)
+    est_tiles, _, want2, cap, pages = split_args(pl, k, d, s, r_max)
     launch(_shrink_kernel, grid, (
         x, pool, out, *padded, lora_start, lora_rank, token_lora,
         groups.bounds, groups.glora, groups.idx,
         groups.num_groups, pl.max_tiles, lora_rank.shape[0], k, r_max, pl.split_width, num_r,
-        pl.split, s,
+        pl.split, s, est_tiles, want2, cap,
         x.stride(0), pool.stride(0), padded[0].stride(0), stride_c, o_s, o_t,
     ), dict(
         MODE=groups.mode, D=d, BM=pl.tile_tokens, BR=pl.shrink_rank_block, BK=pl.shrink_k_block,
-        NPG=pl.split_pages_pow2, SCAN_GROUPS=knobs.SCAN_GROUPS,
+        NPG=pow2(pages) if dev_split else pl.split_pages_pow2, SCAN_GROUPS=knobs.SCAN_GROUPS,
         LIST=uses_tile_list(groups.mode), RANK_LB=any_rank_lanes(lora_rank),
-        DOT_F32=dot_f32(x), PDL=pdl, num_warps=pl.shrink_warps, num_stages=pl.shrink_stages,
+        DOT_F32=dot_f32(x), PDL=pdl, DEV_SPLIT=dev_split, num_warps=pl.shrink_warps,
+        num_stages=pl.shrink_stages, **register_cap(pl.shrink_maxnreg),
     ), record)  # fmt: skip
 
 

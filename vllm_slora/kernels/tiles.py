@@ -113,6 +113,23 @@ def if_any_rank(n_items, lora_rank_ptr, L, RANK_LB: tl.constexpr):
 
 
 @triton.jit
+def device_split(tiles, EST_TILES, ITEMS_PER_TILE, WANT2, SPLIT_CAP, PAGES):
+    """(splits, pages per split) of the shrink's K for this step: the plan's
+    rule (``plan.pow2_split``) over the step's tiles instead of the tiles the
+    plan assumed, never more than the plan's (ADAPTERS mode: a step of 200
+    one-token adapters in a graph planned for a few popular ones splits K
+    less, its items read whole vectors; a step of few adapters splits as
+    planned)."""
+    est = tl.maximum(tl.maximum(tiles, EST_TILES) * ITEMS_PER_TILE, 1)
+    s = 1
+    while est * s * 2 <= WANT2:
+        s *= 2
+    s = tl.minimum(s, SPLIT_CAP)
+    pps = tl.cdiv(PAGES, s)
+    return tl.cdiv(PAGES, pps), pps
+
+
+@triton.jit
 def mma(a, b, acc, DOT_F32: tl.constexpr):
     # DOT_F32: fp32 operands (fp32 pools, and the CPU interpreter, whose
     # tl.dot is wrong for bf16); otherwise fp16/bf16 tensor cores.
