@@ -54,8 +54,8 @@ VARIANTS = {
     # or no grouping at all (each token its own tile).
     "few256": {"FEW_GROUPS": 256},
     "pertoken": {"PER_TOKEN_MAX_T": 512},
-    # The split planned on the host only (FEW_GROUPS), before DEVICE_SPLIT.
-    "static": {"DEVICE_SPLIT": False},
+    # The shrink's split chosen on the device from the step's tiles.
+    "devsplit": {"DEVICE_SPLIT": True},
     # Shared memory a program (the shrink's pipeline buffers, BK) against
     # programs per SM: 3 q,k,v shrink programs fit an SM by default.
     "stages3": {"SHRINK_STAGES": 3},
@@ -77,12 +77,15 @@ VARIANTS = {
 
 
 def setup(batch: int, n: int, slots: int, d: int, widths: dict, device: str, dtype,
-          prefill: int = 0):  # fmt: skip
+          prefill: int = 0, pages: str = "random"):  # fmt: skip
     """Per module: adapters, static slot tensors (slots past n: rank 0), x, y.
 
     ``prefill`` > 0: a mixed step, the batch's decode tokens followed by one
     prompt chunk of that many tokens on adapter 0 (as a step that admits a
-    request while the batch decodes).
+    request while the batch decodes). ``pages``: "random" scatters every
+    page (512 bytes at D = 256) over the pool; "blocks" packs each adapter
+    into whole KV blocks, a vector's pages consecutive, as the engine does
+    (``benchmarks.kernels.cases.page_tables``).
     """
     import torch
 
@@ -97,7 +100,13 @@ def setup(batch: int, n: int, slots: int, d: int, widths: dict, device: str, dty
     for i, (name, (k, ns)) in enumerate(widths.items()):
         ranks = [RANKS[j % len(RANKS)] for j in range(n)]
         used = name in LORA_MODULES
-        ad = make_paged_adapters(ranks if used else [1], k, ns, d, dtype, device=device, seed=i)
+        if pages == "random":
+            ad = make_paged_adapters(ranks if used else [1], k, ns, d, dtype, device=device, seed=i)
+        else:
+            from benchmarks.kernels.cases import build_adapters
+
+            gen = torch.Generator(device=device).manual_seed(i)
+            ad = build_adapters(torch, k, ns, ranks if used else [1], d, dtype, device, gen, pages)
         start = torch.zeros(slots, dtype=torch.int32, device=device)
         rank = torch.zeros(slots, dtype=torch.int32, device=device)
         scale = torch.ones(slots, dtype=torch.float32, device=device)
@@ -162,6 +171,9 @@ def main(argv=None) -> int:
     p.add_argument("--prefill", default="0",
                    help="prompt tokens (of adapter 0) added to each batch, e.g. 0,256: mixed steps")
     p.add_argument("--slots", type=int, default=256)
+    p.add_argument("--pages", choices=("random", "blocks"), default="random",
+                   help="page placement: random rows (worst case, the results before "
+                        "2026-12-07) or the engine's (an adapter's whole blocks)")
     p.add_argument("--variants", default="all")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--out", type=Path, default=None)
@@ -189,10 +201,11 @@ def main(argv=None) -> int:
     max_rank = max(RANKS)
     results = {"command": "python -m benchmarks.lora_step " + " ".join(argv or sys.argv[1:]),
                "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-               "slots": slots, "cases": []}
+               "slots": slots, "pages": args.pages, "cases": []}
     flush_buf = torch.empty(96 << 20, dtype=torch.uint8, device=device) if device == "cuda" else None
     for batch, n, prefill in itertools.product(batches, ns, prefills):
-        token_lora, meta, mods = setup(batch, n, slots, d, widths, device, dtype, prefill)
+        token_lora, meta, mods = setup(batch, n, slots, d, widths, device, dtype, prefill,
+                                       args.pages)
         for name in names:
             old = apply_variant(VARIANTS[name])
             try:

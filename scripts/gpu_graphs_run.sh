@@ -4,7 +4,8 @@
 #   STEPS=... arguments for `python -m benchmarks.step_time` (decode step
 #             time of base, stock, plugin at fixed batches; --profile K adds
 #             the anatomy), e.g. "--systems base,slora"
-#   TESTS=1   GPU tests (TESTS_S, default: what is left of the call): `pytest -m gpu`
+#   TESTS=1   GPU tests (TESTS_S, default: what is left of the call; unset: only
+#             when no other stage is asked for): `pytest -m gpu`
 #             over GPU_TESTS (default tests/gpu tests/paging): the plugin in full +
 #             piecewise graphs vs stock and vs itself eager, memory pressure with
 #             async scheduling vs a roomy run, adapter faults mid-run with async
@@ -173,7 +174,15 @@ if [ -n "${STEPS:-}" ]; then  # decode step time at fixed batches, e.g. "--syste
   mkdir -p $O/step-children && cp /tmp/slora-steps/*.json $O/step-children/ 2>/dev/null
   [ -d /tmp/slora-steps/traces ] && cp -r /tmp/slora-steps/traces $O/step-traces
 fi
-if [ "${TESTS:-1}" = 1 ]; then
+# TESTS unset: the GPU tests run only when no other stage was asked for (a
+# call that asked for a 41 s kernel timing once spent 7.6 minutes in them).
+if [ -z "${TESTS:-}" ]; then
+  TESTS=1
+  for stage in STEPS KTESTS PYTEST LSTEP DIAG KBENCH EAB SMOKE ALOAD BENCH BTP ONLINE; do
+    [ -n "${!stage:-}" ] && [ "${!stage}" != 0 ] && TESTS=0
+  done
+fi
+if [ "$TESTS" = 1 ]; then
   timeout "$(cap ${TESTS_S:-600})" python3 -m pytest -q -rs -s -m gpu ${GPU_TESTS:-tests/gpu tests/paging} \
     ${GPU_K:+-k "$GPU_K"} > $O/pytest-gpu.txt 2>&1
   echo "pytest gpu rc=$? ${SECONDS}s" | tee -a $O/steps.txt

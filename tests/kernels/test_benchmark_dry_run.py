@@ -57,3 +57,49 @@ def test_block_page_layout_is_the_engines():
     assert (others // BLOCK_ROWS).unique().numel() == sum(
         -(-r * (2 * k + sum(ns)) // d // BLOCK_ROWS) for r in ranks
     )
+
+
+def test_lora_step_dry_run_engine_pages(tmp_path):
+    # The decode step's kernels under a knob variant, pages placed as the
+    # engine places them; every case checked against the reference.
+    out = tmp_path / "lora-step.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.lora_step", "--dry-run", "--pages", "blocks",
+         "--variants", "devsplit", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    import json
+
+    cases = json.loads(out.read_text())["cases"]
+    assert cases and all(c["variant"] == "devsplit" and c["max_rel_err"] < 1e-4 for c in cases)
+
+
+def test_programs_per_sm():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.regs import programs_per_sm
+
+    # The q,k,v shrink: 72 KB of pipeline buffers leave room for 3 programs.
+    assert programs_per_sm(96, 72 * 1024, 4) == 3
+    # Registers bind: 200 a thread x 8 warps is 51,200 of the SM's 65,536.
+    assert programs_per_sm(200, 8 * 1024, 8) == 1
+    # Warps bind: 64 a SM.
+    assert programs_per_sm(32, 0, 16) == 4
+
+
+def test_regs_compiles_the_kernels_for_hopper():
+    # The launches of a decode step's o call, caught and compiled for sm_90
+    # on this machine (no GPU): registers, shared memory, programs an SM.
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.regs", "--modules", "o", "--variants", "default"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [r.split("|")[1:-1] for r in proc.stdout.splitlines() if r.startswith("| default")]
+    assert [r[2].strip() for r in rows] == ["shrink_kernel", "expand_kernel"]
+    for r in rows:
+        regs, smem_kb, programs = int(r[4]), int(r[6]), int(r[7])
+        assert 0 < regs <= 255 and smem_kb > 0 and programs >= 1

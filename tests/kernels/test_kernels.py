@@ -281,18 +281,20 @@ def test_many_adapters(triton_backend):
     check(ranks, 64, [32, 32], 32, torch.float16, token_lora.to(torch.int32), lora=False)
 
 
-@pytest.mark.parametrize("adapters,chosen", [(20, 1), (6, 2)])
+@pytest.mark.parametrize("adapters,chosen", [(20, 1), (6, 2), (3, 4)])
 def test_split_chosen_from_the_steps_tiles(triton_backend, by_adapter, monkeypatch, adapters,
                                            chosen):  # fmt: skip
     # The plan splits K = 10 pages 4 ways, as if the step had one adapter
-    # (FEW_GROUPS = 1); the step's 20 (6) one-adapter tiles call for 1 (2)
-    # splits. The shrink writes only those partials, the expand sums only
-    # them, and the op equals the reference either way.
+    # (FEW_GROUPS = 1: 4 tiles); the step's 20 (6) one-adapter tiles call
+    # for 1 (2) splits, its 3 for the planned 4. The shrink writes only
+    # those partials, the expand sums only them, and the op equals the
+    # reference either way.
     from vllm_slora.kernels.expand import launch_expand
     from vllm_slora.kernels.plan import pow2_split, split_args
     from vllm_slora.kernels.shrink import launch_shrink
 
     monkeypatch.setattr(knobs, "FEW_GROUPS", 1)
+    monkeypatch.setattr(knobs, "DEVICE_SPLIT", True)
     ranks = [SMALL[i % len(SMALL)] for i in range(adapters)]
     token_lora = (torch.arange(40) % adapters).to(torch.int32)
     k, ns, d, dtype = 320, [64, 32], 32, torch.float16
@@ -303,7 +305,8 @@ def test_split_chosen_from_the_steps_tiles(triton_backend, by_adapter, monkeypat
                        dtype))
     assert pl.split == 4, pl
     est_tiles, per_tile, want2, cap, pages = split_args(pl, k, d, len(ns), ad.max_rank)
-    assert min(pow2_split(adapters * per_tile, want2), cap) == chosen  # the rule, on the host
+    # The rule on the host: the step's tiles (one per adapter), at least the plan's.
+    assert min(pow2_split(max(adapters, est_tiles) * per_tile, want2), cap) == chosen
     x = torch.randn(40, k, generator=torch.Generator().manual_seed(2)).to(dtype).to(DEVICE)
     ws = torch.full((pl.split, len(ns), 40, ad.max_rank), float("nan"), device=DEVICE)
     launch_shrink(x, ad.pool, ad.a_rows, ad.lora_start, ad.lora_rank, token_lora, ws, groups, pl,

@@ -29,10 +29,11 @@ FUSED_PARTIALS_BYTES = 64 << 10
 # ADAPTERS mode, partials summed by the expand: the shrink splits K by the
 # step's tile count (read from group_by_adapter's meta) instead of the
 # plan's FEW_GROUPS guess, at most as often as planned. A decode step of
-# 216 one-token adapters (n = 2,000) then reads whole vectors per item
-# (o: 91 -> ~64 us a layer on an H100, `benchmarks.lora_step` few256),
-# while a step of 5 popular adapters splits exactly as planned.
-DEVICE_SPLIT = True
+# 216 one-token adapters (n = 2,000) then reads whole vectors per item, as
+# `benchmarks.lora_step`'s few256 did (o: 91 -> 64 us a layer on an H100),
+# while a step of 5 popular adapters splits as planned. Off until timed on
+# a GPU (lora_step variant `devsplit`): built and tested on CPU only.
+DEVICE_SPLIT = False
 # Groups the tile map scans at a time (any count works, in chunks).
 SCAN_GROUPS = 128
 # Persistent grids: at most this many programs per SM, each looping over
