@@ -8,8 +8,10 @@ grouping, fp16, D = 256) on an H100/H200 (sm_90, 132 SMs), without a GPU:
 the launches are caught, their arguments specialised as Triton's JIT does
 on the device (alignment, constexprs), compiled for sm_90 and passed through
 ptxas. A kernel whose pace is its loads in flight wants many warps per SM;
-ptxas, left free, gives these kernels 200+ registers a thread and the SM
-room for one or two programs (``knobs.SMALL_TILE_MAXNREG``).
+the table says what bounds them (registers, shared memory for the
+pipeline's buffers, warps). Without the JIT's alignment attributes the
+same kernels compile to other code (200+ registers, no pipelining): the
+specialisation matters.
 """
 
 from __future__ import annotations

@@ -176,11 +176,13 @@ if [ -n "${STEPS:-}" ]; then  # decode step time at fixed batches, e.g. "--syste
 fi
 # TESTS unset: the GPU tests run only when no other stage was asked for (a
 # call that asked for a 41 s kernel timing once spent 7.6 minutes in them).
+# GPU_K or GPU_TESTS given: the tests were asked for.
 if [ -z "${TESTS:-}" ]; then
   TESTS=1
   for stage in STEPS KTESTS PYTEST LSTEP DIAG KBENCH EAB SMOKE ALOAD BENCH BTP ONLINE; do
     [ -n "${!stage:-}" ] && [ "${!stage}" != 0 ] && TESTS=0
   done
+  [ -n "${GPU_K:-}${GPU_TESTS:-}" ] && TESTS=1
 fi
 if [ "$TESTS" = 1 ]; then
   timeout "$(cap ${TESTS_S:-600})" python3 -m pytest -q -rs -s -m gpu ${GPU_TESTS:-tests/gpu tests/paging} \

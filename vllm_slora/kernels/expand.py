@@ -229,6 +229,7 @@ def launch_expand(v, pool, tables, lora_start, lora_rank, lora_scale, token_lora
     that kernel started. dev_split: the shrink chose its split on the device;
     its ``plan.split_args`` (the expand sums the partials it wrote).
     """
+    assert dev_split is None or v_split > 1, "a device split needs the shrink's partials"
     d = pool.shape[1]
     s, r_max = len(tables), v.shape[-1]
     padded = slice_tables(tables)

@@ -69,10 +69,9 @@ SMALL_TILE_WARPS = (4, 8)
 # was 15% slower with it.
 SMALL_TILE_SHRINK = (16, 256)
 # Register caps (ptxas .maxnreg) of the small-tile shrink and expand, None =
-# ptxas's choice. Uncapped, ptxas gives them 200-230 registers a thread (it
-# may: the launch bounds allow one program per SM), which leaves 8 warps
-# per SM for kernels whose pace is their loads in flight (`python -m
-# benchmarks.regs` prints registers, spills and programs per SM on CPU).
+# ptxas's choice (64-117 registers a thread). Shared memory, not registers,
+# bounds their programs per SM (`python -m benchmarks.regs` prints both on
+# CPU); a cap of 96 was 8% slower at 216 adapters on an H100.
 SMALL_TILE_MAXNREG: tuple[int | None, int | None] = (None, None)
 # Programmatic dependent launch of the expand behind the shrink in ``lora``
 # (the expand's prologue and B-page lookups overlap the shrink's tail): None

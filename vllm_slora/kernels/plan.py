@@ -31,6 +31,7 @@ tiles' items and no empty program for the other ~236 possible tiles).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -165,8 +166,8 @@ def _plan(sh: Shape, kn: knobs.Knobs) -> Plan:
 
 
 def sqrt2_want(want: int) -> int:
-    """want * sqrt(2) in integers (``pow2_split``'s bound), kept within int32."""
-    return min(want * 1414 // 1000, 1 << 30)
+    """floor(want * sqrt(2)) (``pow2_split``'s bound), kept within int32."""
+    return min(math.isqrt(2 * want * want), 1 << 30)
 
 
 def pow2_split(est: int, want2: int) -> int:
