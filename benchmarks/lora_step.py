@@ -63,16 +63,9 @@ VARIANTS = {
     "bk128": {"SMALL_TILE_SHRINK": (16, 128)},
     "few256-bk128": {"FEW_GROUPS": 256, "SMALL_TILE_SHRINK": (16, 128)},
     "few256-stages3": {"FEW_GROUPS": 256, "SHRINK_STAGES": 3},
-    # Registers a thread capped (ptxas .maxnreg: shrink, expand), so that an
-    # SM holds more programs (`python -m benchmarks.regs` prints the counts).
-    "reg128": {"SMALL_TILE_MAXNREG": (128, 128)},
+    # Registers a thread capped (ptxas .maxnreg: shrink, expand): 8% slower at
+    # 216 adapters on an H100 (shared memory bounds the programs an SM holds).
     "reg96": {"SMALL_TILE_MAXNREG": (96, 96)},
-    "reg80": {"SMALL_TILE_MAXNREG": (80, 80)},
-    "reg64": {"SMALL_TILE_MAXNREG": (64, 64)},
-    "bk128-reg96": {"SMALL_TILE_SHRINK": (16, 128), "SMALL_TILE_MAXNREG": (96, 96)},
-    "bk128-w8-reg80": {"SMALL_TILE_SHRINK": (16, 128), "SMALL_TILE_WARPS": (8, 8),
-                       "SMALL_TILE_MAXNREG": (80, 80)},
-    "few256-reg96": {"FEW_GROUPS": 256, "SMALL_TILE_MAXNREG": (96, 96)},
 }
 
 
@@ -202,7 +195,8 @@ def main(argv=None) -> int:
     results = {"command": "python -m benchmarks.lora_step " + " ".join(argv or sys.argv[1:]),
                "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                "slots": slots, "pages": args.pages, "cases": []}
-    flush_buf = torch.empty(96 << 20, dtype=torch.uint8, device=device) if device == "cuda" else None
+    flush_buf = (torch.empty(96 << 20, dtype=torch.uint8, device=device) if device == "cuda"
+                 else None)
     for batch, n, prefill in itertools.product(batches, ns, prefills):
         token_lora, meta, mods = setup(batch, n, slots, d, widths, device, dtype, prefill,
                                        args.pages)
@@ -222,7 +216,7 @@ def main(argv=None) -> int:
                     row["step_ms"] = LAYERS * sum(per.values()) / 1e3
                     # The adapter modules' rate: their pages' bytes over their time
                     # (HBM: ~3.35 TB/s on an H100, ~4.8 on an H200).
-                    need = adapter_bytes(batch, n, widths, x_elem(dtype))
+                    need = adapter_bytes(batch, n, widths, dtype.itemsize)
                     used = sum(per[m] for m in need if need[m])
                     row["adapter_tb_s"] = sum(need.values()) / max(used, 1e-9) / 1e6
                 results["cases"].append(row)
@@ -236,12 +230,6 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(results, indent=1))
     bad = [r for r in results["cases"] if r["max_rel_err"] > (1e-4 if device == "cpu" else 1e-2)]
     return 1 if bad else 0
-
-
-def x_elem(dtype) -> int:
-    import torch
-
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def table(rows: list[dict]) -> str:

@@ -304,9 +304,9 @@ def test_split_chosen_from_the_steps_tiles(triton_backend, by_adapter, monkeypat
     pl = plan(shape_of(groups, 40, k, max(ns), len(ns), ad.max_rank, d, torch.device(DEVICE),
                        dtype))
     assert pl.split == 4, pl
-    est_tiles, per_tile, want2, cap, pages = split_args(pl, k, d, len(ns), ad.max_rank)
+    est_tiles, per_tile, want2, _ = split_args(pl, k, d, len(ns), ad.max_rank)
     # The rule on the host: the step's tiles (one per adapter), at least the plan's.
-    assert min(pow2_split(max(adapters, est_tiles) * per_tile, want2), cap) == chosen
+    assert min(pow2_split(max(adapters, est_tiles) * per_tile, want2), pl.split) == chosen
     x = torch.randn(40, k, generator=torch.Generator().manual_seed(2)).to(dtype).to(DEVICE)
     ws = torch.full((pl.split, len(ns), 40, ad.max_rank), float("nan"), device=DEVICE)
     launch_shrink(x, ad.pool, ad.a_rows, ad.lora_start, ad.lora_rank, token_lora, ws, groups, pl,

@@ -87,8 +87,8 @@ def _expand_columns(v_rows, pool_ptr, y_ptr, rows_ptr, tok, mask_m, start, rank,
         tl.store(y_tile, y, mask=mask_m[:, None] & live)
 
 
-@triton.jit(do_not_specialize=["NG", "TILES", "L", "n0", "n1", "n2", "NUM_N", "NUM_S", "EST_TILES",
-                               "S_ITEMS", "WANT2", "SPLIT_CAP", "S_PAGES"])
+@triton.jit(do_not_specialize=["NG", "TILES", "L", "n0", "n1", "n2", "NUM_N", "NUM_S",
+                               "EST_TILES", "S_ITEMS", "WANT2", "S_PAGES"])
 def _expand_kernel(
     v_ptr,  # fp32 [S, T, R_MAX], or partials [V_SPLIT, S, T, R_MAX]
     pool_ptr,  # [num_rows, D]
@@ -115,7 +115,6 @@ def _expand_kernel(
     EST_TILES,  # DEV_SPLIT: the shrink's split rule (plan.split_args), to know
     S_ITEMS,  # how many partials it wrote
     WANT2,
-    SPLIT_CAP,
     S_PAGES,
     v_stride_c,
     v_stride_s,
@@ -140,7 +139,7 @@ def _expand_kernel(
     tiles = num_tiles(glora_ptr, TILES, MODE, BM)
     n_items = tiles * per_tile
     if DEV_SPLIT:
-        split, _ = device_split(tiles, EST_TILES, S_ITEMS, WANT2, SPLIT_CAP, S_PAGES)
+        split, _ = device_split(tiles, EST_TILES, S_ITEMS, WANT2, V_SPLIT, S_PAGES)
     else:
         split = V_SPLIT
     n_items = if_any_rank(n_items, lora_rank_ptr, L, RANK_LB)
@@ -160,8 +159,8 @@ def _expand_kernel(
         if rank > 0:
             _expand_item(v_ptr, pool_ptr, y_ptr, rows0_ptr, rows1_ptr, rows2_ptr, start,
                          scale, idx_ptr, lora, lo, hi, rank, s, col, width, n0, n1, R_MAX,
-                         v_stride_c, split, v_stride_s, v_stride_t, pool_stride, y_stride, MODE, D, BM, BR,
-                         BN, V_SPLIT, NBP, DOT_F32, PDL)  # fmt: skip
+                         v_stride_c, split, v_stride_s, v_stride_t, pool_stride, y_stride, MODE,
+                         D, BM, BR, BN, V_SPLIT, NBP, DOT_F32, PDL)  # fmt: skip
     if PDL:
         # A program that read no v still ends after the shrink: what runs
         # after this kernel in the stream may rely on the shrink's writes.
@@ -171,7 +170,8 @@ def _expand_kernel(
 @triton.jit
 def _expand_item(v_ptr, pool_ptr, y_ptr, rows0_ptr, rows1_ptr, rows2_ptr, start,
                  scale, idx_ptr, lora, lo, hi, rank, s, col, width, n0, n1, R_MAX,
-                 v_stride_c, split, v_stride_s, v_stride_t, pool_stride, y_stride, MODE: tl.constexpr,
+                 v_stride_c, split, v_stride_s, v_stride_t, pool_stride, y_stride,
+                 MODE: tl.constexpr,
                  D: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
                  V_SPLIT: tl.constexpr, NBP: tl.constexpr, DOT_F32: tl.constexpr,
                  PDL: tl.constexpr):  # fmt: skip
@@ -243,13 +243,13 @@ def launch_expand(v, pool, tables, lora_start, lora_rank, lora_scale, token_lora
         v, pool, y, *padded, lora_start, lora_rank, lora_scale, token_lora,
         groups.bounds, groups.glora, groups.idx,
         groups.num_groups, pl.max_tiles, lora_rank.shape[0], *ns, r_max, num_n, s,
-        *(dev_split or (0, 0, 0, 1, 1)), stride_c, v.stride(-3), v.stride(-2), pool.stride(0), y.stride(0),
+        *(dev_split or (0, 0, 0, 1)), stride_c, v.stride(-3), v.stride(-2), pool.stride(0), y.stride(0),
     ), dict(
         MODE=groups.mode, D=d, BM=pl.tile_tokens, BR=pl.expand_rank_block, BN=pl.expand_n_block,
         SCAN_GROUPS=knobs.SCAN_GROUPS, LIST=uses_tile_list(groups.mode),
         RANK_LB=any_rank_lanes(lora_rank), V_SPLIT=v_split, NBP=pl.expand_blocks_per_program,
-        DOT_F32=dot_f32(y), PDL=pdl, DEV_SPLIT=dev_split is not None, num_warps=pl.expand_warps,
-        num_stages=pl.expand_stages, launch_pdl=pdl, **register_cap(pl.expand_maxnreg),
+        DOT_F32=dot_f32(y), PDL=pdl, DEV_SPLIT=dev_split is not None,
+        num_warps=pl.expand_warps, num_stages=pl.expand_stages, launch_pdl=pdl, **register_cap(pl.expand_maxnreg),
     ), record)  # fmt: skip
 
 

@@ -4,8 +4,8 @@ One kernel family serves MBGMV (decode) and MBGMM (prefill): tokens are
 grouped by adapter (``grouping.py``), the grouping and plan (``plan.py``)
 are made once per call, the shrink (``shrink.py``) writes v or split-K
 partials (grouped by adapter, ``knobs.DEVICE_SPLIT`` lets it choose the
-split from the step's tiles), and the expand (``expand.py``) sums small partials itself (else a
-reduce launch runs between) and adds into y. On Hopper the expand is
+split from the step's tiles), and the expand (``expand.py``) sums small
+partials itself (else a reduce launch runs between) and adds into y. On Hopper the expand is
 launched with programmatic dependent launch right behind the shrink, so its
 prologue and B-page lookups overlap the shrink's tail. Tested against
 ``reference.py`` in ``tests/kernels/test_kernels.py``.

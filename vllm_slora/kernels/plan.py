@@ -181,11 +181,11 @@ def pow2_split(est: int, want2: int) -> int:
 
 
 def split_args(pl: Plan, k: int, d: int, slices: int, r_max: int) -> tuple:
-    """The shrink's split rule as kernel arguments: (tiles planned for, its
-    items per tile, want, the most splits, pages of K). The step's tiles are
-    never fewer than planned for, so the device splits at most pl.split times."""
+    """The shrink's split rule as the expand's arguments: (tiles planned for,
+    the shrink's items per tile, want, pages of K). The step's tiles are never
+    fewer than planned for, so the device splits at most pl.split times."""
     items_per_tile = triton.cdiv(r_max, pl.shrink_rank_block) * slices
-    return pl.est_tiles, items_per_tile, pl.split_want, pl.split, k // d
+    return pl.est_tiles, items_per_tile, pl.split_want, k // d
 
 
 def resident(items: int, device: torch.device) -> int:

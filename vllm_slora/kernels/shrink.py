@@ -19,14 +19,14 @@ from vllm_slora.kernels import knobs
 from vllm_slora.kernels.device import dot_f32, pow2
 from vllm_slora.kernels.grouping import Groups, make_groups
 from vllm_slora.kernels.pages import check_pool, pick, slice_tables, widths
-from vllm_slora.kernels.plan import Plan, plan, register_cap, resident, shape_of, split_args
+from vllm_slora.kernels.plan import Plan, plan, register_cap, resident, shape_of
 from vllm_slora.kernels.replay import launch
 from vllm_slora.kernels.tiles import (any_rank_lanes, device_split, if_any_rank, mma, num_tiles,
                                       tile, tile_tokens, uses_tile_list)
 
 
 @triton.jit(do_not_specialize=["NG", "TILES", "K", "R_MAX", "K_SPLIT", "NUM_R", "SPLIT", "NUM_S",
-                               "L", "EST_TILES", "WANT2", "SPLIT_CAP"])
+                               "L", "EST_TILES", "WANT2"])
 def _shrink_kernel(
     x_ptr,  # [T, K]
     pool_ptr,  # [num_rows, D]
@@ -47,11 +47,10 @@ def _shrink_kernel(
     R_MAX,
     K_SPLIT,  # K elements per split: NPG pages or fewer
     NUM_R,  # rank blocks: cdiv(R_MAX, BR)
-    SPLIT,
+    SPLIT,  # DEV_SPLIT: the most splits
     NUM_S,
-    EST_TILES,  # DEV_SPLIT: the split rule's inputs (plan.split_args)
+    EST_TILES,  # DEV_SPLIT: the split rule's inputs (Plan.est_tiles, Plan.split_want)
     WANT2,
-    SPLIT_CAP,
     x_stride,
     pool_stride,
     rows_stride,
@@ -77,7 +76,7 @@ def _shrink_kernel(
     # read one x tile run together and find it in L2.
     tiles = num_tiles(glora_ptr, TILES, MODE, BM)
     if DEV_SPLIT:
-        split, pages_per_split = device_split(tiles, EST_TILES, NUM_R * NUM_S, WANT2, SPLIT_CAP,
+        split, pages_per_split = device_split(tiles, EST_TILES, NUM_R * NUM_S, WANT2, SPLIT,
                                               K // D)
         k_split = pages_per_split * D
     else:
@@ -195,7 +194,8 @@ def _reduce_kernel(
 
 
 def launch_shrink(x, pool, tables, lora_start, lora_rank, token_lora, out, groups: Groups,
-                  pl: Plan, pdl: bool = False, record=None, dev_split: bool = False) -> None:  # fmt: skip
+                  pl: Plan, pdl: bool = False, record=None,
+                  dev_split: bool = False) -> None:  # fmt: skip
     """Run the shrink kernel into ``out``: [S, T, R_MAX] when pl.split == 1,
     else partials [split, S, T, R_MAX]. ``dev_split`` (ADAPTERS mode): the
     kernel splits K at most pl.split times, as the step's tiles call for
@@ -210,16 +210,15 @@ def launch_shrink(x, pool, tables, lora_start, lora_rank, token_lora, out, group
         return
     stride_c = out.stride(0) if pl.split > 1 else 0
     o_s, o_t = out.stride(-3), out.stride(-2)
-    est_tiles, _, want2, cap, pages = split_args(pl, k, d, s, r_max)
     launch(_shrink_kernel, grid, (
         x, pool, out, *padded, lora_start, lora_rank, token_lora,
         groups.bounds, groups.glora, groups.idx,
         groups.num_groups, pl.max_tiles, lora_rank.shape[0], k, r_max, pl.split_width, num_r,
-        pl.split, s, est_tiles, want2, cap,
+        pl.split, s, pl.est_tiles, pl.split_want,
         x.stride(0), pool.stride(0), padded[0].stride(0), stride_c, o_s, o_t,
     ), dict(
         MODE=groups.mode, D=d, BM=pl.tile_tokens, BR=pl.shrink_rank_block, BK=pl.shrink_k_block,
-        NPG=pow2(pages) if dev_split else pl.split_pages_pow2, SCAN_GROUPS=knobs.SCAN_GROUPS,
+        NPG=pow2(k // d) if dev_split else pl.split_pages_pow2, SCAN_GROUPS=knobs.SCAN_GROUPS,
         LIST=uses_tile_list(groups.mode), RANK_LB=any_rank_lanes(lora_rank),
         DOT_F32=dot_f32(x), PDL=pdl, DEV_SPLIT=dev_split, num_warps=pl.shrink_warps,
         num_stages=pl.shrink_stages, **register_cap(pl.shrink_maxnreg),

@@ -113,10 +113,10 @@ def if_any_rank(n_items, lora_rank_ptr, L, RANK_LB: tl.constexpr):
 
 
 @triton.jit
-def device_split(tiles, EST_TILES, ITEMS_PER_TILE, WANT2, SPLIT_CAP, PAGES):
+def device_split(tiles, EST_TILES, ITEMS_PER_TILE, WANT2, PLANNED, PAGES):
     """(splits, pages per split) of the shrink's K for this step: the plan's
     rule (``plan.pow2_split``) over the step's tiles instead of the tiles the
-    plan assumed, never more than the plan's (ADAPTERS mode: a step of 200
+    plan assumed, never more than its PLANNED splits (ADAPTERS mode: a step of 200
     one-token adapters in a graph planned for a few popular ones splits K
     less, its items read whole vectors; a step of few adapters splits as
     planned)."""
@@ -124,7 +124,7 @@ def device_split(tiles, EST_TILES, ITEMS_PER_TILE, WANT2, SPLIT_CAP, PAGES):
     s = 1
     while est * s * 2 <= WANT2:
         s *= 2
-    s = tl.minimum(s, SPLIT_CAP)
+    s = tl.minimum(s, PLANNED)
     pps = tl.cdiv(PAGES, s)
     return tl.cdiv(PAGES, pps), pps
 
