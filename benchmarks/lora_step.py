@@ -1,6 +1,7 @@
 """LoRA kernel time of one decode step as the engine's CUDA graphs run it, under knob variants.
 
     python -m benchmarks.lora_step [--batches 64,256] [--adapters 5,64] [--variants all]
+                                   [--pages random,blocks] [--kernels]
     python -m benchmarks.lora_step --dry-run      # CPU: interpreter, tiny shapes, no timing
 
 The engine's decode step (``benchmarks.step_time --profile``) showed the
@@ -56,6 +57,16 @@ VARIANTS = {
     "pertoken": {"PER_TOKEN_MAX_T": 512},
     # The shrink's split chosen on the device from the step's tiles.
     "devsplit": {"DEVICE_SPLIT": True},
+    "devsplit-bk128": {"DEVICE_SPLIT": True, "SMALL_TILE_SHRINK": (16, 128)},
+    # The expand's column blocks per item as few256 plans them (16, not 8):
+    # longer items, one header chain for twice the B bytes.
+    "devsplit-e1": {"DEVICE_SPLIT": True, "EXPAND_PROGRAMS_PER_SM": 1},
+    # Rank blocks of 16 for q,k,v (8 elsewhere): with no split at 216
+    # one-token adapters, items of up to 128 KB instead of 256.
+    "devsplit-br16": {"DEVICE_SPLIT": True, "SMALL_TILE_SHRINK": (8, 256)},
+    # Persistent grids sized near what an SM holds (3-4 programs): fewer
+    # programs that find no rank and exit in the rank-0 calls (gate_up, down).
+    "resident4": {"RESIDENT_PROGRAMS_PER_SM": 4},
     # Shared memory a program (the shrink's pipeline buffers, BK) against
     # programs per SM: 3 q,k,v shrink programs fit an SM by default.
     "stages3": {"SHRINK_STAGES": 3},
@@ -164,13 +175,20 @@ def main(argv=None) -> int:
     p.add_argument("--prefill", default="0",
                    help="prompt tokens (of adapter 0) added to each batch, e.g. 0,256: mixed steps")
     p.add_argument("--slots", type=int, default=256)
-    p.add_argument("--pages", choices=("random", "blocks"), default="random",
-                   help="page placement: random rows (worst case, the results before "
-                        "2026-12-07) or the engine's (an adapter's whole blocks)")
+    p.add_argument("--pages", default="random",
+                   help="page placements, comma-separated: random rows (worst case, the "
+                        "results before 2026-12-07) and/or blocks (the engine's: an "
+                        "adapter's whole blocks)")
     p.add_argument("--variants", default="all")
+    p.add_argument("--kernels", action="store_true",
+                   help="also each kernel's time per module call (torch.profiler, eager, "
+                        "programmatic dependent launch off): the shrink against the expand")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    placements = args.pages.split(",")
+    if set(placements) - {"random", "blocks"}:
+        p.error(f"--pages: random and/or blocks, not {args.pages!r}")
     import os
 
     if args.dry_run:
@@ -194,17 +212,17 @@ def main(argv=None) -> int:
     max_rank = max(RANKS)
     results = {"command": "python -m benchmarks.lora_step " + " ".join(argv or sys.argv[1:]),
                "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-               "slots": slots, "pages": args.pages, "cases": []}
+               "slots": slots, "pages": placements, "cases": []}
     flush_buf = (torch.empty(96 << 20, dtype=torch.uint8, device=device) if device == "cuda"
                  else None)
-    for batch, n, prefill in itertools.product(batches, ns, prefills):
-        token_lora, meta, mods = setup(batch, n, slots, d, widths, device, dtype, prefill,
-                                       args.pages)
+    for pages, batch, n, prefill in itertools.product(placements, batches, ns, prefills):
+        token_lora, meta, mods = setup(batch, n, slots, d, widths, device, dtype, prefill, pages)
         for name in names:
             old = apply_variant(VARIANTS[name])
             try:
                 errs = {m: check(mod, token_lora, meta, max_rank) for m, mod in mods.items()}
-                row = {"batch": batch, "adapters": n, "prefill": prefill, "variant": name,
+                row = {"pages": pages, "batch": batch, "adapters": n, "prefill": prefill,
+                       "variant": name,
                        "max_rel_err": max(errs.values())}
                 if device == "cuda":
                     from benchmarks.kernels.timing import graph_us
@@ -219,6 +237,9 @@ def main(argv=None) -> int:
                     need = adapter_bytes(batch, n, widths, dtype.itemsize)
                     used = sum(per[m] for m in need if need[m])
                     row["adapter_tb_s"] = sum(need.values()) / max(used, 1e-9) / 1e6
+                    if args.kernels:
+                        row["kernel_us"] = kernel_times(mods, token_lora, meta, max_rank,
+                                                        lambda: flush_buf.zero_())
                 results["cases"].append(row)
                 print(json.dumps(row), flush=True)
             finally:
@@ -226,18 +247,45 @@ def main(argv=None) -> int:
         if args.out:
             args.out.write_text(json.dumps(results, indent=1))
     print(table(results["cases"]))
+    if args.kernels:
+        print(kernel_table(results["cases"]))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
     bad = [r for r in results["cases"] if r["max_rel_err"] > (1e-4 if device == "cpu" else 1e-2)]
     return 1 if bad else 0
 
 
+def kernel_times(mods: dict, token_lora, meta, max_rank: int, flush) -> dict:
+    """Per module, each kernel's GPU us per call (``timing.kernel_us``), PDL off."""
+    from benchmarks.kernels.timing import kernel_us
+
+    old = apply_variant({"PDL": False})
+    try:
+        return {m: kernel_us(lambda mod=mod: call(mod, token_lora, meta, max_rank), flush)
+                for m, mod in mods.items()}
+    finally:
+        apply_variant(old)
+
+
+def kernel_table(rows: list[dict]) -> str:
+    """The kernels' us per module call, for the rows that have them."""
+    lines = ["| pages | batch | adapters | variant | module | kernel us (PDL off) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        for m, per in r.get("kernel_us", {}).items():
+            ks = ", ".join(f"{name.strip('_')[:24]} {us:.1f}" for name, us in per.items())
+            lines.append(f"| {r.get('pages', 'random')} | {r['batch']} | {r['adapters']} | "
+                         f"{r['variant']} | {m} | {ks} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| batch | adapters | prefill | variant | step LoRA ms | qkv us | o us | gate_up us "
-             "| down us | adapters' TB/s | err |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| pages | batch | adapters | prefill | variant | step LoRA ms | qkv us | o us "
+             "| gate_up us | down us | adapters' TB/s | err |", "|---" * 12 + "|"]
     for r in rows:
         per = r.get("us_per_module", {})
-        lines.append(f"| {r['batch']} | {r['adapters']} | {r.get('prefill', 0)} | {r['variant']} | "
+        lines.append(f"| {r.get('pages', 'random')} | {r['batch']} | {r['adapters']} | "
+                     f"{r.get('prefill', 0)} | {r['variant']} | "
                      f"{r.get('step_ms', float('nan')):.2f} | "
                      + " | ".join(f"{per.get(m, float('nan')):.1f}" for m in MODULES)
                      + f" | {r.get('adapter_tb_s', float('nan')):.2f} | {r['max_rel_err']:.1e} |")

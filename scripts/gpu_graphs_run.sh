@@ -19,6 +19,7 @@
 #             "tests/paging/test_pager.py -k upload"
 #   LSTEP=.. arguments for `python -m benchmarks.lora_step` (LoRA kernel time
 #             of a decode step under knob variants; LSTEP_S limits), e.g. "--variants all"
+#             (LSTEP_FIRST=1: right after KTESTS, before KBENCH and EAB)
 #   DIAG=...  variants of scripts/gpu_parity_diag.py (DIAG_S limits), e.g.
 #             "graphs,graphs-nopdl,eager"
 #   KBENCH=.. arguments for `python -m benchmarks.kernels` (e.g. "--quick"), run
@@ -87,6 +88,13 @@ bench_stage() {  # BENCH (BENCH_FIRST=1: before every other stage, e.g. base bes
     $BENCH ${BENCH_EXTRA:+--extra-points "$BENCH_EXTRA"} > $O/bench.txt 2>&1
   echo "bench rc=$? ${SECONDS}s" | tee -a $O/steps.txt
 }
+lstep_stage() {  # LSTEP (LSTEP_FIRST=1: right after the kernel tests, before KBENCH and EAB)
+  [ -n "${LSTEP:-}" ] || return 0
+  timeout "$(cap ${LSTEP_S:-200})" python3 -m benchmarks.lora_step $LSTEP --out $O/results/lora-step.json \
+    > $O/lora-step.txt 2>&1
+  echo "lora step rc=$? ${SECONDS}s" | tee -a $O/steps.txt
+  grep "^|" $O/lora-step.txt
+}
 [ "${BENCH_FIRST:-0}" = 1 ] && bench_stage
 if [ -n "${PYTEST:-}" ]; then
   timeout "$(cap ${PYTEST_S:-120})" python3 -m pytest -q -rs $PYTEST > $O/pytest-first.txt 2>&1
@@ -102,6 +110,7 @@ if [ -n "${KTESTS:-}" ]; then
   # Failed kernels make every timing after them meaningless: skip those stages.
   if [ $rc != 0 ]; then LSTEP= BENCH= STEPS= KBENCH= EAB=; echo "timings skipped" | tee -a $O/steps.txt; fi
 fi
+[ "${LSTEP_FIRST:-0}" = 1 ] && lstep_stage
 if [ -n "${KBENCH:-}" ]; then
   old_tree
   for round in 1 2; do
@@ -155,12 +164,7 @@ if [ -n "${ALOAD:-}" ]; then
   echo "adapter load rc=$? ${SECONDS}s" | tee -a $O/steps.txt
   grep "^|" $O/adapter-load.txt
 fi
-if [ -n "${LSTEP:-}" ]; then
-  timeout "$(cap ${LSTEP_S:-200})" python3 -m benchmarks.lora_step $LSTEP --out $O/results/lora-step.json \
-    > $O/lora-step.txt 2>&1
-  echo "lora step rc=$? ${SECONDS}s" | tee -a $O/steps.txt
-  grep "^|" $O/lora-step.txt
-fi
+[ "${LSTEP_FIRST:-0}" = 1 ] || lstep_stage
 if [ -n "${DIAG:-}" ]; then
   timeout "$(cap ${DIAG_S:-450})" python3 scripts/gpu_parity_diag.py $O/diag --only "$DIAG" \
     --deadline-s "$(( ${DIAG_S:-450} - 15 ))" > $O/diag.txt 2>&1

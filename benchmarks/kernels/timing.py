@@ -72,3 +72,33 @@ def make_flush():
 
     buf = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
     return buf.zero_
+
+
+def kernel_us(fn, flush, calls: int = 10) -> dict[str, float]:
+    """GPU microseconds per call of each kernel ``fn`` launches (eager calls
+    under ``torch.profiler``, L2 evicted before each; the eviction's own
+    kernel left out): which of a module's launches takes the time. Launch
+    with programmatic dependent launch off, or a kernel's time includes its
+    wait for the one before it."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        flush()
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            flush()
+            fn()
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as alone:
+        flush()
+        torch.cuda.synchronize()
+    cuda = torch.autograd.DeviceType.CUDA
+    flush_names = {e.name for e in alone.events() if e.device_type == cuda}
+    total: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == cuda and e.name not in flush_names:
+            total[e.name] = total.get(e.name, 0.0) + e.time_range.elapsed_us()
+    return {name: us / calls for name, us in sorted(total.items(), key=lambda kv: -kv[1])}

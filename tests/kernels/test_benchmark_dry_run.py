@@ -65,7 +65,7 @@ def test_lora_step_dry_run_engine_pages(tmp_path):
     out = tmp_path / "lora-step.json"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.lora_step", "--dry-run", "--pages", "blocks",
+        [sys.executable, "-m", "benchmarks.lora_step", "--dry-run", "--pages", "random,blocks",
          "--variants", "devsplit", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
@@ -73,7 +73,8 @@ def test_lora_step_dry_run_engine_pages(tmp_path):
     import json
 
     cases = json.loads(out.read_text())["cases"]
-    assert cases and all(c["variant"] == "devsplit" and c["max_rel_err"] < 1e-4 for c in cases)
+    assert {c["pages"] for c in cases} == {"random", "blocks"}
+    assert all(c["variant"] == "devsplit" and c["max_rel_err"] < 1e-4 for c in cases)
 
 
 def test_programs_per_sm():
@@ -103,3 +104,27 @@ def test_regs_compiles_the_kernels_for_hopper():
     for r in rows:
         regs, smem_kb, programs = int(r[4]), int(r[6]), int(r[7])
         assert 0 < regs <= 255 and smem_kb > 0 and programs >= 1
+
+
+def test_lora_step_rejects_an_unknown_placement():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.lora_step", "--dry-run", "--pages", "random,rows"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "random and/or blocks" in proc.stderr
+
+
+def test_kernel_table_lists_each_modules_kernels():
+    # `lora_step --kernels`: one line per case and module, its kernels by time.
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.lora_step import kernel_table
+
+    rows = [{"pages": "blocks", "batch": 216, "adapters": 216, "variant": "devsplit",
+             "kernel_us": {"qkv": {"_shrink_kernel": 70.04, "_expand_kernel": 81.26},
+                           "o": {"_expand_kernel": 30.0}}},
+            {"batch": 216, "adapters": 5, "variant": "default"}]  # timed without --kernels
+    lines = kernel_table(rows).splitlines()
+    assert lines[2:] == ["| blocks | 216 | 216 | devsplit | qkv | shrink_kernel 70.0, "
+                         "expand_kernel 81.3 |",
+                         "| blocks | 216 | 216 | devsplit | o | expand_kernel 30.0 |"]
