@@ -73,6 +73,14 @@ SMALL_TILE_SHRINK = (16, 256)
 # bounds their programs per SM (`python -m benchmarks.regs` prints both on
 # CPU); a cap of 96 was 8% slower at 216 adapters on an H100.
 SMALL_TILE_MAXNREG: tuple[int | None, int | None] = (None, None)
+# One-token tiles (a step of many adapters, one token each) take a GEMV
+# path in the small-tile shrink and expand: the rank-vectors times the
+# token's row in registers (no tensor-core tile of 16 rows with 15 masked,
+# no x rows through shared memory), S-LoRA's MBGMV. Tiles of 2+ tokens keep
+# the tensor-core path. (shrink, expand); off until timed (lora_step
+# variants `gemv`, `gemv-s`): on CPU (sm_90, `benchmarks.regs`) the expand's
+# GEMV takes it from 64 to 116 registers, 4 -> 2 programs an SM.
+SINGLE_TOKEN_GEMV: tuple[bool, bool] = (False, False)
 # Programmatic dependent launch of the expand behind the shrink in ``lora``
 # (the expand's prologue and B-page lookups overlap the shrink's tail): None
 # = on Hopper and later, False = off (also ``VLLM_SLORA_PDL=0``, read at
@@ -102,6 +110,7 @@ class Knobs(NamedTuple):
     small_tile_warps: tuple[int, int]
     small_tile_shrink: tuple[int, int]
     small_tile_maxnreg: tuple[int | None, int | None]
+    single_token_gemv: tuple[bool, bool]
     pdl: bool | None
 
 
@@ -112,4 +121,4 @@ def snapshot() -> Knobs:
                  FEW_GROUPS,
                  TILE_LIST, ANY_RANK_CHECK, SHRINK_STAGES, EXPAND_BN, EXPAND_MAX_NBP,
                  EXPAND_PROGRAMS_PER_SM, EXPAND_STAGES, SMALL_TILE_WARPS, SMALL_TILE_SHRINK,
-                 SMALL_TILE_MAXNREG, PDL)
+                 SMALL_TILE_MAXNREG, SINGLE_TOKEN_GEMV, PDL)
