@@ -56,9 +56,14 @@ VARIANTS = {
     "few256": {"FEW_GROUPS": 256},
     "pertoken": {"PER_TOKEN_MAX_T": 512},
     # The shrink's split chosen on the device from the step's tiles, or
-    # planned on the host (the default before 2026-12-07).
+    # planned on the host (the default before 2026-12-07; "hostsplit" and
+    # "devsplit" in the results of that day ran with 16 programs an SM).
     "devsplit": {"DEVICE_SPLIT": True},
     "hostsplit": {"DEVICE_SPLIT": False},
+    "devsplit-r8": {"DEVICE_SPLIT": True, "RESIDENT_PROGRAMS_PER_SM": 8},
+    "hostsplit-r8": {"DEVICE_SPLIT": False, "RESIDENT_PROGRAMS_PER_SM": 8},
+    # The defaults up to 2026-12-07 (the device split off, 16 programs an SM).
+    "stop42": {"DEVICE_SPLIT": False, "RESIDENT_PROGRAMS_PER_SM": 16},
     "devsplit-bk128": {"DEVICE_SPLIT": True, "SMALL_TILE_SHRINK": (16, 128)},
     # The expand's column blocks per item as few256 plans them (16, not 8):
     # longer items, one header chain for twice the B bytes.
@@ -66,12 +71,6 @@ VARIANTS = {
     # Rank blocks of 16 for q,k,v (8 elsewhere): with no split at 216
     # one-token adapters, items of up to 128 KB instead of 256.
     "devsplit-br16": {"DEVICE_SPLIT": True, "SMALL_TILE_SHRINK": (8, 256)},
-    # One-token tiles through the GEMV path (knobs.SINGLE_TOKEN_GEMV), with
-    # the split chosen on the device.
-    "gemv": {"DEVICE_SPLIT": True, "SINGLE_TOKEN_GEMV": (True, True)},
-    "gemv-s": {"DEVICE_SPLIT": True, "SINGLE_TOKEN_GEMV": (True, False)},
-    "gemv-s-bk128": {"DEVICE_SPLIT": True, "SINGLE_TOKEN_GEMV": (True, False),
-                     "SMALL_TILE_SHRINK": (16, 128)},
     # Persistent grids sized near what an SM holds (3-4 programs): fewer
     # programs that find no rank and exit in the rank-0 calls (gate_up, down).
     "resident4": {"RESIDENT_PROGRAMS_PER_SM": 4},

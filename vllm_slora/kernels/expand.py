@@ -22,7 +22,7 @@ from vllm_slora.kernels.pages import (MAX_SLICES, check_pool, load_b_tile, pick,
 from vllm_slora.kernels.plan import Plan, plan, register_cap, resident, shape_of
 from vllm_slora.kernels.replay import launch
 from vllm_slora.kernels.tiles import (any_rank_lanes, device_split, if_any_rank, mma, num_tiles,
-                                      one_token, tile, tile_tokens, uses_tile_list)
+                                      tile, tile_tokens, uses_tile_list)
 
 
 @triton.jit
@@ -38,16 +38,6 @@ def _load_v(v_rows, offs_r, mask_m, R_MAX, v_stride_c, split, V_SPLIT: tl.conste
     for c in tl.static_range(1, V_SPLIT):
         vt += tl.load(v_rows + c * v_stride_c + offs_r[None, :], mask=mask_v & (c < split),
                       other=0.0)
-    return vt
-
-
-@triton.jit
-def _load_v_row(v_row, offs_r, R_MAX, v_stride_c, split, V_SPLIT: tl.constexpr):
-    """``_load_v`` for one token's row: v[offs_r], partials summed."""
-    m = offs_r < R_MAX
-    vt = tl.load(v_row + offs_r, mask=m, other=0.0)
-    for c in tl.static_range(1, V_SPLIT):
-        vt += tl.load(v_row + c * v_stride_c + offs_r, mask=m & (c < split), other=0.0)
     return vt
 
 
@@ -144,7 +134,6 @@ def _expand_kernel(
     DOT_F32: tl.constexpr,
     PDL: tl.constexpr,  # launched with PDL behind the shrink: wait before reading v
     DEV_SPLIT: tl.constexpr,  # the shrink chose its split on the device (V_SPLIT at most)
-    GEMV: tl.constexpr,  # one-token tiles take _expand_item_gemv (knobs.SINGLE_TOKEN_GEMV[1])
 ):
     per_tile = NUM_N * NUM_S
     tiles = num_tiles(glora_ptr, TILES, MODE, BM)
@@ -168,26 +157,10 @@ def _expand_kernel(
         scale = tl.load(lora_scale_ptr + tl.maximum(lora, 0))
         rank = tl.where((lora >= 0) & (col < width), tl.minimum(rank, R_MAX), 0)
         if rank > 0:
-            # Slice s starts after slices 0..s-1 in y; table s has width // D columns.
-            rows_ptr = pick(s, rows0_ptr, rows1_ptr, rows2_ptr)
-            y_col = tl.multiple_of(tl.where(s == 0, 0, tl.where(s == 1, n0, n0 + n1)), D)
-            v_s = v_ptr + s * v_stride_s
-            if GEMV:
-                if hi - lo == 1:
-                    _expand_item_gemv(v_s, pool_ptr, y_ptr, rows_ptr, start, scale, idx_ptr, lo,
-                                      rank, col, width, y_col, R_MAX, v_stride_c, split,
-                                      v_stride_t, pool_stride, y_stride, MODE, D, BR, BN,
-                                      V_SPLIT, NBP, PDL)  # fmt: skip
-                else:
-                    _expand_item(v_s, pool_ptr, y_ptr, rows_ptr, start, scale, idx_ptr, lo, hi,
-                                 rank, col, width, y_col, R_MAX, v_stride_c, split, v_stride_t,
-                                 pool_stride, y_stride, MODE, D, BM, BR, BN, V_SPLIT, NBP,
-                                 DOT_F32, PDL)  # fmt: skip
-            else:
-                _expand_item(v_s, pool_ptr, y_ptr, rows_ptr, start, scale, idx_ptr, lo, hi, rank,
-                             col, width, y_col, R_MAX, v_stride_c, split, v_stride_t,
-                             pool_stride, y_stride, MODE, D, BM, BR, BN, V_SPLIT, NBP, DOT_F32,
-                             PDL)  # fmt: skip
+            _expand_item(v_ptr, pool_ptr, y_ptr, rows0_ptr, rows1_ptr, rows2_ptr, start,
+                         scale, idx_ptr, lora, lo, hi, rank, s, col, width, n0, n1, R_MAX,
+                         v_stride_c, split, v_stride_s, v_stride_t, pool_stride, y_stride, MODE,
+                         D, BM, BR, BN, V_SPLIT, NBP, DOT_F32, PDL)  # fmt: skip
     if PDL:
         # A program that read no v still ends after the shrink: what runs
         # after this kernel in the stream may rely on the shrink's writes.
@@ -195,16 +168,20 @@ def _expand_kernel(
 
 
 @triton.jit
-def _expand_item(v_ptr, pool_ptr, y_ptr, rows_ptr, start, scale, idx_ptr, lo, hi, rank, col,
-                 width, y_col, R_MAX, v_stride_c, split, v_stride_t, pool_stride, y_stride,
+def _expand_item(v_ptr, pool_ptr, y_ptr, rows0_ptr, rows1_ptr, rows2_ptr, start,
+                 scale, idx_ptr, lora, lo, hi, rank, s, col, width, n0, n1, R_MAX,
+                 v_stride_c, split, v_stride_s, v_stride_t, pool_stride, y_stride,
                  MODE: tl.constexpr,
                  D: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
                  V_SPLIT: tl.constexpr, NBP: tl.constexpr, DOT_F32: tl.constexpr,
                  PDL: tl.constexpr):  # fmt: skip
-    """One work item: column block(s) col of one slice (v_ptr: the slice's v) of one tile."""
+    """One work item: column block(s) col of slice s of one tile."""
+    rows_ptr = pick(s, rows0_ptr, rows1_ptr, rows2_ptr)
+    # Slice s starts after slices 0..s-1 in y; table s has width // D columns.
+    y_col = tl.multiple_of(tl.where(s == 0, 0, tl.where(s == 1, n0, n0 + n1)), D)
     rows_stride = width // D
     tok, mask_m = tile_tokens(lo, hi, idx_ptr, MODE, BM)
-    v_rows = v_ptr + tok[:, None] * v_stride_t
+    v_rows = v_ptr + s * v_stride_s + tok[:, None] * v_stride_t
     if NBP > 1:
         _expand_columns(v_rows, pool_ptr, y_ptr, rows_ptr, tok, mask_m, start, rank, scale,
                         col, width, y_col, R_MAX, v_stride_c, split, rows_stride, pool_stride,
@@ -240,69 +217,6 @@ def _expand_item(v_ptr, pool_ptr, y_ptr, rows_ptr, start, scale, idx_ptr, lo, hi
         tl.store(y_tile, y, mask=mask_m[:, None])
 
 
-@triton.jit
-def _expand_item_gemv(v_ptr, pool_ptr, y_ptr, rows_ptr, start, scale, idx_ptr, lo, rank, col,
-                      width, y_col, R_MAX, v_stride_c, split, v_stride_t, pool_stride, y_stride,
-                      MODE: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
-                      V_SPLIT: tl.constexpr, NBP: tl.constexpr,
-                      PDL: tl.constexpr):  # fmt: skip
-    """The same item for a tile of one token: the token's v (fp32) times
-    each B tile, summed in registers, no tensor-core tile (MBGMV). NBP > 1
-    (rank <= BR): the page lookups of the program's columns first, as
-    ``_expand_columns``; else one rank block at a time."""
-    tok = one_token(lo, idx_ptr, MODE)
-    v_row = v_ptr + tok * v_stride_t
-    y_row = y_ptr + tok * y_stride + y_col
-    rows_stride = width // D
-    offs_n = tl.arange(0, BN)
-    if NBP > 1:
-        NPP: tl.constexpr = (NBP * BN) // D
-        offs_r = tl.arange(0, BR)
-        mask_r = offs_r < rank
-        p0 = col // D
-        offs_p = tl.arange(0, NPP)
-        pages = tl.load(
-            rows_ptr + (start + offs_r).to(tl.int64)[:, None] * rows_stride + p0
-            + offs_p[None, :],
-            mask=mask_r[:, None] & (p0 + offs_p < width // D)[None, :],
-            other=0,
-        )  # fmt: skip
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        vt = tl.where(mask_r, _load_v_row(v_row, offs_r, R_MAX, v_stride_c, split, V_SPLIT), 0.0)
-        for i in range(NBP):
-            c = col + i * BN
-            live = c < width
-            page = tl.sum(tl.where(offs_p[None, :] == (i * BN) // D, pages, 0), axis=1)
-            in_page = tl.max_contiguous(tl.multiple_of(c % D + offs_n, BN), BN)
-            b = tl.load(
-                pool_ptr + page.to(tl.int64)[:, None] * pool_stride + in_page[None, :],
-                mask=mask_r[:, None] & live,
-                other=0.0,
-            )
-            acc = tl.sum(vt[:, None] * b.to(tl.float32), axis=0)
-            y = tl.load(y_row + c + offs_n, mask=live, other=0.0)
-            y = (y.to(tl.float32) + acc * scale).to(y_ptr.dtype.element_ty)
-            tl.store(y_row + c + offs_n, y, mask=live)
-    else:
-        in_page = tl.max_contiguous(tl.multiple_of(col % D + offs_n, BN), BN)
-        y = tl.load(y_row + col + offs_n)
-        acc = tl.zeros((BN,), dtype=tl.float32)
-        # Before the rank loop, not inside it (see _expand_item).
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        for j0 in range(0, rank, BR):
-            offs_r = j0 + tl.arange(0, BR)
-            mask_r = offs_r < rank
-            b = load_b_tile(pool_ptr, rows_ptr, start, offs_r, mask_r, rows_stride, col, in_page,
-                            pool_stride, D)
-            vt = tl.where(mask_r, _load_v_row(v_row, offs_r, R_MAX, v_stride_c, split, V_SPLIT),
-                          0.0)
-            acc += tl.sum(vt[:, None] * b.to(tl.float32), axis=0)
-        y = (y.to(tl.float32) + acc * scale).to(y_ptr.dtype.element_ty)
-        tl.store(y_row + col + offs_n, y)
-
-
 
 
 def launch_expand(v, pool, tables, lora_start, lora_rank, lora_scale, token_lora, y,
@@ -335,7 +249,6 @@ def launch_expand(v, pool, tables, lora_start, lora_rank, lora_scale, token_lora
         SCAN_GROUPS=knobs.SCAN_GROUPS, LIST=uses_tile_list(groups.mode),
         RANK_LB=any_rank_lanes(lora_rank), V_SPLIT=v_split, NBP=pl.expand_blocks_per_program,
         DOT_F32=dot_f32(y), PDL=pdl, DEV_SPLIT=dev_split is not None,
-        GEMV=knobs.SINGLE_TOKEN_GEMV[1],
         num_warps=pl.expand_warps, num_stages=pl.expand_stages, launch_pdl=pdl, **register_cap(pl.expand_maxnreg),
     ), record)  # fmt: skip
 

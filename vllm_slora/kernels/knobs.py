@@ -30,17 +30,25 @@ FUSED_PARTIALS_BYTES = 64 << 10
 # step's tile count (read from group_by_adapter's meta) instead of the
 # plan's FEW_GROUPS guess, at most as often as planned. A decode step of
 # 216 one-token adapters (n = 2,000) then reads whole vectors per item, as
-# `benchmarks.lora_step`'s few256 did (o: 91 -> 64 us a layer on an H100),
-# while a step of 5 popular adapters splits as planned. Off until timed on
-# a GPU (lora_step variant `devsplit`): built and tested on CPU only.
-DEVICE_SPLIT = False
+# `benchmarks.lora_step`'s few256 did, while a step of 5 popular adapters
+# splits as planned. With RESIDENT_PROGRAMS_PER_SM = 8, against the split
+# planned on the host with 16 (`lora_step` variants devsplit-r8 and
+# hostsplit, H100, 2026-12-07): decode steps of 216 tokens on 216 / 64 / 5
+# adapters 8.12 -> 7.59 / 3.61 -> 3.40 / 1.75 -> 1.69 ms of LoRA a step (o
+# 90 -> 72 us a layer); mixed steps (+ a 256-token prompt) 7.64 -> 8.04 at
+# 216 adapters (q,k,v unsplit: 153 -> 169 us), 2.04 -> 1.90 at 5.
+DEVICE_SPLIT = True
 # Groups the tile map scans at a time (any count works, in chunks).
 SCAN_GROUPS = 128
 # Persistent grids: at most this many programs per SM, each looping over
 # work items. Each item is a chain of dependent loads (tile map, rank, page
-# table, pages); 16 programs per SM keep more of them in flight than 4:
-# 64-adapter decode steps 15-25% faster, 5-adapter steps within 7%.
-RESIDENT_PROGRAMS_PER_SM = 16
+# table, pages); more programs keep more of them in flight, but every
+# program of a call with no rank (gate_up and down under q,k,v,o adapters)
+# still starts and exits. 16 made 64-adapter decode steps 15-25% faster
+# than 4 (host split, 2026-12-01); with the device split, 8 against 16
+# (H100, 2026-12-07): 216 / 64 / 5 adapters 7.75 -> 7.55, 3.53 -> 3.40,
+# 1.88 -> 1.69 ms a step, the rank-0 calls 16 -> 11 us a layer.
+RESIDENT_PROGRAMS_PER_SM = 8
 # Plans (split-K, expand column streaming) size the work as if a step in
 # ADAPTERS mode had at most this many adapters.
 FEW_GROUPS = 8
@@ -73,14 +81,6 @@ SMALL_TILE_SHRINK = (16, 256)
 # bounds their programs per SM (`python -m benchmarks.regs` prints both on
 # CPU); a cap of 96 was 8% slower at 216 adapters on an H100.
 SMALL_TILE_MAXNREG: tuple[int | None, int | None] = (None, None)
-# One-token tiles (a step of many adapters, one token each) take a GEMV
-# path in the small-tile shrink and expand: the rank-vectors times the
-# token's row in registers (no tensor-core tile of 16 rows with 15 masked,
-# no x rows through shared memory), S-LoRA's MBGMV. Tiles of 2+ tokens keep
-# the tensor-core path. (shrink, expand); off until timed (lora_step
-# variants `gemv`, `gemv-s`): on CPU (sm_90, `benchmarks.regs`) the expand's
-# GEMV takes it from 64 to 116 registers, 4 -> 2 programs an SM.
-SINGLE_TOKEN_GEMV: tuple[bool, bool] = (False, False)
 # Programmatic dependent launch of the expand behind the shrink in ``lora``
 # (the expand's prologue and B-page lookups overlap the shrink's tail): None
 # = on Hopper and later, False = off (also ``VLLM_SLORA_PDL=0``, read at
@@ -110,7 +110,6 @@ class Knobs(NamedTuple):
     small_tile_warps: tuple[int, int]
     small_tile_shrink: tuple[int, int]
     small_tile_maxnreg: tuple[int | None, int | None]
-    single_token_gemv: tuple[bool, bool]
     pdl: bool | None
 
 
@@ -121,4 +120,4 @@ def snapshot() -> Knobs:
                  FEW_GROUPS,
                  TILE_LIST, ANY_RANK_CHECK, SHRINK_STAGES, EXPAND_BN, EXPAND_MAX_NBP,
                  EXPAND_PROGRAMS_PER_SM, EXPAND_STAGES, SMALL_TILE_WARPS, SMALL_TILE_SHRINK,
-                 SMALL_TILE_MAXNREG, SINGLE_TOKEN_GEMV, PDL)
+                 SMALL_TILE_MAXNREG, PDL)

@@ -22,7 +22,7 @@ from vllm_slora.kernels.pages import check_pool, pick, slice_tables, widths
 from vllm_slora.kernels.plan import Plan, plan, register_cap, resident, shape_of
 from vllm_slora.kernels.replay import launch
 from vllm_slora.kernels.tiles import (any_rank_lanes, device_split, if_any_rank, mma, num_tiles,
-                                      one_token, tile, tile_tokens, uses_tile_list)
+                                      tile, tile_tokens, uses_tile_list)
 
 
 @triton.jit(do_not_specialize=["NG", "TILES", "K", "R_MAX", "K_SPLIT", "NUM_R", "SPLIT", "NUM_S",
@@ -69,7 +69,6 @@ def _shrink_kernel(
     DOT_F32: tl.constexpr,
     PDL: tl.constexpr,  # let the expand (launched with PDL) start its prologue now
     DEV_SPLIT: tl.constexpr,  # choose the split from the step's tiles (tiles.device_split)
-    GEMV: tl.constexpr,  # one-token tiles take _shrink_item_gemv (knobs.SINGLE_TOKEN_GEMV[0])
 ):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -100,35 +99,31 @@ def _shrink_kernel(
         start = tl.load(lora_start_ptr + tl.maximum(lora, 0))
         rank = tl.where(lora >= 0, tl.minimum(rank, R_MAX), 0)
         if rb * BR < rank:
-            rows_ptr = pick(s, rows0_ptr, rows1_ptr, rows2_ptr)
-            if GEMV:
-                if hi - lo == 1:
-                    _shrink_item_gemv(x_ptr, pool_ptr, out_ptr, rows_ptr, start, idx_ptr, lo,
-                                      rank, rb, c, s, K, k_split, x_stride, pool_stride,
-                                      rows_stride, out_stride_c, out_stride_s, out_stride_t,
-                                      MODE, D, BR, BK, NPG)  # fmt: skip
-                else:
-                    _shrink_item(x_ptr, pool_ptr, out_ptr, rows_ptr, start, idx_ptr, lo, hi,
-                                 rank, rb, c, s, K, k_split, x_stride, pool_stride, rows_stride,
-                                 out_stride_c, out_stride_s, out_stride_t, MODE, D, BM, BR, BK,
-                                 NPG, DOT_F32)  # fmt: skip
-            else:
-                _shrink_item(x_ptr, pool_ptr, out_ptr, rows_ptr, start, idx_ptr, lo, hi, rank,
-                             rb, c, s, K, k_split, x_stride, pool_stride, rows_stride,
-                             out_stride_c, out_stride_s, out_stride_t, MODE, D, BM, BR, BK, NPG,
-                             DOT_F32)  # fmt: skip
+            _shrink_item(x_ptr, pool_ptr, out_ptr, rows0_ptr, rows1_ptr, rows2_ptr, start,
+                         idx_ptr, lora, lo, hi, rank, rb, c, s, K, k_split, x_stride, pool_stride,
+                         rows_stride, out_stride_c, out_stride_s, out_stride_t, MODE, D, BM, BR,
+                         BK, NPG, DOT_F32)  # fmt: skip
 
 
 @triton.jit
-def _split_pages(rows_ptr, start, offs_r, mask_r, c, K, K_SPLIT, rows_stride, D: tl.constexpr,
-                 NPG: tl.constexpr):  # fmt: skip
-    """(k_lo, k_hi, pages [BR, NPG]): split c's K range and the pool rows of
-    its pages pg0 .. pg0 + NPG - 1 for every A-vector of offs_r.
+def _shrink_item(x_ptr, pool_ptr, out_ptr, rows0_ptr, rows1_ptr, rows2_ptr, start,
+                 idx_ptr, lora, lo, hi, rank, rb, c, s, K, K_SPLIT, x_stride, pool_stride,
+                 rows_stride, out_stride_c, out_stride_s, out_stride_t, MODE: tl.constexpr,
+                 D: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+                 NPG: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+    """One work item: rank block rb of split c of slice s of one tile."""
+    r0 = rb * BR
+    rows_ptr = pick(s, rows0_ptr, rows1_ptr, rows2_ptr)
+    tok, mask_m = tile_tokens(lo, hi, idx_ptr, MODE, BM)
 
-    They are loaded once, up front: a page lookup inside the K loop would be
-    a load feeding a load, which Triton's pipeliner serialises (one buffer);
-    from registers the A and x tiles get num_stages - 1.
-    """
+    offs_r = r0 + tl.arange(0, BR)
+    mask_r = offs_r < rank
+    offs_k = tl.arange(0, BK)
+    x_rows = x_ptr + tok[:, None] * x_stride + offs_k[None, :]
+    # This split covers pages pg0 .. pg0 + NPG - 1 of every A-vector. Their
+    # pool rows are loaded once, up front: a page lookup inside the K loop
+    # would be a load feeding a load, which Triton's pipeliner serialises
+    # (one buffer); from registers the A and x tiles get num_stages - 1.
     k_lo = tl.multiple_of(c * K_SPLIT, D)
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
     pg0 = k_lo // D
@@ -139,41 +134,16 @@ def _split_pages(rows_ptr, start, offs_r, mask_r, c, K, K_SPLIT, rows_stride, D:
         mask=mask_r[:, None] & ((pg0 + offs_pg) * D < k_hi)[None, :],
         other=0,
     )
-    return k_lo, k_hi, pages
-
-
-@triton.jit
-def _a_tile(pool_ptr, pages, k0, k_lo, offs_k, mask_r, pool_stride, D: tl.constexpr,
-            NPG: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    """A [rank-vectors, k0 .. k0 + BK): each vector's page picked from ``pages``."""
-    offs_pg = tl.arange(0, NPG)
-    j = k0 // D - k_lo // D
-    page = tl.sum(tl.where(offs_pg[None, :] == j, pages, 0), axis=1).to(tl.int64)
-    in_page = tl.max_contiguous(tl.multiple_of(k0 % D + offs_k, BK), BK)
-    return tl.load(
-        pool_ptr + page[:, None] * pool_stride + in_page[None, :],
-        mask=mask_r[:, None],
-        other=0.0,
-    )
-
-
-@triton.jit
-def _shrink_item(x_ptr, pool_ptr, out_ptr, rows_ptr, start, idx_ptr, lo, hi, rank, rb, c, s, K,
-                 K_SPLIT, x_stride, pool_stride, rows_stride, out_stride_c, out_stride_s,
-                 out_stride_t, MODE: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
-                 BR: tl.constexpr, BK: tl.constexpr, NPG: tl.constexpr,
-                 DOT_F32: tl.constexpr):  # fmt: skip
-    """One work item: rank block rb of split c of slice s of one tile."""
-    tok, mask_m = tile_tokens(lo, hi, idx_ptr, MODE, BM)
-    offs_r = rb * BR + tl.arange(0, BR)
-    mask_r = offs_r < rank
-    offs_k = tl.arange(0, BK)
-    x_rows = x_ptr + tok[:, None] * x_stride + offs_k[None, :]
-    k_lo, k_hi, pages = _split_pages(rows_ptr, start, offs_r, mask_r, c, K, K_SPLIT, rows_stride,
-                                     D, NPG)
     acc = tl.zeros((BM, BR), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BK):
-        a = _a_tile(pool_ptr, pages, k0, k_lo, offs_k, mask_r, pool_stride, D, NPG, BK)
+        j = k0 // D - pg0
+        page = tl.sum(tl.where(offs_pg[None, :] == j, pages, 0), axis=1).to(tl.int64)
+        in_page = tl.max_contiguous(tl.multiple_of(k0 % D + offs_k, BK), BK)
+        a = tl.load(
+            pool_ptr + page[:, None] * pool_stride + in_page[None, :],
+            mask=mask_r[:, None],
+            other=0.0,
+        )
         xt = tl.load(x_rows + k0, mask=mask_m[:, None], other=0.0)
         acc = mma(xt, tl.trans(a), acc, DOT_F32)
     out = (
@@ -181,29 +151,6 @@ def _shrink_item(x_ptr, pool_ptr, out_ptr, rows_ptr, start, idx_ptr, lo, hi, ran
         + offs_r[None, :]
     )  # fmt: skip
     tl.store(out, acc, mask=mask_m[:, None] & mask_r[None, :])
-
-
-@triton.jit
-def _shrink_item_gemv(x_ptr, pool_ptr, out_ptr, rows_ptr, start, idx_ptr, lo, rank, rb, c, s,
-                      K, K_SPLIT, x_stride, pool_stride, rows_stride, out_stride_c, out_stride_s,
-                      out_stride_t, MODE: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
-                      BK: tl.constexpr, NPG: tl.constexpr):  # fmt: skip
-    """The same item for a tile of one token: each A tile times the token's
-    row, summed in registers (fp32), no tensor-core tile or x rows in
-    shared memory (MBGMV)."""
-    tok = one_token(lo, idx_ptr, MODE)
-    offs_r = rb * BR + tl.arange(0, BR)
-    mask_r = offs_r < rank
-    offs_k = tl.arange(0, BK)
-    k_lo, k_hi, pages = _split_pages(rows_ptr, start, offs_r, mask_r, c, K, K_SPLIT, rows_stride,
-                                     D, NPG)
-    acc = tl.zeros((BR,), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BK):
-        a = _a_tile(pool_ptr, pages, k0, k_lo, offs_k, mask_r, pool_stride, D, NPG, BK)
-        xv = tl.load(x_ptr + tok * x_stride + k0 + offs_k)
-        acc += tl.sum(a.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
-    out = out_ptr + c * out_stride_c + s * out_stride_s + tok * out_stride_t + offs_r
-    tl.store(out, acc, mask=mask_r)
 
 
 @triton.jit(do_not_specialize=["T", "SPLIT"])
@@ -273,8 +220,7 @@ def launch_shrink(x, pool, tables, lora_start, lora_rank, token_lora, out, group
         MODE=groups.mode, D=d, BM=pl.tile_tokens, BR=pl.shrink_rank_block, BK=pl.shrink_k_block,
         NPG=pow2(k // d) if dev_split else pl.split_pages_pow2, SCAN_GROUPS=knobs.SCAN_GROUPS,
         LIST=uses_tile_list(groups.mode), RANK_LB=any_rank_lanes(lora_rank),
-        DOT_F32=dot_f32(x), PDL=pdl, DEV_SPLIT=dev_split, GEMV=knobs.SINGLE_TOKEN_GEMV[0],
-        num_warps=pl.shrink_warps,
+        DOT_F32=dot_f32(x), PDL=pdl, DEV_SPLIT=dev_split, num_warps=pl.shrink_warps,
         num_stages=pl.shrink_stages, **register_cap(pl.shrink_maxnreg),
     ), record)  # fmt: skip
 

@@ -85,16 +85,6 @@ def tile_tokens(lo, hi, idx_ptr, MODE: tl.constexpr, BM: tl.constexpr):
 
 
 @triton.jit
-def one_token(lo, idx_ptr, MODE: tl.constexpr):
-    """The token row (int64) of a tile that holds one token, at position lo."""
-    if MODE == 2:
-        tok = tl.load(idx_ptr + lo)
-    else:
-        tok = lo
-    return tok.to(tl.int64)
-
-
-@triton.jit
 def num_tiles(glora_ptr, TILES, MODE: tl.constexpr, BM: tl.constexpr):
     """Tiles with work: ADAPTERS mode reads group_by_adapter's count for BM
     (stored after the groups to scan); otherwise TILES (the grid's bound)."""
