@@ -64,6 +64,11 @@ VARIANTS = {
     "hostsplit-r8": {"DEVICE_SPLIT": False, "RESIDENT_PROGRAMS_PER_SM": 8},
     # The defaults up to 2026-12-07 (the device split off, 16 programs an SM).
     "stop42": {"DEVICE_SPLIT": False, "RESIDENT_PROGRAMS_PER_SM": 16},
+    # The split rule aimed at 16 items an SM instead of 4 (PROGRAMS_PER_SM;
+    # the host's plan follows it too): at 216 one-token adapters q,k,v and o
+    # split in two instead of not at all (mixed steps lost 5% unsplit), and
+    # a step of 5 popular adapters splits q,k,v 8 ways instead of 4.
+    "devsplit-pps16": {"DEVICE_SPLIT": True, "PROGRAMS_PER_SM": 16},
     "devsplit-bk128": {"DEVICE_SPLIT": True, "SMALL_TILE_SHRINK": (16, 128)},
     # The expand's column blocks per item as few256 plans them (16, not 8):
     # longer items, one header chain for twice the B bytes.
