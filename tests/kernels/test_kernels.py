@@ -290,15 +290,14 @@ def test_split_chosen_from_the_steps_tiles(triton_backend, by_adapter, monkeypat
     # those partials, the expand sums only them, and the op equals the
     # reference either way.
     from vllm_slora.kernels.expand import launch_expand
+    from vllm_slora.kernels import plan as plan_mod
     from vllm_slora.kernels.plan import pow2_split, split_args
     from vllm_slora.kernels.shrink import launch_shrink
-
-    from vllm_slora.kernels import plan as plan_mod
 
     monkeypatch.setattr(knobs, "FEW_GROUPS", 1)
     monkeypatch.setattr(knobs, "DEVICE_SPLIT", True)
     # The splits above are those of the interpreter's 8 SMs; a GPU plans
-    # for its own count (an H100: no split at all), so plan for 8 there too.
+    # for its own count (an H100's 132: 5 splits, not 4), so plan for 8 there too.
     monkeypatch.setattr(plan_mod, "num_sms", lambda index: 8)
     plan_mod._plan.cache_clear()
     request.addfinalizer(plan_mod._plan.cache_clear)
