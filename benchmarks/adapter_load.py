@@ -1,6 +1,6 @@
 """How fast adapters get from their files into their pages, and what it costs the engine's thread.
 
-    python -m benchmarks.adapter_load [--adapters 64] [--threads 1,8] [--lanes 1,3] [--out FILE]
+    python -m benchmarks.adapter_load [--adapters 64] [--threads 1,8] [--lanes 1,3] [--readers 0,6] [--out FILE]
 
 At n = 1000 and more nearly every request brings an adapter no step has
 seen, so the engine needs adapters paged in as fast as requests finish
@@ -16,7 +16,11 @@ device:
 - ``uploader``: the plugin's path, ``memory/uploads.py``: the file read
   through a ring of pinned staging buffers, packed on the device and
   scattered into 32 layers' pool rows, on ``--lanes`` threads (uploads at
-  once, each with its own ring and copy stream; the "threads" column).
+  once, each with its own ring and copy stream; the "threads" column), the
+  chunks of each file read by ``--readers`` threads (0: by its lane, one
+  after another). On one lane an upload has the lanes to itself: its
+  "ms per adapter" is an upload's latency, what a step that admits a
+  request with a new adapter may wait for.
 
 On CUDA, meanwhile, the main thread launches a tiny kernel and waits for it
 in a loop, as the engine's thread launches its steps: the loop's latency
@@ -89,7 +93,7 @@ def page_in(metas: list, geo, device, threads: int, uploader=None) -> None:
         upload.wait(device)
 
 
-def run(metas: list, geo, variant: str, threads: int) -> dict:
+def run(metas: list, geo, variant: str, threads: int, readers: int | None = None) -> dict:
     import torch
 
     from vllm_slora.memory.uploads import Uploader
@@ -100,7 +104,8 @@ def run(metas: list, geo, variant: str, threads: int) -> dict:
     if variant == "uploader":  # made once, as the pager makes it at start-up
         most = max(m.rows(geo) for m in metas)
         uploader = Uploader(geo, [torch.empty(most, geo.page_width, dtype=geo.dtype, device=device)
-                                  for _ in range(geo.num_layers)], lanes=threads)
+                                  for _ in range(geo.num_layers)], lanes=threads,
+                            readers=readers)
     page_in(metas[:1], geo, device, threads, uploader)  # first-touch costs out of the timing
     stop, loop = threading.Event(), []
     watcher = threading.Thread(target=lambda: loop.extend(engine_loop(stop))) if cuda else None
@@ -113,7 +118,8 @@ def run(metas: list, geo, variant: str, threads: int) -> dict:
     s = time.perf_counter() - started
     stop.set()
     nbytes = sum(m.rows(geo) for m in metas) * geo.num_layers * geo.page_width * geo.dtype.itemsize
-    row = dict(variant=variant, threads=threads, adapters=len(metas), seconds=round(s, 3),
+    row = dict(variant=variant, threads=threads, readers=readers, adapters=len(metas),
+               seconds=round(s, 3),
                adapters_per_s=round(len(metas) / s, 1), gb_per_s=round(nbytes / s / 1e9, 2),
                ms_per_adapter=round(1e3 * s / len(metas), 1))
     if watcher:
@@ -135,6 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--adapters", type=int, default=64)
     p.add_argument("--threads", default="1,8", help="host-packed: packing threads")
     p.add_argument("--lanes", default="1,3", help="uploader: uploads at once")
+    p.add_argument("--readers", default="0,6", help="uploader: threads reading file chunks")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/slora-adapter-load"))
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -150,15 +157,18 @@ def main(argv=None) -> int:
         threading.Timer(2.0, stop.set).start()
         rows.append(dict(variant="idle", engine_loop_ms=pct(engine_loop(stop))))
         print(json.dumps(rows[-1]), flush=True)
-    cases = ([("host-packed", int(t)) for t in args.threads.split(",") if t]
-             + [("uploader", int(n)) for n in args.lanes.split(",") if n])
-    for variant, threads in cases:
-        rows.append(run(metas, geo, variant, threads))
+    cases = ([("host-packed", int(t), None) for t in args.threads.split(",") if t]
+             + [("uploader", int(n), int(k)) for n in args.lanes.split(",") if n
+                for k in args.readers.split(",") if k])
+    for variant, threads, readers in cases:
+        rows.append(run(metas, geo, variant, threads, readers))
         print(json.dumps(rows[-1]), flush=True)
-    print("| path | threads | adapters/s | GB/s | ms per adapter | engine loop p50/p99/max ms |\n"
-          "|---|---|---|---|---|---|")
+    print("| path | threads | readers | adapters/s | GB/s | ms per adapter | engine loop p50/p99/max ms |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r.get('threads', '-')} | {r.get('adapters_per_s', '-')} | "
+        readers = r.get("readers")
+        print(f"| {r['variant']} | {r.get('threads', '-')} | {'-' if readers is None else readers} | "
+              f"{r.get('adapters_per_s', '-')} | "
               f"{r.get('gb_per_s', '-')} | {r.get('ms_per_adapter', '-')} | "
               f"{loop_text(r.get('engine_loop_ms'))} |")
     if args.out:

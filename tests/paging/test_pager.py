@@ -111,10 +111,12 @@ CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("file_dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("tp_size", [1, 2])
+@pytest.mark.parametrize("readers", [0, 3])
 def test_upload_puts_every_vector_in_its_pages(tiny_model, tmp_path, monkeypatch, device,
-                                               file_dtype, tp_size):
+                                               file_dtype, tp_size, readers):
     """An adapter uploaded from its file (chunks through a ring of two small
-    staging slots, packed on the device) against the layout written out by
+    staging slots, read by the lane itself or by reader threads two at a
+    time, packed on the device) against the layout written out by
     hand: A's rank-vectors are rows, B's are columns (TP: this rank's
     shard), slices the adapter lacks are zero pages even in reused (dirty)
     memory, the file's dtype becomes the adapter dtype, and each layer's
@@ -147,7 +149,7 @@ def test_upload_puts_every_vector_in_its_pages(tiny_model, tmp_path, monkeypatch
         rows = torch.randperm(num_rows, generator=torch.Generator().manual_seed(p))[:n]
         with monkeypatch.context() as m:
             m.setattr(torch, "empty", dirty)
-            uploader = Uploader(geo, pools, slots=2, slot_bytes=4096)
+            uploader = Uploader(geo, pools, slots=2, slot_bytes=4096, readers=readers)
             uploader.submit(meta, rows.to(device)).wait(torch.device(device))
         assert uploader.counters["upload_chunks"] > 2  # the ring wrapped
         for layer in range(cfg.num_hidden_layers):
@@ -208,6 +210,38 @@ def test_uploads_at_once_land_as_one_at_a_time(tiny_model, tmp_path, device):
     for one, three in zip(pools[1], pools[3]):
         assert one.abs().sum() > 0 and torch.equal(one, three)
         assert one[order[sum(sizes):].to(device)].abs().sum() == 0
+
+
+@pytest.mark.parametrize("readers", [0, 3])
+def test_upload_of_a_cut_file_fails_alone(tiny_model, tmp_path, readers):
+    """A file cut short after the scheduler read its header fails its own
+    upload with the cause (no reader left writing into a slot), and the
+    lane's next upload, from a ring whose slots that read had taken, lands
+    whole."""
+    from vllm_slora.memory.adapter_files import ADAPTER_FILE, read_adapter_meta
+    from vllm_slora.memory.layout import PageGeometry
+    from vllm_slora.memory.uploads import Uploader
+    from vllm_slora.testing.adapters import make_peft_adapter
+
+    cfg = tiny_config(tiny_model)
+    geo = PageGeometry.create(cfg, torch.float32, 2 * BLOCK * 64 * 4)
+    cut, whole = (read_adapter_meta(str(make_peft_adapter(tmp_path / name, tiny_model, 8, seed=i)))
+                  for i, name in enumerate(("cut", "whole")))
+    file = tmp_path / "cut" / ADAPTER_FILE
+    file.write_bytes(file.read_bytes()[:-5000])
+    n = whole.rows(geo)
+    pools = [torch.zeros(n, geo.page_width) for _ in range(cfg.num_hidden_layers)]
+    uploader = Uploader(geo, pools, slots=2, slot_bytes=4096, lanes=1, readers=readers)
+    rows = torch.arange(n)
+    failed, landed = uploader.submit(cut, rows[:cut.rows(geo)]), uploader.submit(whole, rows)
+    with pytest.raises(ValueError, match=r"cut/adapter_model.safetensors. ended \d+ bytes early"):
+        failed.wait(torch.device("cpu"))
+    landed.wait(torch.device("cpu"))
+    want = torch.zeros_like(pools[0])
+    other = Uploader(geo, [want] + [torch.zeros_like(want) for _ in pools[1:]], readers=0)
+    other.submit(whole, rows).wait(torch.device("cpu"))
+    assert want.abs().sum() > 0 and torch.equal(pools[0], want)
+    assert uploader.counters["uploads"] == 1
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
@@ -439,7 +473,7 @@ def test_upload_lanes_end_with_their_uploader(tiny_model, adapters):
 
     pager = make_pager(tiny_model, cpu_attn_kv(2))
     pager.apply(plan(pager, Load(1, adapters[0], [5, 9, 2, 7])))
-    _, _, (_, threads), _ = pager.uploader.close.peek()  # (uploader, _stop, args, kwargs)
+    _, _, (_, threads, readers), _ = pager.uploader.close.peek()  # (uploader, _stop, args, kwargs)
     assert len(threads) == 3 and all(t.is_alive() for t in threads)
     upload = pager.resident[1].copied
     del pager
@@ -448,6 +482,8 @@ def test_upload_lanes_end_with_their_uploader(tiny_model, adapters):
     for t in threads:
         t.join(timeout=10)
     assert not any(t.is_alive() for t in threads)
+    with pytest.raises(RuntimeError, match="shutdown"):  # the readers went with them
+        readers.submit(int)
 
 
 def test_an_uploader_let_go_still_does_the_uploads_it_queued(tiny_model, tmp_path, monkeypatch):
@@ -478,7 +514,7 @@ def test_an_uploader_let_go_still_does_the_uploads_it_queued(tiny_model, tmp_pat
 
     monkeypatch.setattr(Uploader, "_write", held_write)
     uploader = Uploader(geo, pools, slots=2, slot_bytes=4096, lanes=1)
-    _, _, (_, threads), _ = uploader.close.peek()
+    _, _, (_, threads, _), _ = uploader.close.peek()
     uploads = [uploader.submit(m, torch.arange(i * n, (i + 1) * n)) for i, m in enumerate(metas)]
     assert entered.wait(timeout=30)  # the lane is inside the first upload, the second queued
     del uploader

@@ -28,6 +28,13 @@ it waits for the GIL, as ``ThreadPoolExecutor.submit`` can), in the order
 they were asked for; ``submit`` takes a plan's adapters at once, behind one
 CUDA event.
 
+Within an upload, the file's chunks are read by a pool of *reader*
+threads shared by the lanes (``os.preadv`` at the chunk's offset, the GIL
+let go), up to one per staging slot at once, and sent in order as each
+read lands: one thread's copy from the page cache (about 3 GB/s) set an
+upload's latency, ~22 ms for a 60 MB adapter at n = 2,000 on an H100,
+where a step that admits a request waits for its adapter.
+
 Ordering on CUDA: a lane's stream first waits for the work the engine had
 queued when the upload was asked for (it may still read the adapter's
 blocks as KV of finished requests); a slot is refilled only after the copy
@@ -40,12 +47,14 @@ packing run with plain copies, done by the time ``wait`` returns.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import queue
 import threading
 import time
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -57,10 +66,13 @@ from vllm_slora.memory.layout import AdapterMeta, PageGeometry
 from vllm_slora.memory.packing import pack_file_bytes, read_header
 
 # Staging slots in a lane's ring: enough to overlap reading one with sending others.
-SLOTS = 4
-SLOT_BYTES = 16 << 20
-# Uploads at once (lanes): 3 x 4 x 16 MB = 192 MB of pinned host memory.
+SLOTS = 8
+SLOT_BYTES = 8 << 20
+# Uploads at once (lanes): 3 x 8 x 8 MB = 192 MB of pinned host memory.
 LANES = 3
+# Threads reading chunks into the lanes' slots (0: each lane reads its
+# chunks itself, one after another).
+READERS = 6
 # Test hook: uploads of adapters whose path contains this fail as a disk
 # error would, after the scheduler's checks passed (tests/paging/test_faults.py).
 FAIL_UPLOADS = os.environ.get("VLLM_SLORA_TEST_FAIL_UPLOADS", "")
@@ -123,18 +135,32 @@ def _serve(todo: queue.SimpleQueue, lane: _Lane) -> None:
             del owner, args
 
 
-def _stop(todo: queue.SimpleQueue, threads: list[threading.Thread]) -> None:
-    """Stop the lanes once the uploads queued so far are done."""
+def _stop(todo: queue.SimpleQueue, threads: list[threading.Thread],
+          readers: ThreadPoolExecutor | None) -> None:
+    """Stop the lanes once the uploads queued so far are done, then the readers."""
     for _ in threads:
         todo.put(None)
     for thread in threads:
         if thread is not threading.current_thread():  # the uploader freed by a lane
             thread.join(timeout=10)
+    if readers is not None:
+        readers.shutdown(wait=False)
+
+
+def _pread(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    """``view`` filled from the file ``fd`` at ``offset`` (the GIL let go while reading)."""
+    got, n = 0, len(view)
+    while got < n:
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if not k:
+            raise ValueError(f"adapter file '{path}' ended {n - got} bytes early "
+                             f"(changed while being read?)")
+        got += k
 
 
 class Uploader:
     def __init__(self, geo: PageGeometry, pools: list[torch.Tensor], slots: int = SLOTS,
-                 slot_bytes: int = SLOT_BYTES, lanes: int = LANES):
+                 slot_bytes: int = SLOT_BYTES, lanes: int = LANES, readers: int = READERS):
         """``pools``: each layer's pool [num_rows, D] in the adapter dtype."""
         self.geo = geo
         self.pools = pools
@@ -153,7 +179,9 @@ class Uploader:
                    for i in range(lanes)]
         for thread in threads:
             thread.start()
-        self.close = weakref.finalize(self, _stop, self._todo, threads)
+        self._readers = (ThreadPoolExecutor(readers, thread_name_prefix="slora-read")
+                         if readers else None)
+        self.close = weakref.finalize(self, _stop, self._todo, threads, self._readers)
 
     def submit(self, meta: AdapterMeta, rows: torch.Tensor) -> Upload:
         """Queue the adapter of ``meta`` into rows ``rows`` (int64 [meta.rows(geo)],
@@ -211,8 +239,7 @@ class Uploader:
             header, start = read_header(f)
             size = max((e["data_offsets"][1] for e in header.values()), default=0)
             data = torch.empty(size, dtype=torch.uint8, device=self.device)
-            for lo in range(0, size, step):
-                self._chunk(lane, f, data[lo:lo + step], path)
+            self._read(lane, f.fileno(), start, size, data, path)
         packed = pack_file_bytes(meta, self.geo, data, header, device=self.device)
         for layer, pool in enumerate(self.pools):
             pool.index_copy_(0, rows, packed[layer])
@@ -221,22 +248,48 @@ class Uploader:
             self.counters["upload_bytes"] += size
             self.counters["upload_chunks"] += -(-size // step)
 
-    def _chunk(self, lane: _Lane, f, out: torch.Tensor, path: Path) -> None:
-        """The file's next ``out.numel()`` bytes into ``out``, through a slot."""
+    def _read(self, lane: _Lane, fd: int, start: int, size: int, data: torch.Tensor,
+              path: Path) -> None:
+        """The file's ``size`` bytes from ``start`` into ``data``, a chunk per
+        slot: read by the readers, up to a chunk per slot at once, each sent
+        once it is read and the chunks before it are sent; without readers,
+        read and sent one after another by this lane."""
+        step = lane.host[0].numel()
+        reads: collections.deque = collections.deque()  # (slot, lo, n, read)
+        try:
+            for lo in range(0, size, step):
+                if len(reads) == len(lane.host):  # every slot is being read: send the oldest
+                    self._send(lane, data, *reads.popleft())
+                i, n = self._free_slot(lane), min(step, size - lo)
+                view = memoryview(lane.host[i].numpy())[:n]
+                if self._readers is None:
+                    _pread(fd, view, start + lo, path)
+                    self._send(lane, data, i, lo, n, None)
+                else:
+                    reads.append((i, lo, n, self._readers.submit(_pread, fd, view, start + lo,
+                                                                  path)))
+            while reads:
+                self._send(lane, data, *reads.popleft())
+        finally:  # an error: no reader may still fill a slot (or use the file) after it
+            for *_, read in reads:
+                read.exception()
+
+    @staticmethod
+    def _free_slot(lane: _Lane) -> int:
+        """The ring's next slot, once the copy that last read it is done."""
         i = lane.next
         lane.next = (i + 1) % len(lane.host)
         if lane.freed[i] is not None:
-            lane.freed[i].synchronize()  # the copy that read slot i is done
-        n = out.numel()
-        view = memoryview(lane.host[i].numpy())[:n]
-        got = 0
-        while got < n:
-            k = f.readinto(view[got:])
-            if not k:
-                raise ValueError(f"adapter file '{path}' ended {n - got} bytes early "
-                                 f"(changed while being read?)")
-            got += k
-        out.copy_(lane.host[i][:n], non_blocking=self.cuda)
+            lane.freed[i].synchronize()
+            lane.freed[i] = None
+        return i
+
+    def _send(self, lane: _Lane, data: torch.Tensor, i: int, lo: int, n: int,
+              read: Future | None) -> None:
+        """Slot ``i``'s ``n`` bytes (once ``read`` is done) into ``data[lo:]``."""
+        if read is not None:
+            read.result()
+        data[lo:lo + n].copy_(lane.host[i][:n], non_blocking=self.cuda)
         if self.cuda:
             event = torch.cuda.Event()
             event.record(lane.stream)
