@@ -811,3 +811,15 @@ def test_sched_profile_times_the_executors_step(tmp_path):
     # The executor's step, the model's forward in it; the paged op only in the plugin's.
     assert "_model_forward" in slora["profile"] and "_model_forward" in base["profile"]
     assert "slora_paged_lora" in slora["profile"] and "slora_paged_lora" not in base["profile"]
+
+
+def test_an_upload_takes_few_torch_calls_whatever_the_layers(tmp_path):
+    """An upload's lane hands the GIL over at each torch call: a rank-8
+    adapter on q,k,v,o of a 32-layer model takes one gather and one
+    scatter for every layer, not a scatter per layer and five launches per
+    kind (155 calls before), and a rank-64 one, gathered four layers at a
+    time, stays well under that."""
+    from benchmarks.upload_calls import count_calls
+
+    calls = count_calls([8, 64], tmp_path)
+    assert calls[8] <= 40 and calls[64] <= 130, calls

@@ -212,6 +212,43 @@ def test_uploads_at_once_land_as_one_at_a_time(tiny_model, tmp_path, device):
         assert one[order[sum(sizes):].to(device)].abs().sum() == 0
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_uploads_into_one_allocation_land_as_into_one_per_layer(tiny_model, tmp_path, device):
+    """Pools that are rows of one storage (vLLM 0.32+ keeps every layer's KV
+    in one allocation; each layer's view runs from its offset to the end)
+    take one scatter for every layer, and get the pages a pool per layer
+    gets: an adapter on q,k,v,o (one gather) and one on q,v and down
+    (a gather per part), nothing written outside the adapters' rows."""
+    from vllm_slora.memory.adapter_files import read_adapter_meta
+    from vllm_slora.memory.layout import PageGeometry
+    from vllm_slora.memory.uploads import Uploader
+    from vllm_slora.testing.adapters import make_peft_adapter
+
+    cfg = tiny_config(tiny_model)
+    layers = cfg.num_hidden_layers
+    geo = PageGeometry.create(cfg, torch.float32, 2 * BLOCK * 64 * 4)
+    metas = [read_adapter_meta(str(make_peft_adapter(tmp_path / name, tiny_model, 8, seed=i,
+                                                     target_modules=targets)))
+             for i, (name, targets) in enumerate((("qkvo", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                                  ("qv-down", ("q_proj", "v_proj", "down_proj"))))]
+    sizes = [m.rows(geo) for m in metas]
+    num_rows = sum(sizes) + 5
+    rows = torch.randperm(num_rows, generator=torch.Generator().manual_seed(2))[:sum(sizes)]
+    rows = rows.to(device).split(sizes)
+    apart = [torch.zeros(num_rows, geo.page_width, device=device) for _ in range(layers)]
+    whole = torch.zeros(3 + layers * num_rows, geo.page_width, device=device)
+    shared = [whole[3 + layer * num_rows:] for layer in range(layers)]
+    for pools, one in ((apart, False), (shared, True)):
+        uploader = Uploader(geo, pools, slots=2, slot_bytes=4096)
+        assert (uploader._flat is not None) == one
+        for upload in [uploader.submit(m, r) for m, r in zip(metas, rows)]:
+            upload.wait(torch.device(device))
+    assert whole[:3].abs().sum() == 0
+    for layer in range(layers):
+        assert apart[layer].abs().sum() > 0
+        assert torch.equal(shared[layer][:num_rows], apart[layer])
+
+
 @pytest.mark.parametrize("readers", [0, 3])
 def test_upload_of_a_cut_file_fails_alone(tiny_model, tmp_path, readers):
     """A file cut short after the scheduler read its header fails its own
@@ -246,16 +283,22 @@ def test_upload_of_a_cut_file_fails_alone(tiny_model, tmp_path, readers):
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_pack_by_kind_equals_pack_by_tensor(tiny_model, tmp_path, monkeypatch, device):
-    """The uploads' packer (one gather per kind and A/B over the file's bytes)
-    gives pack_adapter's pages bit for bit: fp16, bf16 and fp32 files, TP 1
-    and 2, slices and layers the adapter lacks (zero pages in dirty memory);
-    a file with a kind in two dtypes takes pack_adapter's own path."""
+    """The uploads' packer (one gather per kind and A/B over the file's bytes,
+    or, where every kind has every layer in one dtype, one gather over the
+    whole adapter, in groups of layers or not) gives pack_adapter's pages
+    bit for bit: fp16, bf16 and fp32 files, TP 1 and 2, slices and layers
+    the adapter lacks (zero pages in dirty memory); a file with a kind in
+    two dtypes takes pack_adapter's own path."""
     from safetensors.torch import load_file, save_file
 
+    from vllm_slora.memory import packing
     from vllm_slora.memory.adapter_files import ADAPTER_FILE, read_adapter_meta
     from vllm_slora.memory.layout import PageGeometry
     from vllm_slora.memory.packing import pack_adapter, pack_file_bytes, read_header
     from vllm_slora.testing.adapters import make_peft_adapter
+
+    whole, spy = [], packing._whole_pattern
+    monkeypatch.setattr(packing, "_whole_pattern", lambda *a: whole.append(a[0].path) or spy(*a))
 
     cfg = tiny_config(tiny_model)
     empty = torch.empty
@@ -269,6 +312,11 @@ def test_pack_by_kind_equals_pack_by_tensor(tiny_model, tmp_path, monkeypatch, d
         path = make_peft_adapter(tmp_path / dtype, tiny_model, 8, dtype=dtype, seed=i,
                                  target_modules=("q_proj", "v_proj", "o_proj", "down_proj"))
         cases.append(path)
+    # q,k,v,o in every layer (the headline's adapters): the whole-adapter gather.
+    for dtype in ("float16", "float32"):
+        cases.append(make_peft_adapter(tmp_path / f"qkvo-{dtype}", tiny_model, 8, dtype=dtype,
+                                       seed=5, target_modules=("q_proj", "k_proj", "v_proj",
+                                                               "o_proj")))
     # Layer 0 without its q_proj tensors; v_proj of layer 1 in another dtype.
     for name, edit in (("no-layer", "drop"), ("mixed", "cast")):
         path = make_peft_adapter(tmp_path / name, tiny_model, 8, dtype="float16", seed=7,
@@ -294,11 +342,14 @@ def test_pack_by_kind_equals_pack_by_tensor(tiny_model, tmp_path, monkeypatch, d
                 geo = PageGeometry.create(cfg, torch.float16, 2 * BLOCK * 64 * 2 // tp_size,
                                           tp_size=tp_size, tp_rank=p)
                 want = pack_adapter(meta, geo, load_file(str(path / ADAPTER_FILE)))
-                with monkeypatch.context() as m:  # memory as an allocator hands it back
-                    m.setattr(torch, "empty", dirty)
-                    got = pack_file_bytes(meta, geo, data, header, device=device)
-                assert got.device.type == device
-                assert torch.equal(got.cpu(), want), (path.name, tp_size, p)
+                for gather in (packing.GATHER_ELEMENTS, 1):  # all layers at once, one by one
+                    with monkeypatch.context() as m:  # memory as an allocator hands it back
+                        m.setattr(torch, "empty", dirty)
+                        m.setattr(packing, "GATHER_ELEMENTS", gather)
+                        got = pack_file_bytes(meta, geo, data, header, device=device)
+                    assert got.device.type == device
+                    assert torch.equal(got.cpu(), want), (path.name, tp_size, p, gather)
+    assert set(whole) == {str(tmp_path / f"qkvo-{dtype}") for dtype in ("float16", "float32")}
 
 
 def dense_lora(x, path, layer, kinds, scale, widths):
