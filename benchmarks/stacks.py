@@ -2,13 +2,16 @@
 
     VLLM_SLORA_STEP_STACKS=1 python -m benchmarks.run ...   # writes logs/<engine>.steps.jsonl.stacks
     python -m benchmarks.stacks RUN_DIR/logs/slora.steps.jsonl.stacks [--from T0 --to T1 | --events
-        RUN_DIR/logs/slora.events.jsonl] [--top 25]
+        RUN_DIR/logs/slora.events.jsonl] [--top 25] [--slow]
 
 Each sample is the engine thread's Python stack (leaf first; a wait inside a
 C call shows as the Python line that made it). Printed: the share of samples
 in which each function appears (inclusive) and the share of each leaf line
 (where the thread was: running Python there or waiting in the C call it
-made), over the samples written between T0 and T1 (wall-clock seconds).
+made), over the samples written between T0 and T1 (wall-clock seconds). With
+``--slow``, only the samples of slow steps (execute_model over
+``SLOW_STEP_S`` of ``patches/vllm_v1_engine_core.py``: steps that wait for
+the GPU to drain or for an upload).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from collections import Counter
 from pathlib import Path
 
 
-def load(path: str | Path, t0: float | None = None, t1: float | None = None) -> tuple[Counter, int]:
+def load(path: str | Path, t0: float | None = None, t1: float | None = None,
+         slow: bool = False) -> tuple[Counter, int]:
     stacks: Counter = Counter()
     total = 0
     for line in Path(path).read_text().splitlines():
@@ -29,8 +33,9 @@ def load(path: str | Path, t0: float | None = None, t1: float | None = None) -> 
             continue
         if (t0 is not None and rec["t"] < t0) or (t1 is not None and rec["t"] > t1):
             continue
-        total += rec["samples"]
-        stacks.update(rec["stacks"])
+        prefix = "slow_" if slow else ""
+        total += rec.get(prefix + "samples", 0)
+        stacks.update(rec.get(prefix + "stacks", {}))
     return stacks, total
 
 
@@ -55,6 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--to", dest="t1", type=float)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--events", help="the engine's events file: one report per measured point")
+    p.add_argument("--slow", action="store_true", help="only the samples of slow steps")
     args = p.parse_args(argv)
     windows = [("all", args.t0, args.t1)]
     if args.events:
@@ -66,9 +72,9 @@ def main(argv=None) -> int:
             elif ev["ev"] == "point" and ev["label"] in begun:
                 windows.append((ev["label"], begun[ev["label"]], ev["t"]))
     for label, t0, t1 in windows:
-        stacks, total = load(args.path, t0, t1)
+        stacks, total = load(args.path, t0, t1, args.slow)
         inclusive, leaves = shares(stacks, total)
-        print(f"== {label}: {total} samples")
+        print(f"== {label}: {total} samples{' of slow steps' if args.slow else ''}")
         print("inclusive (function in the stack):")
         for f, s in inclusive[:args.top]:
             print(f"  {100 * s:5.1f}%  {f}")

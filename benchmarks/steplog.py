@@ -11,7 +11,10 @@ tokens too, at most the largest capture size: piecewise graphs) and
 ``large`` (more tokens than any capture size: no graph); and apart, the
 decode steps of an unchanged batch (``unchanged_decode``: with async
 scheduling a step may wait for earlier steps' GPU work, so only where no
-request starts or ends is a decode step's period its graph's pace). Per kind: its share
+request starts or ends is a decode step's period its graph's pace), and
+the decode steps whose ``execute_model`` took over ``SLOW_STEP_S``
+(``slow_decode``: waiting for the GPU to drain or for an upload) with
+their time beyond that pace as a share of the window. Per kind: its share
 of the steps, mean tokens, mean period (time since the previous step's
 results, i.e. the step's share of the wall clock) and mean host seconds of
 the engine's thread. Over all steps also the decode rate (decoding requests
@@ -28,6 +31,7 @@ from pathlib import Path
 KINDS = ("decode", "mixed", "large")
 # As in patches/vllm_v1_engine_core.py (not imported: it needs vLLM).
 CALLS = ("schedule", "execute_model", "sample_tokens", "update_from_output")
+SLOW_STEP_S = 0.015
 
 
 def read(path: str | Path) -> list[list[float]]:
@@ -98,6 +102,19 @@ def summarize(records: list[list[float]], t0: float, t1: float, graph_max: int,
         # period says little about its own work.
         out["unchanged_decode"] = {"steps": len(settled),
                                    "period_ms": 1e3 * sum(settled) / len(settled)}
+        # Decode steps whose execute_model took over SLOW_STEP_S: on 0.34 the
+        # steps that wait for the GPU to drain after requests end (the next
+        # step is prepared only then) and, with the plugin, for an upload.
+        # What they take beyond an unchanged-batch step, as a share of the
+        # window, is what they cost the throughput.
+        slow = [st for st in steps if len(st) > 6 and st[6] > SLOW_STEP_S
+                and kind(st[1], st[2], st[3], graph_max) == "decode"]
+        if slow and wall > 0:
+            pace = sum(settled) / len(settled)
+            out["slow_decode"] = {"steps": len(slow),
+                                  "period_ms": 1e3 * sum(st[0] for st in slow) / len(slow),
+                                  "execute_ms": 1e3 * sum(st[6] for st in slow) / len(slow),
+                                  "excess_share": sum(st[0] - pace for st in slow) / wall}
     return out
 
 
@@ -170,6 +187,12 @@ def main(argv=None) -> None:
     if settled:
         print(f"\ndecode steps of an unchanged batch: {settled['steps']}, "
               f"{settled['period_ms']:.1f} ms each (no request started or ended)")
+    slow = (whole or {}).get("slow_decode")
+    if slow:
+        print(f"\ndecode steps whose execute_model took over {1e3 * SLOW_STEP_S:.0f} ms: "
+              f"{slow['steps']}, {slow['period_ms']:.1f} ms each ({slow['execute_ms']:.1f} in "
+              f"execute_model); beyond an unchanged-batch step, {100 * slow['excess_share']:.1f}% "
+              f"of the window")
 
 
 if __name__ == "__main__":

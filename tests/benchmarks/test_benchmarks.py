@@ -298,6 +298,26 @@ def test_step_log_splits_steps_by_how_vllm_runs_them(tmp_path, capsys):
     assert rows[-1] == "decode steps of an unchanged batch: 1, 20.0 ms each (no request started or ended)"
 
 
+def test_slow_decode_steps_and_what_they_cost():
+    """Decode steps whose execute_model took over SLOW_STEP_S: how many,
+    their period, and their time beyond the unchanged-batch pace as a share
+    of the window; a slow mixed step is not one of them."""
+    from benchmarks import steplog
+
+    #          time  tok  req  dec  host  sched exec  sample update
+    records = [[0.00, 200, 200, 200, 0.01, 0, 0.005, 0, 0],
+               [0.02, 200, 200, 200, 0.01, 0, 0.005, 0, 0],   # unchanged: 20 ms
+               [0.07, 199, 199, 199, 0.04, 0, 0.040, 0, 0],   # a request ended: slow, 50 ms
+               [0.09, 300, 200, 199, 0.03, 0, 0.030, 0, 0],   # slow, but mixed
+               [0.11, 200, 200, 200, 0.01, 0, 0.005, 0, 0]]   # 20 ms
+    got = steplog.summarize(records, 0.0, 0.11, graph_max=512)
+    assert got["unchanged_decode"]["period_ms"] == pytest.approx(20.0)
+    slow = got["slow_decode"]
+    assert slow["steps"] == 1 and slow["period_ms"] == pytest.approx(50.0)
+    assert slow["execute_ms"] == pytest.approx(40.0)
+    assert slow["excess_share"] == pytest.approx(0.030 / 0.11)
+
+
 def test_stack_samples_add_up_per_function_and_leaf(tmp_path):
     from benchmarks import stacks
 
@@ -316,6 +336,43 @@ def test_stack_samples_add_up_per_function_and_leaf(tmp_path):
     assert inc["layers.py:_slora_paged_lora"] == pytest.approx(0.4)  # once per stack, not per frame
     assert leaves[0] == ("streams.py:254:synchronize", 0.6)
     assert stacks.load(path)[1] == 15
+
+
+def test_slow_steps_samples_are_counted_apart(tmp_path, monkeypatch):
+    """With stack samples on, a step whose execute_model took longer than
+    SLOW_STEP_S has its samples (those taken since the step before closed)
+    counted apart as well; the others only in the whole count; the
+    benchmark reads either."""
+    import time
+    from types import SimpleNamespace
+
+    from benchmarks import stacks
+    from vllm_slora.patches import vllm_v1_engine_core as core
+
+    monkeypatch.setenv(core.STACKS_ENV, "1")
+    monkeypatch.setattr(core.StackSampler, "start", lambda self: None)  # fed by hand below
+    naps = iter([0.0, 0.03, 0.0])
+    scheduler = SimpleNamespace(schedule=lambda: None, update_from_output=lambda out, mo: None)
+    executor = SimpleNamespace(execute_model=lambda out, non_block=False: time.sleep(next(naps)),
+                               sample_tokens=lambda g, non_block=False: None)
+    log = core.install(SimpleNamespace(scheduler=scheduler, model_executor=executor),
+                       str(tmp_path / "s.jsonl"))
+    sampler = log.sampler
+    out = SimpleNamespace(num_scheduled_tokens={"a": 1}, total_num_scheduled_tokens=1)
+    for stack in ("fast.py:1:f", "slow.py:2:g", "fast.py:1:f"):  # one sample per step
+        sampler.sample(stack)
+        scheduler.schedule()
+        executor.execute_model(out)
+        scheduler.update_from_output(out, None)
+    sampler.sample("open.py:3:h")  # the next step's, not closed yet
+    rec = sampler.record()
+    assert rec["samples"] == 4 and rec["stacks"] == {"fast.py:1:f": 2, "slow.py:2:g": 1,
+                                                     "open.py:3:h": 1}
+    assert rec["slow_samples"] == 1 and rec["slow_stacks"] == {"slow.py:2:g": 1}
+    path = tmp_path / "s.jsonl.stacks"
+    path.write_text(json.dumps(rec) + "\n")
+    assert stacks.load(path, slow=True) == ({"slow.py:2:g": 1}, 1)
+    assert stacks.load(path)[1] == 4
 
 
 def test_ratios_never_mix_methods():
