@@ -875,8 +875,9 @@ def test_an_upload_takes_few_torch_calls_whatever_the_layers(tmp_path):
     adapter on q,k,v,o of a 32-layer model takes one gather and one
     scatter for every layer, not a scatter per layer and five launches per
     kind (155 calls before), and a rank-64 one, gathered four layers at a
-    time, stays well under that."""
+    time and sent in runs of half the staging ring, stays well under that
+    (190 before)."""
     from benchmarks.upload_calls import count_calls
 
     calls = count_calls([8, 64], tmp_path)
-    assert calls[8] <= 40 and calls[64] <= 130, calls
+    assert calls[8] <= 36 and calls[64] <= 100, calls

@@ -114,9 +114,10 @@ CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available
 @pytest.mark.parametrize("readers", [0, 3])
 def test_upload_puts_every_vector_in_its_pages(tiny_model, tmp_path, monkeypatch, device,
                                                file_dtype, tp_size, readers):
-    """An adapter uploaded from its file (chunks through a ring of two small
-    staging slots, read by the lane itself or by reader threads two at a
-    time, packed on the device) against the layout written out by
+    """An adapter uploaded from its file (chunks through a ring of small
+    staging slots: two read by the lane itself, or five by reader threads,
+    sent in runs of two, two and one up to the ring's end, packed on the
+    device) against the layout written out by
     hand: A's rank-vectors are rows, B's are columns (TP: this rank's
     shard), slices the adapter lacks are zero pages even in reused (dirty)
     memory, the file's dtype becomes the adapter dtype, and each layer's
@@ -149,9 +150,10 @@ def test_upload_puts_every_vector_in_its_pages(tiny_model, tmp_path, monkeypatch
         rows = torch.randperm(num_rows, generator=torch.Generator().manual_seed(p))[:n]
         with monkeypatch.context() as m:
             m.setattr(torch, "empty", dirty)
-            uploader = Uploader(geo, pools, slots=2, slot_bytes=4096, readers=readers)
+            slots = 5 if readers else 2
+            uploader = Uploader(geo, pools, slots=slots, slot_bytes=4096, readers=readers)
             uploader.submit(meta, rows.to(device)).wait(torch.device(device))
-        assert uploader.counters["upload_chunks"] > 2  # the ring wrapped
+        assert uploader.counters["upload_chunks"] > slots  # the ring wrapped
         for layer in range(cfg.num_hidden_layers):
             parts = []
             for kind in meta.kinds:
@@ -268,7 +270,7 @@ def test_upload_of_a_cut_file_fails_alone(tiny_model, tmp_path, readers):
     file.write_bytes(file.read_bytes()[:-5000])
     n = whole.rows(geo)
     pools = [torch.zeros(n, geo.page_width) for _ in range(cfg.num_hidden_layers)]
-    uploader = Uploader(geo, pools, slots=2, slot_bytes=4096, lanes=1, readers=readers)
+    uploader = Uploader(geo, pools, slots=4, slot_bytes=4096, lanes=1, readers=readers)
     rows = torch.arange(n)
     failed, landed = uploader.submit(cut, rows[:cut.rows(geo)]), uploader.submit(whole, rows)
     with pytest.raises(ValueError, match=r"cut/adapter_model.safetensors. ended \d+ bytes early"):

@@ -34,8 +34,8 @@ CUDA event.
 
 Within an upload, the file's chunks are read by a pool of *reader*
 threads shared by the lanes (``os.preadv`` at the chunk's offset, the GIL
-let go), up to one per staging slot at once, and sent in order as each
-read lands: one thread's copy from the page cache (about 3 GB/s) set an
+let go), half the ring at a time, each half sent in one copy while the
+other is read: one thread's copy from the page cache (about 3 GB/s) set an
 upload's latency, ~22 ms for a 60 MB adapter at n = 2,000 on an H100,
 where a step that admits a request waits for its adapter.
 
@@ -51,14 +51,13 @@ packing run with plain copies, done by the time ``wait`` returns.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
 import queue
 import threading
 import time
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -112,8 +111,9 @@ class _Lane:
 
     def __init__(self, device: torch.device, slots: int, slot_bytes: int):
         cuda = device.type == "cuda"
-        self.host = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=cuda)
-                     for _ in range(slots)]
+        # One pinned buffer cut into slots: adjacent slots go to the device in one copy.
+        self.ring = torch.empty(slots * slot_bytes, dtype=torch.uint8, pin_memory=cuda)
+        self.host = list(self.ring.split(slot_bytes))
         self.views = [memoryview(h.numpy()) for h in self.host]  # what the readers fill
         self.freed: list[torch.cuda.Event | None] = [None] * slots
         self.next = 0
@@ -279,28 +279,29 @@ class Uploader:
     def _read(self, lane: _Lane, fd: int, start: int, size: int, data: torch.Tensor,
               path: Path) -> None:
         """The file's ``size`` bytes from ``start`` into ``data``, a chunk per
-        slot: read by the readers, up to a chunk per slot at once, each sent
-        once it is read and the chunks before it are sent; without readers,
-        read and sent one after another by this lane."""
-        step = lane.host[0].numel()
-        reads: collections.deque = collections.deque()  # (slot, lo, n, read)
+        slot, read by the readers (without readers, by this lane, one after
+        another) and sent in runs: half the ring's slots, or up to its end,
+        or the file's end, in one copy, while the next run is read into the
+        other half."""
+        step, half = lane.host[0].numel(), max(1, len(lane.host) // 2)
+        run: list = []  # (slot, lo, n, read) read or being read, not sent: adjacent slots
         try:
             for lo in range(0, size, step):
-                if len(reads) == len(lane.host):  # every slot is being read: send the oldest
-                    self._send(lane, data, *reads.popleft())
                 i, n = self._free_slot(lane), min(step, size - lo)
                 view = lane.views[i][:n]
                 if self._readers is None:
                     _pread(fd, view, start + lo, path)
-                    self._send(lane, data, i, lo, n, None)
+                    run.append((i, lo, n, None))
                 else:
-                    reads.append((i, lo, n, self._readers.submit(_pread, fd, view, start + lo,
-                                                                  path)))
-            while reads:
-                self._send(lane, data, *reads.popleft())
+                    run.append((i, lo, n, self._readers.submit(_pread, fd, view, start + lo,
+                                                                path)))
+                if len(run) == half or i == len(lane.host) - 1 or lo + n == size:
+                    self._send(lane, data, run)
+                    run = []
         finally:  # an error: no reader may still fill a slot (or use the file) after it
-            for *_, read in reads:
-                read.exception()
+            for *_, read in run:
+                if read is not None:
+                    read.exception()
 
     @staticmethod
     def _free_slot(lane: _Lane) -> int:
@@ -312,16 +313,19 @@ class Uploader:
             lane.freed[i] = None
         return i
 
-    def _send(self, lane: _Lane, data: torch.Tensor, i: int, lo: int, n: int,
-              read: Future | None) -> None:
-        """Slot ``i``'s ``n`` bytes (once ``read`` is done) into ``data[lo:]``."""
-        if read is not None:
-            read.result()
-        data[lo:lo + n].copy_(lane.host[i][:n], non_blocking=self.cuda)
+    def _send(self, lane: _Lane, data: torch.Tensor, run: list) -> None:
+        """A run of adjacent slots (once read) into ``data``, in one copy."""
+        for *_, read in run:
+            if read is not None:
+                read.result()
+        first, lo = run[0][0] * lane.host[0].numel(), run[0][1]
+        n = sum(n for _, _, n, _ in run)
+        data[lo:lo + n].copy_(lane.ring[first:first + n], non_blocking=self.cuda)
         if self.cuda:
             event = torch.cuda.Event()
             event.record(lane.stream)
-            lane.freed[i] = event
+            for i, *_ in run:
+                lane.freed[i] = event
 
 
 # Elements of each pinned staging buffer of a plan's rows and table entries
