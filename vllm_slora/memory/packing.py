@@ -206,8 +206,8 @@ def _whole_pattern(meta: AdapterMeta, geo: PageGeometry, plan: list,
     """For each element of one layer's packed pages: its part of ``plan``
     (a kind's A or B, int64) and its element index in that part's file
     tensor (``_pattern``'s, int64), cached per adapter shape."""
-    key = ("whole", meta.rank, meta.kinds, geo.page_width, geo.num_layers, geo.tp_rank,
-           geo.tp_size, str(device))
+    key = ("whole", meta.rank, geo.page_width, geo.tp_rank, geo.tp_size, str(device),
+           tuple(part[:6] for part in plan))  # (kind, A or B, K, N, first row, end row)
     found = _PATTERNS.get(key)
     if found is None:
         d = geo.page_width
