@@ -77,8 +77,8 @@ PRECHECK_TOUCHES = {TARGET: ("EngineCore.preprocess_add_request",)}
 ENV = "VLLM_SLORA_STEP_LOG"
 STACKS_ENV = "VLLM_SLORA_STEP_STACKS"
 FLUSH_S = 0.5
-# With stack samples on, the samples of a step whose execute_model took
-# longer than this are also counted apart ("slow_stacks"): the steps that
+# With stack samples on, the samples of a decode step whose execute_model
+# took longer than this are also counted apart ("slow_stacks"): the steps that
 # wait for the GPU to drain after requests end, or for an adapter's upload,
 # took 46 ms of execute_model at n = 2,000 against ~10 in the others.
 SLOW_STEP_S = 0.015
@@ -117,8 +117,9 @@ class StepLog:
             per_request = scheduler_output.num_scheduled_tokens
             decode = sum(1 for n in per_request.values() if n == 1)
             split = [round(self.seconds[c], 6) for c in CALLS]
-            if self.sampler is not None:
-                self.sampler.step_done(self.seconds["execute_model"] > SLOW_STEP_S)
+            if self.sampler is not None:  # slow: a decode step, as benchmarks.steplog counts them
+                self.sampler.step_done(decode == len(per_request)
+                                       and self.seconds["execute_model"] > SLOW_STEP_S)
             self.records.append([round(time.time(), 6), tokens, len(per_request), decode,
                                  round(sum(split), 6), *split, round(self.cpu, 6),
                                  self._plugin_figures()])
@@ -151,7 +152,15 @@ def install(core, path: str) -> StepLog:
     """Wrap ``core``'s scheduler and executor calls (instance attributes only)."""
     log = StepLog(path)
     scheduler, executor = core.scheduler, core.model_executor
-    scheduler.schedule = log.timed(scheduler.schedule, "schedule")
+    timed_schedule = log.timed(scheduler.schedule, "schedule")
+
+    @functools.wraps(timed_schedule)
+    def schedule(*args, **kwargs):
+        if log.sampler is not None:  # a step's samples start here, not while the engine idles
+            log.sampler.step_begin()
+        return timed_schedule(*args, **kwargs)
+
+    scheduler.schedule = schedule
     executor.execute_model = log.timed(executor.execute_model, "execute_model")
     executor.sample_tokens = log.timed(executor.sample_tokens, "sample_tokens")
     stock_update = log.timed(scheduler.update_from_output, "update_from_output")
@@ -175,9 +184,9 @@ class StackSampler(threading.Thread):
     Every ``INTERVAL_S`` it reads the engine thread's Python stack
     (``sys._current_frames``; no privileges, no native frames: a wait inside
     a C call shows as the Python line that made it) and counts it; the
-    samples of each step are also kept until the step log closes the step
-    (``step_done``), and those of a slow step (``SLOW_STEP_S``) counted
-    apart. Every ``WRITE_S`` the counts go to ``<step log>.stacks`` as one
+    samples of each step, from its ``schedule`` call (``step_begin``) until
+    the step log closes it (``step_done``), are also kept, and those of a
+    slow decode step (``SLOW_STEP_S``) counted apart. Every ``WRITE_S`` the counts go to ``<step log>.stacks`` as one
     JSON line ``{"t": wall time, "samples": n, "stacks": {"leaf;caller;...":
     count}, "slow_samples": m, "slow_stacks": {...}}``. Costs the engine
     about one GIL hand-over per sample: for diagnosis only.
@@ -192,6 +201,11 @@ class StackSampler(threading.Thread):
         self.slow: dict[str, int] = {}
         self.step: dict[str, int] = {}  # this step's samples so far
         self.done: list[tuple[dict[str, int], bool]] = []  # closed steps, not yet counted
+
+    def step_begin(self) -> None:
+        """The engine's thread starts a step: samples since the last step
+        closed (waiting for requests, between steps) are not its own."""
+        self.step = {}
 
     def step_done(self, slow: bool) -> None:
         """The engine's thread closed a step: its samples are counted as slow or not."""

@@ -339,10 +339,11 @@ def test_stack_samples_add_up_per_function_and_leaf(tmp_path):
 
 
 def test_slow_steps_samples_are_counted_apart(tmp_path, monkeypatch):
-    """With stack samples on, a step whose execute_model took longer than
-    SLOW_STEP_S has its samples (those taken since the step before closed)
-    counted apart as well; the others only in the whole count; the
-    benchmark reads either."""
+    """With stack samples on, a decode step whose execute_model took longer
+    than SLOW_STEP_S has its samples (those from its schedule call on)
+    counted apart as well; the others (a fast step, a slow step with a
+    prompt, samples between steps) only in the whole count; the benchmark
+    reads either."""
     import time
     from types import SimpleNamespace
 
@@ -351,28 +352,34 @@ def test_slow_steps_samples_are_counted_apart(tmp_path, monkeypatch):
 
     monkeypatch.setenv(core.STACKS_ENV, "1")
     monkeypatch.setattr(core.StackSampler, "start", lambda self: None)  # fed by hand below
-    naps = iter([0.0, 0.03, 0.0])
+    naps = iter([0.0, 0.03, 0.03, 0.0])
     scheduler = SimpleNamespace(schedule=lambda: None, update_from_output=lambda out, mo: None)
     executor = SimpleNamespace(execute_model=lambda out, non_block=False: time.sleep(next(naps)),
                                sample_tokens=lambda g, non_block=False: None)
     log = core.install(SimpleNamespace(scheduler=scheduler, model_executor=executor),
                        str(tmp_path / "s.jsonl"))
     sampler = log.sampler
-    out = SimpleNamespace(num_scheduled_tokens={"a": 1}, total_num_scheduled_tokens=1)
-    for stack in ("fast.py:1:f", "slow.py:2:g", "fast.py:1:f"):  # one sample per step
-        sampler.sample(stack)
+    decode = SimpleNamespace(num_scheduled_tokens={"a": 1}, total_num_scheduled_tokens=1)
+    prompt = SimpleNamespace(num_scheduled_tokens={"a": 1, "b": 40}, total_num_scheduled_tokens=41)
+    for stack, out in (("fast.py:1:f", decode), ("slow.py:2:g", decode),
+                       ("prompt.py:4:p", prompt), ("fast.py:1:f", decode)):
+        sampler.sample("idle.py:5:wait")  # between steps: not the next step's
         scheduler.schedule()
+        sampler.sample(stack)  # one sample inside each step
         executor.execute_model(out)
         scheduler.update_from_output(out, None)
+    sampler.sample("idle.py:5:wait")
+    scheduler.schedule()
     sampler.sample("open.py:3:h")  # the next step's, not closed yet
     rec = sampler.record()
-    assert rec["samples"] == 4 and rec["stacks"] == {"fast.py:1:f": 2, "slow.py:2:g": 1,
-                                                     "open.py:3:h": 1}
+    assert rec["samples"] == 10 and rec["stacks"] == {"fast.py:1:f": 2, "slow.py:2:g": 1,
+                                                      "prompt.py:4:p": 1, "idle.py:5:wait": 5,
+                                                      "open.py:3:h": 1}
     assert rec["slow_samples"] == 1 and rec["slow_stacks"] == {"slow.py:2:g": 1}
     path = tmp_path / "s.jsonl.stacks"
     path.write_text(json.dumps(rec) + "\n")
     assert stacks.load(path, slow=True) == ({"slow.py:2:g": 1}, 1)
-    assert stacks.load(path)[1] == 4
+    assert stacks.load(path)[1] == 10
 
 
 def test_ratios_never_mix_methods():

@@ -218,8 +218,24 @@ def _whole_pattern(meta: AdapterMeta, geo: PageGeometry, plan: list,
         for i, (kind, ab, k, n, lo, hi, *_) in enumerate(plan):
             group[lo * d:hi * d] = i
             pattern[lo * d:hi * d] = _pattern(kind, ab, meta.rank, k, n, geo, device)
-        found = _PATTERNS[key] = torch.stack([group, pattern])
+        found = _PATTERNS[key] = _cached(torch.stack([group, pattern]))
+    _used_here(found)
     return found[0], found[1]
+
+
+def _cached(t: torch.Tensor) -> torch.Tensor:
+    """``t`` made on this thread's stream, ready for any stream before it is
+    shared: lanes use the cache from their own streams."""
+    if t.is_cuda:
+        torch.cuda.current_stream(t.device).synchronize()
+    return t
+
+
+def _used_here(t: torch.Tensor) -> None:
+    """A cached tensor read by work queued on this thread's stream: if the
+    cache lets it go meanwhile, its memory is reused only after that work."""
+    if t.is_cuda:
+        t.record_stream(torch.cuda.current_stream(t.device))
 
 
 def _pattern(kind: str, ab: str, r: int, k: int, n: int, geo: PageGeometry,
@@ -240,8 +256,9 @@ def _pattern(kind: str, ab: str, r: int, k: int, n: int, geo: PageGeometry,
             if world > 1:
                 grid = grid.tensor_split(world, dim=0)[p]
             grid = grid.t()
-        pattern = grid.reshape(-1).to(device)
+        pattern = _cached(grid.reshape(-1).to(device))
         if len(_PATTERNS) > 64:  # shapes of one model: a handful
             _PATTERNS.clear()
         _PATTERNS[key] = pattern
+    _used_here(pattern)
     return pattern
