@@ -29,7 +29,7 @@ import json
 from pathlib import Path
 
 KINDS = ("decode", "mixed", "large")
-# As in patches/vllm_v1_engine_core.py (not imported: it needs vLLM).
+# As in patches/vllm_v1_engine_core.py (not imported: it needs vLLM; a test checks both).
 CALLS = ("schedule", "execute_model", "sample_tokens", "update_from_output")
 SLOW_STEP_S = 0.015
 

@@ -26,7 +26,10 @@ the engine thread's seconds applying paging plans, building step metadata,
 waiting for uploads; the upload lanes' seconds and uploads done). The step's
 period is the time since the previous record; a period close to its host
 seconds means the engine's thread, not the GPU, set the pace.
-``benchmarks/steplog.py`` reads the file.
+``benchmarks/steplog.py`` reads the file. With ``VLLM_SLORA_STEP_STACKS=1``
+a thread also samples the engine thread's Python stack (``StackSampler``),
+counting the samples of slow decode steps apart; ``benchmarks/stacks.py``
+reads them.
 
 Guard: vLLM 0.26-0.34; ``EngineCore.step`` and ``step_with_batch_queue``; a
 scheduler or executor without the four methods wrapped fails the first step.

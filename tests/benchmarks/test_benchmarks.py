@@ -244,8 +244,8 @@ def test_step_log_splits_steps_by_how_vllm_runs_them(tmp_path, capsys):
     assert [r[1:4] for r in recs] == [[2, 2, 2], [301, 2, 1], [42, 3, 2]]  # the empty step: none
     assert all(len(r) == 11 and r[4] == pytest.approx(sum(r[5:9]), abs=1e-5) for r in recs)
     assert all(0 <= r[9] <= r[4] + 1e-3 for r in recs)  # CPU seconds within the host seconds
-    from vllm_slora.patches.vllm_v1_engine_core import CALLS
-    assert CALLS == steplog.CALLS
+    from vllm_slora.patches.vllm_v1_engine_core import CALLS, SLOW_STEP_S
+    assert CALLS == steplog.CALLS and SLOW_STEP_S == steplog.SLOW_STEP_S
 
     # summarize: periods between consecutive records inside the window.
     records = [[10.0, 256, 256, 256, 0.002, 0, 0.002, 0, 0], [10.020, 256, 256, 256, 0.003, 0, 0.003, 0, 0],

@@ -113,8 +113,9 @@ class _Lane:
         cuda = device.type == "cuda"
         # One pinned buffer cut into slots: adjacent slots go to the device in one copy.
         self.ring = torch.empty(slots * slot_bytes, dtype=torch.uint8, pin_memory=cuda)
-        self.host = list(self.ring.split(slot_bytes))
-        self.views = [memoryview(h.numpy()) for h in self.host]  # what the readers fill
+        self.slots, self.slot_bytes = slots, slot_bytes
+        ring = memoryview(self.ring.numpy())  # the slots the readers fill:
+        self.views = [ring[i * slot_bytes:(i + 1) * slot_bytes] for i in range(slots)]
         self.freed: list[torch.cuda.Event | None] = [None] * slots
         self.next = 0
         self.stream = torch.cuda.Stream(device) if cuda else None
@@ -257,7 +258,7 @@ class Uploader:
         path = Path(meta.path) / ADAPTER_FILE
         if FAIL_UPLOADS and FAIL_UPLOADS in meta.path:
             raise OSError(f"[Errno 5] Input/output error: '{path}' (injected: VLLM_SLORA_TEST_FAIL_UPLOADS)")
-        step = lane.host[0].numel()
+        step = lane.slot_bytes
         with open(path, "rb", buffering=0) as f:
             header, start = read_header(f)
             size = max((e["data_offsets"][1] for e in header.values()), default=0)
@@ -283,7 +284,7 @@ class Uploader:
         another) and sent in runs: half the ring's slots, or up to its end,
         or the file's end, in one copy, while the next run is read into the
         other half."""
-        step, half = lane.host[0].numel(), max(1, len(lane.host) // 2)
+        step, half = lane.slot_bytes, max(1, lane.slots // 2)
         run: list = []  # (slot, lo, n, read) read or being read, not sent: adjacent slots
         try:
             for lo in range(0, size, step):
@@ -295,7 +296,7 @@ class Uploader:
                 else:
                     run.append((i, lo, n, self._readers.submit(_pread, fd, view, start + lo,
                                                                 path)))
-                if len(run) == half or i == len(lane.host) - 1 or lo + n == size:
+                if len(run) == half or i == lane.slots - 1 or lo + n == size:
                     self._send(lane, data, run)
                     run = []
         finally:  # an error: no reader may still fill a slot (or use the file) after it
@@ -307,7 +308,7 @@ class Uploader:
     def _free_slot(lane: _Lane) -> int:
         """The ring's next slot, once the copy that last read it is done."""
         i = lane.next
-        lane.next = (i + 1) % len(lane.host)
+        lane.next = (i + 1) % lane.slots
         if lane.freed[i] is not None:
             lane.freed[i].synchronize()
             lane.freed[i] = None
@@ -318,7 +319,7 @@ class Uploader:
         for *_, read in run:
             if read is not None:
                 read.result()
-        first, lo = run[0][0] * lane.host[0].numel(), run[0][1]
+        first, lo = run[0][0] * lane.slot_bytes, run[0][1]
         n = sum(n for _, _, n, _ in run)
         data[lo:lo + n].copy_(lane.ring[first:first + n], non_blocking=self.cuda)
         if self.cuda:
