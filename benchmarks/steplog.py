@@ -3,7 +3,11 @@
 Every offline engine writes one record per step (``patches/vllm_v1_engine_core.py``,
 ``VLLM_SLORA_STEP_LOG``): ``[time, tokens, requests, decode requests, host s,
 host s of schedule, execute_model, sample_tokens, update_from_output, CPU s,
-{plugin's engine-thread s by name}]`` (older logs end after the calls).
+{plugin's figures by name}]`` (older logs end after the calls), each
+record with its own step's calls (logs before 2026-12-07 paired a step
+with the calls made since the previous record: with async scheduling the
+next step's schedule and launch, so their slow "decode" steps were the
+launches of the eager prefills after them).
 ``summarize`` takes the steps of a window (the point's steady window) and
 splits them by how vLLM runs them: ``decode`` (every request one token: a
 full CUDA graph when the batch fits a capture size), ``mixed`` (prompt
@@ -12,8 +16,8 @@ tokens too, at most the largest capture size: piecewise graphs) and
 decode steps of an unchanged batch (``unchanged_decode``: with async
 scheduling a step may wait for earlier steps' GPU work, so only where no
 request starts or ends is a decode step's period its graph's pace), and
-the decode steps whose ``execute_model`` took over ``SLOW_STEP_S``
-(``slow_decode``: waiting for the GPU to drain or for an upload) with
+the decode steps whose own ``execute_model`` took over ``SLOW_STEP_S``
+(``slow_decode``: a graph's launch that waited, for an upload or the GPU) with
 their time beyond that pace as a share of the window. Per kind: its share
 of the steps, mean tokens, mean period (time since the previous step's
 results, i.e. the step's share of the wall clock) and mean host seconds of
@@ -102,11 +106,10 @@ def summarize(records: list[list[float]], t0: float, t1: float, graph_max: int,
         # period says little about its own work.
         out["unchanged_decode"] = {"steps": len(settled),
                                    "period_ms": 1e3 * sum(settled) / len(settled)}
-        # Decode steps whose execute_model took over SLOW_STEP_S: on 0.34 the
-        # steps that wait for the GPU to drain after requests end (the next
-        # step is prepared only then) and, with the plugin, for an upload.
-        # What they take beyond an unchanged-batch step, as a share of the
-        # window, is what they cost the throughput.
+        # Decode steps whose own execute_model took over SLOW_STEP_S: a
+        # graph's launch takes a few ms, so these waited (with the plugin,
+        # for an upload). What they take beyond an unchanged-batch step, as a
+        # share of the window, is what they cost the throughput.
         slow = [st for st in steps if len(st) > 6 and st[6] > SLOW_STEP_S
                 and kind(st[1], st[2], st[3], graph_max) == "decode"]
         if slow and wall > 0:

@@ -14,22 +14,31 @@ executor's ``execute_model`` and ``sample_tokens`` with timers. Each
 ``update_from_output`` (a step's results are in) adds one record to a list
 that is appended to the file every half second as JSON lines:
 ``[time, tokens, requests, decode requests, host seconds, and those of
-each call, CPU seconds, plugin seconds]``, where host seconds are the
-engine thread's time in those four calls since the previous record (with
-async scheduling the next step's schedule and launch run before this
-step's results are processed, so a record holds one step's worth of host
-work, not exactly this step's), CPU seconds the CPU time the engine's thread
-used in them (host seconds well above it: the thread waited, for the GPU,
-a lock or the GIL), and plugin figures, in S-LoRA mode, the plugin's own
-figures by name since the previous record (``vllm_slora.metrics.PER_STEP``:
-the engine thread's seconds applying paging plans, building step metadata,
-waiting for uploads; the upload lanes' seconds and uploads done). The step's
-period is the time since the previous record; a period close to its host
-seconds means the engine's thread, not the GPU, set the pace.
+each call, CPU seconds, plugin figures]``. The calls are the step's own:
+its ``schedule`` (the call that returned its scheduler output), its
+``execute_model`` (called with that output), the ``sample_tokens`` after it
+and its ``update_from_output``. With async scheduling the next step is
+scheduled and launched before this one's results are processed; until
+2026-12-07 a record held the calls made since the previous record, so a
+decode step's record carried the next step's launch (an eager prefill's
+~20-45 ms on a 7B model) and the "slow decode steps" of the logs before
+then are those launches. Host seconds are the engine thread's time in the
+step's calls, CPU seconds the CPU time it used in them (host seconds well
+above it: the thread waited, for an upload, a lock or the GIL; CUDA's
+default sync spins, so a wait for the GPU counts as CPU), and plugin
+figures, in S-LoRA mode, the plugin's own figures by name
+(``vllm_slora.metrics.PER_STEP``: the engine thread's seconds applying
+paging plans, building step metadata, waiting for uploads; the upload
+lanes' seconds and uploads done): those that changed during the step's
+calls, plus those that changed outside any timed call since the previous
+record (the lanes work while the engine's thread waits). The step's period
+is the time since the previous record; a period close to its host seconds
+means the engine's thread, not the GPU, set the pace.
 ``benchmarks/steplog.py`` reads the file. With ``VLLM_SLORA_STEP_STACKS=1``
 a thread also samples the engine thread's Python stack (``StackSampler``),
-counting the samples of slow decode steps apart; ``benchmarks/stacks.py``
-reads them.
+each sample counted to the step whose call runs (between calls: the oldest
+launched step, whose output the thread waits for), the samples of slow
+decode steps apart; ``benchmarks/stacks.py`` reads them.
 
 Guard: vLLM 0.26-0.34; ``EngineCore.step`` and ``step_with_batch_queue``; a
 scheduler or executor without the four methods wrapped fails the first step.
@@ -80,67 +89,124 @@ PRECHECK_TOUCHES = {TARGET: ("EngineCore.preprocess_add_request",)}
 ENV = "VLLM_SLORA_STEP_LOG"
 STACKS_ENV = "VLLM_SLORA_STEP_STACKS"
 FLUSH_S = 0.5
-# With stack samples on, the samples of a decode step whose execute_model
-# took longer than this are also counted apart ("slow_stacks"): the steps that
-# wait for the GPU to drain after requests end, or for an adapter's upload,
-# took 46 ms of execute_model at n = 2,000 against ~10 in the others.
+# With stack samples on, the samples of a decode step whose own
+# execute_model took longer than this are also counted apart ("slow_stacks"):
+# a CUDA-graph decode step launches in ~2-4 ms (7B, H100); one that takes
+# longer waited, for an adapter's upload or the GPU.
 SLOW_STEP_S = 0.015
 
 
 # The calls timed, in the order of a record's seconds after the total.
 CALLS = ("schedule", "execute_model", "sample_tokens", "update_from_output")
+# Steps scheduled and not yet updated, at most (vLLM keeps two in flight);
+# older ones (an output never updated) are dropped.
+OPEN_MAX = 16
+
+
+class _Step:
+    """One scheduler output's calls so far."""
+
+    __slots__ = ("seconds", "cpu", "plugin", "samples", "launched")
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(CALLS, 0.0)
+        self.cpu = 0.0
+        self.plugin: dict[str, float] = {}
+        self.samples: dict[str, int] = {}  # stack samples (StackSampler)
+        self.launched = False  # its execute_model ran: the thread may wait for its output
+
+
+def _add(into: dict[str, float], now: dict[str, float], then: dict[str, float]) -> None:
+    for k, v in now.items():
+        d = v - then.get(k, 0.0)
+        if d:
+            into[k] = into.get(k, 0.0) + d
 
 
 class StepLog:
-    """Timers around an engine core's per-step calls, and the file they go to."""
+    """Timers around an engine core's per-step calls, each counted to its
+    step (the scheduler output it was called for), and the file they go to."""
 
     def __init__(self, path: str):
         self.path = path
         self.records: list[list] = []
-        self.seconds = dict.fromkeys(CALLS, 0.0)
-        self.cpu = 0.0
-        self.plugin: dict[str, float] = {}  # vllm_slora.metrics.PER_STEP at the last record
+        self.open: dict[int, tuple[object, _Step]] = {}  # id(scheduler output) -> its step
+        self.last: _Step | None = None  # the step of the last execute_model (sample_tokens')
+        self.running: _Step | None = None  # the step whose call runs now (the sampler reads it)
+        self.mark: dict[str, float] = {}  # vllm_slora.metrics.PER_STEP at the last call's edge
+        self.between: dict[str, float] = {}  # plugin figures outside the calls since the last record
         self.flushed = time.monotonic()
         self.sampler: StackSampler | None = None
 
-    def timed(self, fn, call: str):
+    def step_of(self, out) -> _Step:
+        got = self.open.get(id(out))
+        if got is not None and got[0] is out:
+            return got[1]
+        step = _Step()
+        self.open[id(out)] = (out, step)
+        while len(self.open) > OPEN_MAX:
+            self.open.pop(next(iter(self.open)))
+        return step
+
+    def awaited(self) -> _Step | None:
+        """The step whose output the engine's thread waits for between
+        calls: the oldest launched one."""
+        for _, step in list(self.open.values()):
+            if step.launched:
+                return step
+        return None
+
+    def timed(self, fn, call: str, step_of):
+        """``fn`` timed; ``step_of(args, result)`` names the step it ran for."""
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            plugin = self._plugin_now()
+            _add(self.between, plugin, self.mark)
+            self.running = step = step_of(args, None)
             started, cpu = time.perf_counter(), time.thread_time()
+            result = None
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+                return result
             finally:
-                self.seconds[call] += time.perf_counter() - started
-                self.cpu += time.thread_time() - cpu
+                seconds, cpu = time.perf_counter() - started, time.thread_time() - cpu
+                self.running = None
+                if step is None:
+                    step = step_of(args, result)
+                if step is not None:
+                    step.seconds[call] += seconds
+                    step.cpu += cpu
+                    self.mark = self._plugin_now()
+                    _add(step.plugin, self.mark, plugin)
+                else:
+                    self.mark = plugin
         return wrapper
 
     def step_done(self, scheduler_output) -> None:
+        got = self.open.pop(id(scheduler_output), None)
+        step = got[1] if got is not None and got[0] is scheduler_output else _Step()
         tokens = scheduler_output.total_num_scheduled_tokens
         if tokens:
             per_request = scheduler_output.num_scheduled_tokens
             decode = sum(1 for n in per_request.values() if n == 1)
-            split = [round(self.seconds[c], 6) for c in CALLS]
+            split = [round(step.seconds[c], 6) for c in CALLS]
             if self.sampler is not None:  # slow: a decode step, as benchmarks.steplog counts them
-                self.sampler.step_done(decode == len(per_request)
-                                       and self.seconds["execute_model"] > SLOW_STEP_S)
+                self.sampler.step_done(step.samples, decode == len(per_request)
+                                       and step.seconds["execute_model"] > SLOW_STEP_S)
+            plugin = step.plugin
+            _add(plugin, self.between, {})
+            self.between = {}
             self.records.append([round(time.time(), 6), tokens, len(per_request), decode,
-                                 round(sum(split), 6), *split, round(self.cpu, 6),
-                                 self._plugin_figures()])
-            self.seconds = dict.fromkeys(CALLS, 0.0)
-            self.cpu = 0.0
+                                 round(sum(split), 6), *split, round(step.cpu, 6),
+                                 {k: round(v, 6) for k, v in plugin.items()}])
         if time.monotonic() - self.flushed >= FLUSH_S:
             self.flush()
 
-    def _plugin_figures(self) -> dict[str, float]:
-        """The plugin's figures by name since the last record (empty where
-        the plugin is not loaded in this process)."""
+    @staticmethod
+    def _plugin_now() -> dict[str, float]:
+        """The plugin's figures (empty where it is not loaded in this process)."""
         metrics = sys.modules.get("vllm_slora.metrics")
-        if metrics is None:
-            return {}
-        now = dict(metrics.PER_STEP)
-        out = {k: round(v - self.plugin.get(k, 0.0), 6) for k, v in now.items()}
-        self.plugin = now
-        return out
+        return dict(metrics.PER_STEP) if metrics is not None else {}
 
     def flush(self) -> None:
         self.flushed = time.monotonic()
@@ -155,18 +221,22 @@ def install(core, path: str) -> StepLog:
     """Wrap ``core``'s scheduler and executor calls (instance attributes only)."""
     log = StepLog(path)
     scheduler, executor = core.scheduler, core.model_executor
-    timed_schedule = log.timed(scheduler.schedule, "schedule")
 
-    @functools.wraps(timed_schedule)
-    def schedule(*args, **kwargs):
-        if log.sampler is not None:  # a step's samples start here, not while the engine idles
-            log.sampler.step_begin()
-        return timed_schedule(*args, **kwargs)
+    def launched(args, result):
+        step = log.step_of(args[0]) if args else None
+        if step is not None:
+            step.launched = True
+            log.last = step
+        return step
 
-    scheduler.schedule = schedule
-    executor.execute_model = log.timed(executor.execute_model, "execute_model")
-    executor.sample_tokens = log.timed(executor.sample_tokens, "sample_tokens")
-    stock_update = log.timed(scheduler.update_from_output, "update_from_output")
+    scheduler.schedule = log.timed(scheduler.schedule, "schedule",
+                                   lambda args, result: None if result is None
+                                   else log.step_of(result))
+    executor.execute_model = log.timed(executor.execute_model, "execute_model", launched)
+    executor.sample_tokens = log.timed(executor.sample_tokens, "sample_tokens",
+                                       lambda args, result: log.last)
+    stock_update = log.timed(scheduler.update_from_output, "update_from_output",
+                             lambda args, result: log.step_of(args[0]) if args else None)
 
     @functools.wraps(stock_update)
     def update_from_output(scheduler_output, *args, **kwargs):
@@ -176,7 +246,7 @@ def install(core, path: str) -> StepLog:
 
     scheduler.update_from_output = update_from_output
     if os.environ.get(STACKS_ENV, "").strip() not in ("", "0"):
-        log.sampler = StackSampler(threading.get_ident(), path + ".stacks")
+        log.sampler = StackSampler(threading.get_ident(), path + ".stacks", log)
         log.sampler.start()
     return log
 
@@ -186,39 +256,36 @@ class StackSampler(threading.Thread):
 
     Every ``INTERVAL_S`` it reads the engine thread's Python stack
     (``sys._current_frames``; no privileges, no native frames: a wait inside
-    a C call shows as the Python line that made it) and counts it; the
-    samples of each step, from its ``schedule`` call (``step_begin``) until
-    the step log closes it (``step_done``), are also kept, and those of a
-    slow decode step (``SLOW_STEP_S``) counted apart. Every ``WRITE_S`` the counts go to ``<step log>.stacks`` as one
+    a C call shows as the Python line that made it; the ``DEPTH`` frames
+    nearest the leaf) and counts it. A sample is also counted to a step:
+    the one whose call runs (``StepLog.running``), else the oldest launched
+    one (the thread waits for its output); when the step log closes a step
+    (``step_done``), its samples are counted apart if it was a slow decode
+    step (``SLOW_STEP_S``). Samples of no step (the engine idle) are only in
+    the whole count. Every ``WRITE_S`` the counts go to ``<step log>.stacks`` as one
     JSON line ``{"t": wall time, "samples": n, "stacks": {"leaf;caller;...":
     count}, "slow_samples": m, "slow_stacks": {...}}``. Costs the engine
     about one GIL hand-over per sample: for diagnosis only.
     """
 
-    INTERVAL_S, WRITE_S, DEPTH = 0.001, 2.0, 14
+    INTERVAL_S, WRITE_S, DEPTH = 0.001, 2.0, 24
 
-    def __init__(self, thread_id: int, path: str):
+    def __init__(self, thread_id: int, path: str, log: StepLog):
         super().__init__(name="slora-stack-sampler", daemon=True)
-        self.thread_id, self.path = thread_id, path
+        self.thread_id, self.path, self.log = thread_id, path, log
         self.counts: dict[str, int] = {}
         self.slow: dict[str, int] = {}
-        self.step: dict[str, int] = {}  # this step's samples so far
         self.done: list[tuple[dict[str, int], bool]] = []  # closed steps, not yet counted
 
-    def step_begin(self) -> None:
-        """The engine's thread starts a step: samples since the last step
-        closed (waiting for requests, between steps) are not its own."""
-        self.step = {}
-
-    def step_done(self, slow: bool) -> None:
+    def step_done(self, samples: dict[str, int], slow: bool) -> None:
         """The engine's thread closed a step: its samples are counted as slow or not."""
-        self.done.append((self.step, slow))
-        self.step = {}
+        self.done.append((samples, slow))
 
     def sample(self, stack: str) -> None:
         self.counts[stack] = self.counts.get(stack, 0) + 1
-        step = self.step
-        step[stack] = step.get(stack, 0) + 1
+        step = self.log.running or self.log.awaited()
+        if step is not None:
+            step.samples[stack] = step.samples.get(stack, 0) + 1
 
     def record(self) -> dict:
         """The counts since the last record (the steps closed so far), reset."""

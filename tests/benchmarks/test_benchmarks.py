@@ -224,8 +224,8 @@ def test_step_log_splits_steps_by_how_vllm_runs_them(tmp_path, capsys):
 
     # The patch's timers on a fake engine core: one record per step with
     # tokens, requests, decode requests and the host seconds of its calls.
-    calls = []
-    scheduler = SimpleNamespace(schedule=lambda: calls.append("s"),
+    calls, queue = [], []
+    scheduler = SimpleNamespace(schedule=lambda: calls.append("s") or queue.pop(0),
                                 update_from_output=lambda out, model_output: calls.append("u"))
     executor = SimpleNamespace(execute_model=lambda out, non_block=False: calls.append("e"),
                                sample_tokens=lambda g, non_block=False: calls.append("t"))
@@ -234,12 +234,13 @@ def test_step_log_splits_steps_by_how_vllm_runs_them(tmp_path, capsys):
     for per_request in steps:
         out = SimpleNamespace(num_scheduled_tokens=per_request,
                               total_num_scheduled_tokens=sum(per_request.values()))
-        scheduler.schedule()
+        queue.append(out)
+        assert scheduler.schedule() is out
         executor.execute_model(out, non_block=True)
         executor.sample_tokens(None, non_block=True)
         scheduler.update_from_output(out, None)
     log.flush()
-    assert calls == list("setu") * 4
+    assert calls == list("setu") * 4 and not log.open
     recs = steplog.read(tmp_path / "s.jsonl")
     assert [r[1:4] for r in recs] == [[2, 2, 2], [301, 2, 1], [42, 3, 2]]  # the empty step: none
     assert all(len(r) == 11 and r[4] == pytest.approx(sum(r[5:9]), abs=1e-5) for r in recs)
@@ -298,6 +299,53 @@ def test_step_log_splits_steps_by_how_vllm_runs_them(tmp_path, capsys):
     assert rows[-1] == "decode steps of an unchanged batch: 1, 20.0 ms each (no request started or ended)"
 
 
+def test_step_log_counts_each_call_to_its_own_step(tmp_path):
+    """With async scheduling vLLM schedules and launches step 2 before it
+    processes step 1's results: each record holds its own step's calls (step
+    2's slow launch is step 2's, not step 1's), the plugin figures that
+    changed in them, and those that changed between calls since the last
+    record (the upload lanes' work while the engine's thread waits)."""
+    import time
+    from types import SimpleNamespace
+
+    from benchmarks import steplog
+    from vllm_slora import metrics
+    from vllm_slora.patches.vllm_v1_engine_core import install
+
+    def execute(out, non_block=False):
+        if out.total_num_scheduled_tokens > 100:  # a prefill: a long launch
+            time.sleep(0.03)
+            metrics.add("set_batch_s", 0.5)
+
+    queue = []
+    scheduler = SimpleNamespace(schedule=lambda: queue.pop(0), update_from_output=lambda out, mo: None)
+    executor = SimpleNamespace(execute_model=execute, sample_tokens=lambda g, non_block=False: None)
+    log = install(SimpleNamespace(scheduler=scheduler, model_executor=executor), str(tmp_path / "s.jsonl"))
+    decode = SimpleNamespace(num_scheduled_tokens={"a": 1}, total_num_scheduled_tokens=1)
+    prefill = SimpleNamespace(num_scheduled_tokens={"a": 1, "b": 300}, total_num_scheduled_tokens=301)
+    before = dict(metrics.PER_STEP)
+    try:
+        queue += [decode, prefill]
+        for out in (scheduler.schedule(),):  # step 1 scheduled and launched
+            executor.execute_model(out, non_block=True)
+            executor.sample_tokens(None, non_block=True)
+        second = scheduler.schedule()  # step 2 before step 1's results
+        executor.execute_model(second, non_block=True)
+        executor.sample_tokens(None, non_block=True)
+        metrics.add("uploads_done", 2.0)  # a lane, while the engine's thread waits
+        scheduler.update_from_output(decode, None)
+        scheduler.update_from_output(prefill, None)
+        log.flush()
+    finally:
+        metrics.PER_STEP.clear()
+        metrics.PER_STEP.update(before)
+    first, then = steplog.read(tmp_path / "s.jsonl")
+    assert first[1] == 1 and then[1] == 301
+    assert first[6] < 0.01 <= 0.03 <= then[6]  # each execute_model with its own step
+    assert first[10] == {"uploads_done": 2.0} and then[10] == {"set_batch_s": 0.5}
+    assert not log.open
+
+
 def test_slow_decode_steps_and_what_they_cost():
     """Decode steps whose execute_model took over SLOW_STEP_S: how many,
     their period, and their time beyond the unchanged-batch pace as a share
@@ -339,11 +387,12 @@ def test_stack_samples_add_up_per_function_and_leaf(tmp_path):
 
 
 def test_slow_steps_samples_are_counted_apart(tmp_path, monkeypatch):
-    """With stack samples on, a decode step whose execute_model took longer
-    than SLOW_STEP_S has its samples (those from its schedule call on)
-    counted apart as well; the others (a fast step, a slow step with a
-    prompt, samples between steps) only in the whole count; the benchmark
-    reads either."""
+    """With stack samples on, a sample counts to the step whose call runs,
+    or between calls to the oldest launched step (its output is awaited);
+    a decode step whose own execute_model took longer than SLOW_STEP_S has
+    its samples counted apart as well; the others (a fast step, a slow step
+    with a prompt, samples of no step) only in the whole count; the
+    benchmark reads either."""
     import time
     from types import SimpleNamespace
 
@@ -352,34 +401,46 @@ def test_slow_steps_samples_are_counted_apart(tmp_path, monkeypatch):
 
     monkeypatch.setenv(core.STACKS_ENV, "1")
     monkeypatch.setattr(core.StackSampler, "start", lambda self: None)  # fed by hand below
-    naps = iter([0.0, 0.03, 0.03, 0.0])
-    scheduler = SimpleNamespace(schedule=lambda: None, update_from_output=lambda out, mo: None)
-    executor = SimpleNamespace(execute_model=lambda out, non_block=False: time.sleep(next(naps)),
-                               sample_tokens=lambda g, non_block=False: None)
+    queue, inside = [], []
+
+    def execute(out, non_block=False):
+        log.sampler.sample(inside.pop(0))  # one sample inside each launch
+        time.sleep(0.03 if out.slow else 0.0)
+
+    scheduler = SimpleNamespace(schedule=lambda: queue.pop(0), update_from_output=lambda out, mo: None)
+    executor = SimpleNamespace(execute_model=execute, sample_tokens=lambda g, non_block=False: None)
     log = core.install(SimpleNamespace(scheduler=scheduler, model_executor=executor),
                        str(tmp_path / "s.jsonl"))
     sampler = log.sampler
-    decode = SimpleNamespace(num_scheduled_tokens={"a": 1}, total_num_scheduled_tokens=1)
-    prompt = SimpleNamespace(num_scheduled_tokens={"a": 1, "b": 40}, total_num_scheduled_tokens=41)
-    for stack, out in (("fast.py:1:f", decode), ("slow.py:2:g", decode),
-                       ("prompt.py:4:p", prompt), ("fast.py:1:f", decode)):
-        sampler.sample("idle.py:5:wait")  # between steps: not the next step's
-        scheduler.schedule()
-        sampler.sample(stack)  # one sample inside each step
-        executor.execute_model(out)
-        scheduler.update_from_output(out, None)
-    sampler.sample("idle.py:5:wait")
+
+    def out(tokens, slow):
+        per = {"a": 1} if tokens == 1 else {"a": 1, "b": tokens - 1}
+        return SimpleNamespace(num_scheduled_tokens=per, total_num_scheduled_tokens=tokens, slow=slow)
+
+    fast, slow, prompt = out(1, False), out(1, True), out(41, True)
+    sampler.sample("idle.py:5:wait")  # no step yet: the whole count only
+    queue += [fast, slow, prompt]
+    inside += ["fast.py:1:f", "slow.py:2:g", "prompt.py:4:p"]
     scheduler.schedule()
-    sampler.sample("open.py:3:h")  # the next step's, not closed yet
+    executor.execute_model(fast)
+    scheduler.schedule()  # async: the slow step launched before fast's results
+    executor.execute_model(slow)
+    sampler.sample("wait.py:7:w")  # between calls: fast's output is awaited
+    scheduler.update_from_output(fast, None)
+    sampler.sample("wait.py:7:w")  # now slow's
+    scheduler.update_from_output(slow, None)
+    scheduler.schedule()
+    executor.execute_model(prompt)
+    scheduler.update_from_output(prompt, None)
     rec = sampler.record()
-    assert rec["samples"] == 10 and rec["stacks"] == {"fast.py:1:f": 2, "slow.py:2:g": 1,
-                                                      "prompt.py:4:p": 1, "idle.py:5:wait": 5,
-                                                      "open.py:3:h": 1}
-    assert rec["slow_samples"] == 1 and rec["slow_stacks"] == {"slow.py:2:g": 1}
+    assert rec["samples"] == 6 and rec["stacks"] == {"fast.py:1:f": 1, "slow.py:2:g": 1,
+                                                     "prompt.py:4:p": 1, "idle.py:5:wait": 1,
+                                                     "wait.py:7:w": 2}
+    assert rec["slow_samples"] == 2 and rec["slow_stacks"] == {"slow.py:2:g": 1, "wait.py:7:w": 1}
     path = tmp_path / "s.jsonl.stacks"
     path.write_text(json.dumps(rec) + "\n")
-    assert stacks.load(path, slow=True) == ({"slow.py:2:g": 1}, 1)
-    assert stacks.load(path)[1] == 10
+    assert stacks.load(path, slow=True) == ({"slow.py:2:g": 1, "wait.py:7:w": 1}, 2)
+    assert stacks.load(path)[1] == 6
 
 
 def test_ratios_never_mix_methods():
