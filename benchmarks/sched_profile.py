@@ -67,11 +67,13 @@ def run(system: str, args) -> dict:
 
     def timed(*a, **kw):
         t = time.perf_counter()
-        prof.enable()
+        if args.cprofile:
+            prof.enable()
         try:
             return stock(*a, **kw)
         finally:
-            prof.disable()
+            if args.cprofile:
+                prof.disable()
             times.append(time.perf_counter() - t)
 
     setattr(owner, args.target, timed)
@@ -87,7 +89,8 @@ def run(system: str, args) -> dict:
     llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
     ms = sorted(1e3 * t for t in times)
     text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(args.top)
+    if args.cprofile:
+        pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(args.top)
     return {"system": system, "target": args.target, "steps": len(ms), "ms_mean": sum(ms) / len(ms),
             "ms_p50": ms[len(ms) // 2], "ms_p90": ms[int(0.9 * (len(ms) - 1))],
             "profile": text.getvalue()}
@@ -103,6 +106,8 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--target", choices=("schedule", "execute_model"), default="schedule",
                    help="what is timed and profiled: the scheduler's or the executor's step")
+    p.add_argument("--no-cprofile", dest="cprofile", action="store_false",
+                   help="time only (cProfile inflates Python calls several times)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/slora-sched"))
     p.add_argument("--out", type=Path, default=None, help="JSON of both systems' figures")
     args = p.parse_args(argv)
@@ -116,7 +121,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "benchmarks.sched_profile", "--system", system,
                "--adapters", str(args.adapters), "--requests", str(args.requests),
                "--max-num-seqs", str(args.max_num_seqs), "--top", str(args.top), "--target", args.target,
-               "--workdir", str(args.workdir)]
+               "--workdir", str(args.workdir)] + ([] if args.cprofile else ["--no-cprofile"])
         # Each system sets S-LoRA mode itself (a VLLM_SLORA=1 from outside would turn base into it).
         env = {k: v for k, v in os.environ.items() if k != "VLLM_SLORA"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

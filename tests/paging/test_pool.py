@@ -180,6 +180,29 @@ def test_load_ahead_pages_in_early_and_keeps_blocks_free(tiny_model, adapters):
     manager.free(req)
 
 
+def test_load_ahead_without_room_reads_no_adapter(tiny_model, adapters, monkeypatch):
+    """The scheduler asks for early loads every step; with the KV cache full
+    (no block free or evictable beyond ``keep_free``) or every upcoming
+    adapter resident, nothing can load: no adapter is read or checked (each
+    check stats its files) and nothing stays pinned."""
+    from vllm_slora.memory import adapter_pool
+
+    manager = make_manager(24, tiny_model)  # 23 usable blocks
+    pool = manager.adapters
+    checked, read = [], adapter_pool.adapter_meta
+    monkeypatch.setattr(adapter_pool, "adapter_meta",
+                        lambda path, check=None: checked.append(path) or read(path, check))
+    upcoming = [(1, adapters[0]), (2, adapters[1])]  # 4 and 8 blocks
+    pool.load_ahead(upcoming, keep_free=23)  # 23 free: neither fits
+    assert checked == [] and not pool.resident and not pool.pinned
+    pool.load_ahead(upcoming, keep_free=19)  # 23 - 4 >= 19: the first only
+    assert set(pool.resident) == {1} and checked and not pool.pinned
+    checked.clear()
+    pool.take_plan([], 0)  # the step ends: its reads are forgotten
+    pool.load_ahead(upcoming[:1], keep_free=0)  # resident already: nothing to do
+    assert checked == [] and not pool.pinned and set(pool.resident) == {1}
+
+
 def test_early_loads_never_evict_what_nearer_waiting_requests_need(tiny_model, adapters):
     # The scheduler's look-ahead (patches/vllm_v1_core_sched_scheduler.py) as
     # it runs every step: the adapters of the next waiting requests up to the

@@ -230,13 +230,17 @@ class AdapterPool:
         wanted = {lora_id for lora_id, _ in upcoming} | set(protect)
         for lora_id in wanted & self.unreferenced.keys():
             self.unreferenced.move_to_end(lora_id)
+        missing = [(lora_id, path) for lora_id, path in upcoming
+                   if lora_id not in self.resident and lora_id not in self.wasted]
+        if not missing:
+            return
         for lora_id in wanted:
             self.pin(lora_id)
         try:
             room = self.block_pool.get_num_free_blocks() + self.evictable_blocks()
-            for lora_id, path in upcoming:
-                if lora_id in self.resident or lora_id in self.wasted:
-                    continue
+            if room <= keep_free:
+                return  # no adapter fits (each takes a block at least): none read or checked
+            for lora_id, path in missing:
                 try:
                     need = self.blocks_for(path)
                 except AdapterFault:

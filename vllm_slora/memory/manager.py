@@ -106,17 +106,18 @@ class PagedKVCacheManager(KVCacheManager):
 
     def allocate_slots(self, request, *args, reserved_blocks: int = 0, **kwargs):
         pool, lora = self.adapters, request.lora_request
-        stock = functools.partial(super().allocate_slots, request, *args, **kwargs)
-        if pool is None or lora is None or lora.lora_int_id <= 0 or pool.holds(request.request_id):
+        growth = pool is None or lora is None or lora.lora_int_id <= 0 or pool.holds(request.request_id)
+        if growth:
             # No adapter to page in (a running request's growth, mostly: every
             # step, every request): stock, and the evicting path only if it says no.
-            blocks = stock(reserved_blocks=reserved_blocks)
+            blocks = super().allocate_slots(request, *args, reserved_blocks=reserved_blocks, **kwargs)
             if blocks is not None or pool is None or not pool.unified:
                 return blocks
-            required = functools.partial(self.blocks_required, request, *args, **kwargs)
+        stock = functools.partial(super().allocate_slots, request, *args, **kwargs)
+        required = functools.partial(self.blocks_required, request, *args, **kwargs)
+        if growth:
             return self._allocate_evicting(stock, reserved_blocks, lambda: 0, required,
                                            refused=True)
-        required = functools.partial(self.blocks_required, request, *args, **kwargs)
         lora_id, path = lora.lora_int_id, lora.lora_path
         if request.request_id in self.faults:
             return None  # failed already; finished with its error at the end of the step
