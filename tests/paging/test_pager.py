@@ -283,6 +283,30 @@ def test_upload_of_a_cut_file_fails_alone(tiny_model, tmp_path, readers):
     assert uploader.counters["uploads"] == 1
 
 
+def test_uploads_after_the_readers_stopped_land_whole(tiny_model, tmp_path):
+    """At interpreter exit ``concurrent.futures`` stops every thread pool
+    before the uploader's ``close`` lets the lanes finish the uploads queued
+    so far: those read their files in the lane and land whole, as with no
+    readers."""
+    from vllm_slora.memory.adapter_files import read_adapter_meta
+    from vllm_slora.memory.layout import PageGeometry
+    from vllm_slora.memory.uploads import Uploader
+    from vllm_slora.testing.adapters import make_peft_adapter
+
+    cfg = tiny_config(tiny_model)
+    geo = PageGeometry.create(cfg, torch.float32, 2 * BLOCK * 64 * 4)
+    meta = read_adapter_meta(str(make_peft_adapter(tmp_path / "a", tiny_model, 8, seed=3)))
+    n = meta.rows(geo)
+    rows = torch.arange(n)
+    got, want = ([torch.zeros(n, geo.page_width) for _ in range(cfg.num_hidden_layers)]
+                 for _ in range(2))
+    uploader = Uploader(geo, got, slots=4, slot_bytes=4096, lanes=1, readers=2)
+    uploader._readers.shutdown(wait=True)  # as at exit: submit raises "after shutdown"
+    uploader.submit(meta, rows).wait(torch.device("cpu"))
+    Uploader(geo, want, readers=0).submit(meta, rows).wait(torch.device("cpu"))
+    assert all(torch.equal(g, w) for g, w in zip(got, want)) and want[0].abs().sum() > 0
+
+
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_pack_by_kind_equals_pack_by_tensor(tiny_model, tmp_path, monkeypatch, device):
     """The uploads' packer (one gather per kind and A/B over the file's bytes,

@@ -290,12 +290,10 @@ class Uploader:
             for lo in range(0, size, step):
                 i, n = self._free_slot(lane), min(step, size - lo)
                 view = lane.views[i][:n]
-                if self._readers is None:
+                read = self._submit_read(fd, view, start + lo, path)
+                if read is None:  # no readers (or stopped at exit): this lane reads it
                     _pread(fd, view, start + lo, path)
-                    run.append((i, lo, n, None))
-                else:
-                    run.append((i, lo, n, self._readers.submit(_pread, fd, view, start + lo,
-                                                                path)))
+                run.append((i, lo, n, read))
                 if len(run) == half or i == lane.slots - 1 or lo + n == size:
                     self._send(lane, data, run)
                     run = []
@@ -303,6 +301,17 @@ class Uploader:
             for *_, read in run:
                 if read is not None:
                     read.exception()
+
+    def _submit_read(self, fd: int, view: memoryview, offset: int, path: Path):
+        """The read queued to the readers, or None where there are none: at
+        interpreter exit ``concurrent.futures`` stops every pool before
+        ``close`` lets the lanes finish the uploads queued so far."""
+        if self._readers is None:
+            return None
+        try:
+            return self._readers.submit(_pread, fd, view, offset, path)
+        except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown"
+            return None
 
     @staticmethod
     def _free_slot(lane: _Lane) -> int:
