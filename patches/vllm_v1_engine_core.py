@@ -162,7 +162,9 @@ class StepLog:
         def wrapper(*args, **kwargs):
             plugin = self._plugin_now()
             _add(self.between, plugin, self.mark)
-            self.running = step = step_of(args, None)
+            step = step_of(args, None)
+            # A schedule call's step is its result: its samples wait in ``pre``.
+            self.running = pre = step if step is not None else _Step()
             started, cpu = time.perf_counter(), time.thread_time()
             result = None
             try:
@@ -173,6 +175,9 @@ class StepLog:
                 self.running = None
                 if step is None:
                     step = step_of(args, result)
+                    if step is not None:
+                        for stack, n in list(pre.samples.items()):
+                            step.samples[stack] = step.samples.get(stack, 0) + n
                 if step is not None:
                     step.seconds[call] += seconds
                     step.cpu += cpu

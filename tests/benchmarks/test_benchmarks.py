@@ -387,8 +387,9 @@ def test_stack_samples_add_up_per_function_and_leaf(tmp_path):
 
 
 def test_slow_steps_samples_are_counted_apart(tmp_path, monkeypatch):
-    """With stack samples on, a sample counts to the step whose call runs,
-    or between calls to the oldest launched step (its output is awaited);
+    """With stack samples on, a sample counts to the step whose call runs
+    (a schedule call's to the step it returns), or between calls to the
+    oldest launched step (its output is awaited);
     a decode step whose own execute_model took longer than SLOW_STEP_S has
     its samples counted apart as well; the others (a fast step, a slow step
     with a prompt, samples of no step) only in the whole count; the
@@ -407,7 +408,12 @@ def test_slow_steps_samples_are_counted_apart(tmp_path, monkeypatch):
         log.sampler.sample(inside.pop(0))  # one sample inside each launch
         time.sleep(0.03 if out.slow else 0.0)
 
-    scheduler = SimpleNamespace(schedule=lambda: queue.pop(0), update_from_output=lambda out, mo: None)
+    def schedule():
+        if queue[0].slow and queue[0].total_num_scheduled_tokens == 1:
+            log.sampler.sample("sched.py:9:s")  # inside the slow step's own schedule call
+        return queue.pop(0)
+
+    scheduler = SimpleNamespace(schedule=schedule, update_from_output=lambda out, mo: None)
     executor = SimpleNamespace(execute_model=execute, sample_tokens=lambda g, non_block=False: None)
     log = core.install(SimpleNamespace(scheduler=scheduler, model_executor=executor),
                        str(tmp_path / "s.jsonl"))
@@ -433,14 +439,15 @@ def test_slow_steps_samples_are_counted_apart(tmp_path, monkeypatch):
     executor.execute_model(prompt)
     scheduler.update_from_output(prompt, None)
     rec = sampler.record()
-    assert rec["samples"] == 6 and rec["stacks"] == {"fast.py:1:f": 1, "slow.py:2:g": 1,
+    assert rec["samples"] == 7 and rec["stacks"] == {"fast.py:1:f": 1, "slow.py:2:g": 1,
                                                      "prompt.py:4:p": 1, "idle.py:5:wait": 1,
-                                                     "wait.py:7:w": 2}
-    assert rec["slow_samples"] == 2 and rec["slow_stacks"] == {"slow.py:2:g": 1, "wait.py:7:w": 1}
+                                                     "wait.py:7:w": 2, "sched.py:9:s": 1}
+    slow_stacks = {"sched.py:9:s": 1, "slow.py:2:g": 1, "wait.py:7:w": 1}
+    assert rec["slow_samples"] == 3 and rec["slow_stacks"] == slow_stacks
     path = tmp_path / "s.jsonl.stacks"
     path.write_text(json.dumps(rec) + "\n")
-    assert stacks.load(path, slow=True) == ({"slow.py:2:g": 1, "wait.py:7:w": 1}, 2)
-    assert stacks.load(path)[1] == 6
+    assert stacks.load(path, slow=True) == (slow_stacks, 3)
+    assert stacks.load(path)[1] == 7
 
 
 def test_ratios_never_mix_methods():
