@@ -163,8 +163,10 @@ class StepLog:
             plugin = self._plugin_now()
             _add(self.between, plugin, self.mark)
             step = step_of(args, None)
-            # A schedule call's step is its result: its samples wait in ``pre``.
-            self.running = pre = step if step is not None else _Step()
+            # A schedule call's step is its result: its samples (stack
+            # samples on) wait in ``pre``.
+            pre = step if step is not None or self.sampler is None else _Step()
+            self.running = pre
             started, cpu = time.perf_counter(), time.thread_time()
             result = None
             try:
@@ -175,7 +177,7 @@ class StepLog:
                 self.running = None
                 if step is None:
                     step = step_of(args, result)
-                    if step is not None:
+                    if step is not None and pre is not None:
                         for stack, n in list(pre.samples.items()):
                             step.samples[stack] = step.samples.get(stack, 0) + n
                 if step is not None:
